@@ -1,0 +1,35 @@
+# `make run` and `make test` do all set-up themselves (apt packages, venv, pip) on a fresh Debian 12.
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint unit e2e demo bench clean
+
+setup:
+	@bash tools/setup.sh
+
+run: setup
+	$(BIN)/otelgo-collector --config $(CONFIG)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy collector receiver processors exporters
+
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+e2e: setup
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python tools/demo.py
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache
