@@ -1,0 +1,104 @@
+"""`otelgo-collector`: run (default), validate, components, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+
+import yaml
+
+from collector import config as configmod
+from collector.component import Kind
+from collector.errors import ConfigError
+from collector.registry import load_factories
+
+EPILOG = """examples:
+  otelgo-collector --config config.yaml
+  otelgo-collector --config base.yaml --config prod.yaml --set exporters.otlp.endpoint=otel:4317
+  otelgo-collector validate --config config.yaml
+  otelgo-collector components
+  otelgo-collector inspect /usr/local/bin/myservice --json
+  otelgo-collector inspect 4242
+
+exit codes: 0 ok, 1 runtime failure, 2 invalid configuration or usage"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("otelgo-collector")
+    except metadata.PackageNotFoundError:
+        return "0.0.0-dev"
+
+
+def _add_config_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    # Subcommands store under their own names: argparse would let their defaults erase the
+    # values given before the subcommand.
+    p.add_argument("--config", action="append", default=[], metavar="URI", dest=prefix + "config",
+                   help="config file (PATH, file:PATH, env:VAR or yaml:key::sub: value); repeatable, later wins")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest=prefix + "set",
+                   help="override one option, e.g. processors.batch.timeout=2s; applied after every --config")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="otelgo-collector", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="An OpenTelemetry-Collector-style agent that traces Go programs with eBPF, untouched.")
+    p.add_argument("--version", action="version", version=f"otelgo-collector version {_version()}")
+    _add_config_flags(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the collector (the default)")
+    _add_config_flags(run, "sub_")
+    val = sub.add_parser("validate", help="check the configuration and exit (0 valid, 2 invalid)")
+    _add_config_flags(val, "sub_")
+    sub.add_parser("components", help="list the available components as YAML")
+    ins = sub.add_parser("inspect", help="show what would be traced in a Go binary or process")
+    ins.add_argument("target", metavar="PATH|PID")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _components() -> int:
+    factories = load_factories()
+    out: dict[str, object] = {"buildinfo": {"command": "otelgo-collector", "version": _version()}}
+    for kind in (Kind.RECEIVER, Kind.PROCESSOR, Kind.EXPORTER, Kind.CONNECTOR, Kind.EXTENSION):
+        items = []
+        for (k, t), f in sorted(factories.items(), key=lambda kv: kv[0][1]):
+            if k != kind or t != f.type:
+                continue
+            item: dict[str, object] = {"name": f.type, "stability": {"traces": f.stability}}
+            if f.aliases:
+                item["aliases"] = list(f.aliases)
+            if f.description:
+                item["description"] = f.description
+            items.append(item)
+        out[kind.value + "s"] = items
+    sys.stdout.write(yaml.safe_dump(out, sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "components":
+        return _components()
+    if args.command == "inspect":
+        from receiver.ebpf_go.gobinary import inspect
+
+        return inspect.main([args.target] + (["--json"] if args.json else []))
+    try:
+        factories = load_factories()
+        cfg = configmod.load(args.config + getattr(args, "sub_config", []),
+                             args.set + getattr(args, "sub_set", []), factories)
+    except ConfigError as e:
+        print(f"Error: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print("configuration is valid", file=sys.stderr)
+        return 0
+    from collector.service import Service
+
+    return Service(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Component type → factory: the only place that lists components.
+
+Each component module exposes `factory` (a collector.component.Factory). Add a line here to ship one.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from collector.component import Factory, Kind
+
+_MODULES = (
+    "receiver.otlp",
+    "receiver.ebpf_go.receiver",
+    "processors.batch",
+    "exporters.debug",
+    "exporters.file",
+    "extensions.health_check",
+)
+
+
+def load_factories() -> dict[tuple[Kind, str], Factory]:
+    """Import every component module and index its factory by (kind, type) and aliases."""
+    out: dict[tuple[Kind, str], Factory] = {}
+    for name in _MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # not built yet in this checkout
+                continue
+            raise
+        f: Factory = mod.factory
+        out[(f.kind, f.type)] = f
+        for alias in f.aliases:
+            out[(f.kind, alias)] = f
+    return out
