@@ -1,0 +1,284 @@
+"""GoBinary: everything the eBPF receiver needs to know about one Go executable, read once.
+
+Opening reads the ELF headers and the buildinfo (cheap); symbols, disassembly and DWARF are read
+lazily and cached, so `inspect` and the receiver pay only for what they ask.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+from . import buildinfo as bi
+from . import disasm, pclntab
+from .dwarf import DwarfError, DwarfStructs
+from .elf import PF_W, PF_X, ElfImage
+from .errors import BinaryError
+from .offsets import OffsetTable
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    start: int  # ELF virtual address (what BCC attach_uprobe(addr=) takes)
+    end: int  # exclusive: start + code size, without the padding before the next function
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    addr: int
+    kind: str  # "jcc-after-stack-check" | "entry"
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReturnPoint:
+    addr: int
+    caller: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FieldOffset:
+    value: int
+    source: str  # "dwarf" | "table" | "guess"
+    detail: str
+
+
+class GoBinary:
+    """A Go ELF executable. Create with `GoBinary.open(path)`."""
+
+    def __init__(self, image: ElfImage, info: bi.BuildInfo) -> None:
+        self._img = image
+        self.path = image.path
+        self.arch: str = image.arch
+        self.is_pie: bool = image.is_pie
+        self.build = info
+        self.go_version: str = info.go_version.split(" ")[0] if info.go_version.startswith("go") else info.go_version
+        self.go_version_tuple: tuple[int, int, int] = bi.version_tuple(info.go_version)
+        self.main_module: str = info.main.path if info.main else ""
+        self.main_package: str = info.path
+        self.modules: dict[str, str] = {m.path: m.effective_version for m in info.deps}
+        self.module_list: list[bi.Module] = list(info.deps)
+        self.build_settings: dict[str, str] = dict(info.settings)
+        self.warnings: list[str] = []
+        syms = image.section(".symtab")
+        self.stripped: bool = syms is None or syms.size == 0
+        self._funcs: dict[str, Function] | None = None
+        self._starts: list[int] | None = None
+        self._by_start: list[Function] | None = None
+        self._func_source = ""
+        self._sweeps: dict[str, disasm.Sweep] = {}
+        self._dwarf: DwarfStructs | None | bool = None
+        self._table: OffsetTable | None = None
+
+    # ---- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Any) -> GoBinary:
+        path = str(path)
+        img = ElfImage(path)
+        try:
+            info = _read_buildinfo(img)
+        except BinaryError:
+            raise
+        except (bi.BuildInfoError, ValueError, IndexError, OverflowError) as e:
+            raise BinaryError(f"{path}: corrupt Go build info ({e})") from e
+        if info is None:
+            raise BinaryError(f"{path}: not a Go executable (no Go build info)")
+        return cls(img, info)
+
+    @property
+    def elf(self) -> ElfImage:
+        return self._img
+
+    @property
+    def has_dwarf(self) -> bool:
+        return any(s.name in (".debug_info", ".zdebug_info") for s in self._img.sections)
+
+    @property
+    def function_source(self) -> str:
+        self._functions()
+        return self._func_source
+
+    # ---- functions ----------------------------------------------------------------------
+    def _functions(self) -> dict[str, Function]:
+        if self._funcs is not None:
+            return self._funcs
+        funcs: dict[str, Function] = {}
+        syms = self._img.symbols()
+        if syms:
+            ex = self._img.executable_ranges()
+            for s in syms:
+                if s.type == 2 and s.size and any(a <= s.value < b for a, b in ex):
+                    funcs.setdefault(s.name, Function(s.name, s.value, s.value + s.size))
+            self._func_source = "symtab"
+        if not funcs:
+            try:
+                entries = self._pclntab_functions()
+            except (pclntab.PclntabError, IndexError, ValueError, OverflowError) as e:
+                raise BinaryError(f"{self.path}: corrupt Go function table (pclntab): {e}") from e
+            for f in entries:
+                funcs.setdefault(f.name, Function(f.name, f.start, f.end))
+            self._func_source = "pclntab"
+        self._funcs = funcs
+        self._by_start = sorted(funcs.values(), key=lambda f: f.start)
+        self._starts = [f.start for f in self._by_start]
+        return funcs
+
+    def _pclntab_functions(self) -> list[pclntab.FuncEntry]:
+        img = self._img
+        data: bytes | None = None
+        base_vaddr = 0
+        for name in (".gopclntab", ".data.rel.ro.gopclntab"):
+            s = img.section(name)
+            if s is not None and s.size:
+                raw = img.section_bytes(s)
+                if pclntab.header_ok(raw):
+                    data, base_vaddr = raw, s.addr
+                    break
+        if data is None:
+            # Merged into .data.rel.ro (external-link PIE) or no section headers: scan by magic.
+            candidates = [s for s in img.sections if s.name.startswith(".data.rel.ro") or s.name == ".rodata"]
+            for s in candidates:
+                raw = img.section_bytes(s)
+                off = pclntab.find(raw)
+                if off >= 0:
+                    data, base_vaddr = raw[off:], s.addr + off
+                    break
+        if data is None:
+            for seg in img.segments:
+                if seg.flags & PF_X and not seg.flags & PF_W and len(img.segments) > 1:
+                    continue
+                raw = bytes(img.data[seg.offset : seg.offset + seg.filesz])
+                off = pclntab.find(raw)
+                if off >= 0:
+                    data, base_vaddr = raw[off:], seg.vaddr + off
+                    break
+        if data is None:
+            raise BinaryError(f"{self.path}: no symbol table and no Go function table (pclntab) found")
+        text_start: int | None = None
+        ts_off = pclntab.text_start_offset(data)
+        if ts_off >= 0:
+            stored = int.from_bytes(data[ts_off : ts_off + 8], "little")
+            relocs = img.relative_relocations() if img.is_pie else {}
+            if base_vaddr + ts_off in relocs:
+                text_start = relocs[base_vaddr + ts_off]
+            elif stored == 0:
+                text = img.section(".text")
+                if text is None:
+                    raise BinaryError(f"{self.path}: pclntab has no text start and there is no .text")
+                text_start = text.addr
+        return pclntab.read_functions(data, 0, text_start)
+
+    def function(self, name: str) -> Function | None:
+        return self._functions().get(name)
+
+    def functions(self) -> dict[str, Function]:
+        return dict(self._functions())
+
+    def function_at(self, addr: int) -> Function | None:
+        self._functions()
+        assert self._starts is not None and self._by_start is not None
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and self._by_start[i].start <= addr < self._by_start[i].end:
+            return self._by_start[i]
+        return None
+
+    def _require(self, name: str) -> Function:
+        f = self.function(name)
+        if f is None:
+            raise BinaryError(f"{self.path}: no function {name!r}")
+        return f
+
+    def _sweep(self, f: Function) -> disasm.Sweep:
+        sw = self._sweeps.get(f.name)
+        if sw is None:
+            code = self._img.read(f.start, f.end - f.start)
+            sw = disasm.sweep(self.arch, code, f.start)
+            if not sw.complete:
+                self.warnings.append(f"{f.name}: disassembly stopped early; return sites may be incomplete")
+            self._sweeps[f.name] = sw
+        return sw
+
+    def instructions(self, name: str) -> list[disasm.Insn]:
+        return list(self._sweep(self._require(name)).insns)
+
+    def return_sites(self, name: str) -> list[int]:
+        """Addresses of every return instruction of `name`; BinaryError if there is no such function."""
+        return disasm.return_sites(self.arch, self._sweep(self._require(name)))
+
+    def entry_probe(self, name: str) -> ProbePoint:
+        f = self._require(name)
+        funcs = self._functions()
+        morestack = {g.start for n, g in funcs.items() if n.startswith("runtime.morestack")}
+        ep = disasm.entry_point(self.arch, self._sweep(f), f.start, f.end, morestack or None)
+        return ProbePoint(ep.addr, ep.kind, ep.reason)
+
+    def caller_return_points(self, name: str) -> list[ReturnPoint] | None:
+        """Not provably exact (see README: "Return points in callers"): always None for now."""
+        return None
+
+    # ---- struct offsets -----------------------------------------------------------------
+    def _dwarf_structs(self) -> DwarfStructs | None:
+        if self._dwarf is None:
+            self._dwarf = False
+            if self.has_dwarf:
+                try:
+                    self._dwarf = DwarfStructs(self._img.pyelf)
+                except DwarfError as e:
+                    self.warnings.append(f"DWARF present but unreadable: {e}")
+        return self._dwarf or None
+
+    def module_of(self, struct: str) -> tuple[str, str]:
+        """(module, version) that provides the package of a qualified type name; ("std", go version)."""
+        pkg = struct.rsplit(".", 1)[0] if "." in struct.rsplit("/", 1)[-1] else struct
+        best = ""
+        for mod in self.modules:
+            if (pkg == mod or pkg.startswith(mod + "/")) and len(mod) > len(best):
+                best = mod
+        if self.main_module and (pkg == self.main_module or pkg.startswith(self.main_module + "/")):
+            if len(self.main_module) > len(best):
+                return self.main_module, self.build.main.version if self.build.main else ""
+        if best:
+            return best, self.modules[best]
+        return "std", self.go_version.removeprefix("go")
+
+    def struct_offset(self, struct: str, field: str) -> FieldOffset | None:
+        """Byte offset of `field` in `struct` (e.g. "net/http.Request", "Method"): DWARF, else the
+        bundled table for this Go/module version, else a guess from the nearest known version."""
+        d = self._dwarf_structs()
+        if d is not None:
+            try:
+                if d.has_struct(struct):
+                    off = d.member_offset(struct, field)
+                    return None if off is None else FieldOffset(off, "dwarf", "DWARF of the binary")
+            except DwarfError as e:
+                self.warnings.append(str(e))
+        if self._table is None:
+            self._table = OffsetTable()
+        module, version = self.module_of(struct)
+        hit = self._table.lookup(module, version, struct, field)
+        if hit is None or hit.offset is None:
+            return None
+        return FieldOffset(hit.offset, hit.source, hit.detail)
+
+
+def _read_buildinfo(img: ElfImage) -> bi.BuildInfo | None:
+    s = img.section(".go.buildinfo")
+    blobs: list[bytes] = []
+    if s is not None and s.size:
+        blobs.append(bytes(img.data[s.offset : s.offset + min(s.size, bi.SEARCH_LIMIT)]))
+    else:
+        for seg in img.segments:
+            if seg.flags & PF_W and not seg.flags & PF_X:
+                blobs.append(bytes(img.data[seg.offset : seg.offset + min(seg.filesz, bi.SEARCH_LIMIT)]))
+                break
+    for blob in blobs:
+        i = bi.find_blob(blob)
+        if i >= 0:
+            return bi.parse(blob[i:], img.read)
+    if img.section(".gopclntab") is not None or img.section(".gosymtab") is not None:
+        raise BinaryError(f"{img.path}: Go executable without build info (Go older than 1.13?); unsupported")
+    return None

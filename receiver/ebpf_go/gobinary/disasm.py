@@ -1,0 +1,155 @@
+"""Instruction-level facts from capstone: return sites and the cheap entry probe point.
+
+A uprobe must sit on an instruction boundary (mid-instruction probes are accepted by the kernel
+and silently corrupt the program), so every address returned here comes from a linear sweep that
+starts at the function entry and steps instruction by instruction.
+
+Cheap entry point (amd64): Go's regabi prologue checks the stack bound before touching anything,
+in one of three shapes (`cmd/internal/obj/x86/obj6.go` `stacksplit`):
+
+    small frame   cmp rsp, [r14+0x10]                 ; jbe morestack
+    big frame     lea r12, [rsp-N] ; cmp r12, [r14+0x10] ; jbe morestack
+    huge frame    mov r12, rsp ; sub r12, N ; jb morestack ; cmp r12, [r14+0x10] ; jbe morestack
+
+The first conditional jump of that sequence is emulated by the kernel (~0.6 us) where `cmp` at the
+entry is single-stepped (~9.5 us); only R12 (scratch, never an argument) has changed, so argument
+registers, R14 (g) and [rsp] (return PC) are the entry's. We accept the point only when the jump
+target lies inside the function and the tail there calls runtime.morestack* and jumps back to the
+entry; anything else falls back to the entry itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import capstone
+
+
+@dataclass(frozen=True)
+class Insn:
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    insns: list[Insn]
+    complete: bool  # False when the sweep stopped at bytes capstone could not decode
+
+
+_CS: dict[str, capstone.Cs] = {}
+
+
+def _cs(arch: str) -> capstone.Cs:
+    cs = _CS.get(arch)
+    if cs is None:
+        if arch == "amd64":
+            cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        elif arch == "arm64":
+            cs = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+        else:
+            raise ValueError(f"unsupported architecture {arch}")
+        cs.detail = False
+        _CS[arch] = cs
+    return cs
+
+
+def sweep(arch: str, code: bytes, start: int) -> Sweep:
+    """Linear sweep of `code` (loaded at `start`)."""
+    cs = _cs(arch)
+    insns: list[Insn] = []
+    pos = 0
+    while pos < len(code):
+        got = False
+        for addr, size, mnem, ops in cs.disasm_lite(code[pos:], start + pos):
+            insns.append(Insn(addr, size, mnem, ops))
+            pos += size
+            got = True
+        if pos >= len(code):
+            break
+        if arch == "amd64" and code[pos] == 0xCC or not got and arch == "arm64" and len(code) - pos >= 4:
+            # capstone stops at int3 padding on some versions; and arm64 undefined words are data.
+            step = 1 if arch == "amd64" else 4
+            insns.append(Insn(start + pos, step, "(bad)" if arch == "arm64" else "int3", ""))
+            pos += step
+            continue
+        return Sweep(insns, False)
+    return Sweep(insns, True)
+
+
+def return_sites(arch: str, sw: Sweep) -> list[int]:
+    if arch == "amd64":
+        return [i.address for i in sw.insns if i.mnemonic in ("ret", "retf", "retq")]
+    return [i.address for i in sw.insns if i.mnemonic == "ret"]
+
+
+_STACK_BOUND = "qword ptr [r14 + 0x10]"
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    addr: int
+    kind: str  # "jcc-after-stack-check" | "entry"
+    reason: str
+
+
+def _target(insn: Insn) -> int | None:
+    try:
+        return int(insn.op_str, 16)
+    except ValueError:
+        return None
+
+
+def entry_point(arch: str, sw: Sweep, start: int, end: int, morestack: set[int] | None = None) -> EntryPoint:
+    """The cheapest point at which a probe sees the function's entry state; see the module doc."""
+    if arch != "amd64":
+        return EntryPoint(start, "entry", f"{arch}: cheap entry point not implemented (untested architecture)")
+    ins = sw.insns
+    if not ins or ins[0].address != start:
+        return EntryPoint(start, "entry", "no instructions decoded at the entry")
+    jcc_idx: int | None = None
+    check_idx = 0
+    a = [(i.mnemonic, i.op_str) for i in ins[:5]]
+    if len(a) >= 2 and a[0] == ("cmp", f"rsp, {_STACK_BOUND}") and a[1][0] == "jbe":
+        jcc_idx, check_idx, shape = 1, 1, "cmp rsp,[r14+0x10]; jbe"
+    elif (
+        len(a) >= 3
+        and a[0][0] == "lea"
+        and a[0][1].startswith("r12, [rsp")
+        and a[1] == ("cmp", f"r12, {_STACK_BOUND}")
+        and a[2][0] == "jbe"
+    ):
+        jcc_idx, check_idx, shape = 2, 2, "lea r12,[rsp-N]; cmp r12,[r14+0x10]; jbe"
+    elif (
+        len(a) >= 5
+        and a[0] == ("mov", "r12, rsp")
+        and a[1][0] == "sub"
+        and a[1][1].startswith("r12, ")
+        and a[2][0] in ("jb", "jae")
+        and a[3] == ("cmp", f"r12, {_STACK_BOUND}")
+        and a[4][0] == "jbe"
+    ):
+        jcc_idx, check_idx, shape = 2, 4, "mov r12,rsp; sub r12,N; jb; cmp r12,[r14+0x10]; jbe"
+    if jcc_idx is None:
+        first = f"{ins[0].mnemonic} {ins[0].op_str}".strip()
+        return EntryPoint(start, "entry", f"no stack-check prologue (first instruction: {first})")
+    jcc = ins[jcc_idx]
+    target = _target(ins[check_idx])
+    if target is None or not (jcc.address < target < end):
+        return EntryPoint(start, "entry", "stack-check jump does not land inside the function")
+    # The morestack tail: ... call runtime.morestack* ; jmp <entry>
+    tail = [i for i in ins if i.address >= target]
+    call_ok = False
+    jmp_back = False
+    for i in tail[:24]:
+        if i.mnemonic == "call":
+            t = _target(i)
+            call_ok = morestack is None or (t is not None and t in morestack)
+        elif i.mnemonic == "jmp" and _target(i) == start:
+            jmp_back = True
+            break
+    if not (call_ok and jmp_back):
+        return EntryPoint(start, "entry", "stack-check jump target is not a morestack tail")
+    return EntryPoint(jcc.address, "jcc-after-stack-check", f"{shape} at +{jcc.address - start}")

@@ -1,0 +1,7 @@
+"""The one exception this package raises for a binary it cannot use."""
+
+from __future__ import annotations
+
+
+class BinaryError(Exception):
+    """A file is not a Go executable we can read. `str(err)` is a one-line message for the user."""
