@@ -68,7 +68,7 @@ class ComponentID:
 class ComponentConfig(BaseModel):
     """Base of every component's config model: unknown keys are refused."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class Consumer(Protocol):

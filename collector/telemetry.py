@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,7 @@ class SelfMetrics:
     """All metrics of one collector run, in one registry (no global state)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # the collector exposes no *_created series
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.started = time.monotonic()
@@ -146,9 +147,11 @@ class _ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         fields = _fields(record)
-        line = f"{ts}\t{record.levelname.lower()}\t{record.getMessage()}"
+        first, nl, rest = record.getMessage().partition("\n")
+        line = f"{ts}\t{record.levelname.lower()}\t{first}"
         if fields:
             line += "\t" + json.dumps(fields, default=str)
+        line += nl + rest
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
