@@ -202,7 +202,7 @@ class OTLPExporter(Exporter):
             import ssl
 
             host, _, port = target.rpartition(":")
-            root = ssl.get_server_certificate((host.strip("[]"), int(port))).encode()
+            root: bytes | None = ssl.get_server_certificate((host.strip("[]"), int(port))).encode()
         else:
             root = _read(c.tls.ca_file) if c.tls.ca_file else None
         key = _read(c.tls.key_file) if c.tls.key_file else None
@@ -229,8 +229,8 @@ class OTLPExporter(Exporter):
         ps = resp.partial_success
         if ps.rejected_spans or ps.error_message:
             self.telemetry.warn_once_per(
-                "partial", 5.0, "Partial success response",
-                extra={"message": ps.error_message, "dropped_spans": ps.rejected_spans})
+                "partial", 5.0, "Partial success response (message %r, dropped_spans %d)",
+                ps.error_message, ps.rejected_spans)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.sender.shutdown(timeout)

@@ -141,8 +141,8 @@ class OTLPHTTPExporter(Exporter):
                 ps = r.partial_success
                 if ps.rejected_spans or ps.error_message:
                     self.telemetry.warn_once_per(
-                        "partial", 5.0, "Partial success response",
-                        extra={"message": ps.error_message, "dropped_spans": ps.rejected_spans})
+                        "partial", 5.0, "Partial success response (message %r, dropped_spans %d)",
+                        ps.error_message, ps.rejected_spans)
             return
         text = f"error exporting items, request to {self.config.url()} responded with HTTP Status Code {resp.status}"
         if resp.status in _RETRYABLE_STATUS:
