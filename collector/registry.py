@@ -15,6 +15,13 @@ _MODULES = (
     "processors.batch",
     "exporters.debug",
     "exporters.file",
+    "exporters.otlp",
+    "exporters.otlphttp",
+    "processors.attributes",
+    "processors.resource",
+    "processors.filter",
+    "processors.probabilistic_sampler",
+    "processors.memory_limiter",
     "extensions.health_check",
 )
 
