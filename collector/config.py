@@ -140,7 +140,7 @@ def _resolve(ref: str, path: str) -> tuple[str, bool]:
         return os.environ[name], True
     if dsep:
         return default, True
-    log.warning("Configuration references unset environment variable", extra={"name": name, "path": path})
+    log.warning("Configuration references unset environment variable", extra={"variable": name, "path": path})
     return "", False
 
 
@@ -368,11 +368,12 @@ def _format_validation_error(path: str, err: ValidationError, model: type[BaseMo
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    msg = msg[:1].lower() + msg[1:]
     if etype == "missing":
         return f"{where}: required option is missing"
     got = e.get("input")
     if etype.endswith("_type") or etype.endswith("_parsing"):
-        return f"{where}: {msg.lower()}, got {got!r}"
+        return f"{where}: {msg}, got {got!r}"
     return f"{where}: {msg}"
 
 
@@ -492,6 +493,14 @@ def build_config(raw: dict[str, Any], factories: dict[tuple[Kind, str], Factory]
 
         pipelines.append(PipelineSpec(pid, pcid.type, ids(Kind.RECEIVER, p.receivers),
                                       ids(Kind.PROCESSOR, p.processors), ids(Kind.EXPORTER, p.exporters)))
+    used = {(Kind.RECEIVER, r) for p in pipelines for r in p.receivers}
+    used |= {(Kind.PROCESSOR, r) for p in pipelines for r in p.processors}
+    used |= {(Kind.EXPORTER, r) for p in pipelines for r in p.exporters}
+    used |= {(Kind.EXTENSION, e) for e in extensions}
+    for kind, cid in components:
+        if (kind, cid) not in used:
+            # As in the collector: defined but unused components are not built (not an error).
+            log.warning(f'{kind.value} "{cid}" is configured but not used in any pipeline; it will not run')
     return Config(components, pipelines, extensions, svc.telemetry, raw)
 
 
