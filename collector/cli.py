@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "components":
         return _components()
     if args.command == "inspect":
-        from receiver.ebpf_go.gobinary import inspect
+        from receiver.ebpf_go.gobinary import inspect  # type: ignore[attr-defined]
 
         return inspect.main([args.target] + (["--json"] if args.json else []))
     try:

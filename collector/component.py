@@ -6,11 +6,12 @@ next consumer with a plain synchronous call; processors pass them on; exporters 
 
 from __future__ import annotations
 
+import builtins
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from collector.telemetry import ComponentTelemetry
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     RECEIVER = "receiver"
     PROCESSOR = "processor"
     EXPORTER = "exporter"
@@ -83,7 +84,7 @@ class Host(Protocol):
     def report_fatal_error(self, id: ComponentID, message: str) -> None: ...
 
 
-class Component(ABC):
+class Component(ABC):  # noqa: B024 - every hook is optional
     def __init__(self, id: ComponentID, telemetry: ComponentTelemetry) -> None:
         self.id = id
         self.telemetry = telemetry
@@ -142,7 +143,7 @@ class Factory:
 
     type: str
     kind: Kind
-    config_model: type[ComponentConfig]
+    config_model: builtins.type[ComponentConfig]
     create: CreateFn
     stability: str = "development"
     aliases: tuple[str, ...] = ()

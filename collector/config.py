@@ -411,9 +411,9 @@ def validate_component(section: str, id_text: str, raw: Any,
 def build_config(raw: dict[str, Any], factories: dict[tuple[Kind, str], Factory]) -> Config:
     if not raw or all(not raw.get(s) for s in SECTIONS):
         raise ConfigError("empty configuration file: define receivers, exporters and service::pipelines")
-    for key in raw:
-        if key not in SECTIONS:
-            raise ConfigError(f"'' has invalid keys: {key}{_suggest(str(key), list(SECTIONS))}; "
+    for top in raw:
+        if top not in SECTIONS:
+            raise ConfigError(f"'' has invalid keys: {top}{_suggest(str(top), list(SECTIONS))}; "
                               f"top-level keys are {', '.join(SECTIONS)}")
     components: dict[tuple[Kind, ComponentID], ComponentSpec] = {}
     for section in SECTION_KIND:
@@ -424,10 +424,9 @@ def build_config(raw: dict[str, Any], factories: dict[tuple[Kind, str], Factory]
             raise ConfigError(f"{section}: expected a mapping of component ids, got {type(body).__name__}")
         for id_text, comp_raw in body.items():
             spec = validate_component(section, str(id_text), comp_raw, factories)
-            key = (spec.kind, spec.id)
-            if key in components:
+            if (spec.kind, spec.id) in components:
                 raise ConfigError(f'{section}: duplicate id "{spec.id}"')
-            components[key] = spec
+            components[(spec.kind, spec.id)] = spec
     if not any(k == Kind.RECEIVER for k, _ in components):
         raise ConfigError("no receiver configuration specified in config")
     if not any(k == Kind.EXPORTER for k, _ in components):
@@ -497,10 +496,10 @@ def build_config(raw: dict[str, Any], factories: dict[tuple[Kind, str], Factory]
     used |= {(Kind.PROCESSOR, r) for p in pipelines for r in p.processors}
     used |= {(Kind.EXPORTER, r) for p in pipelines for r in p.exporters}
     used |= {(Kind.EXTENSION, e) for e in extensions}
-    for kind, cid in components:
-        if (kind, cid) not in used:
+    for ckind, cid in components:
+        if (ckind, cid) not in used:
             # As in the collector: defined but unused components are not built (not an error).
-            log.warning(f'{kind.value} "{cid}" is configured but not used in any pipeline; it will not run')
+            log.warning(f'{ckind.value} "{cid}" is configured but not used in any pipeline; it will not run')
     return Config(components, pipelines, extensions, svc.telemetry, raw)
 
 

@@ -8,9 +8,19 @@ batch processor's buffer belongs to one pipeline. The graph knows no component b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from collector.component import Component, ComponentID, Consumer, Exporter, Extension, Host, Kind, Processor, Receiver
+from collector.component import (
+    Component,
+    ComponentID,
+    Consumer,
+    Exporter,
+    Extension,
+    Host,
+    Kind,
+    Processor,
+    Receiver,
+)
 from collector.config import Config
 from collector.errors import ConsumerError
 from collector.spans import SpanBatch
@@ -90,19 +100,19 @@ class Graph:
         cfg = self.config
         for eid in cfg.extensions:
             spec = cfg.spec(Kind.EXTENSION, eid)
-            self.extensions[eid] = spec.factory.create(eid, spec.config, self._telemetry(Kind.EXTENSION, eid))
+            self.extensions[eid] = cast(Extension, spec.factory.create(eid, spec.config, self._telemetry(Kind.EXTENSION, eid)))
         used_exporters = {e for p in cfg.pipelines for e in p.exporters}
         for xid in sorted(used_exporters):
             spec = cfg.spec(Kind.EXPORTER, xid)
-            self.exporters[xid] = spec.factory.create(xid, spec.config, self._telemetry(Kind.EXPORTER, xid))
+            self.exporters[xid] = cast(Exporter, spec.factory.create(xid, spec.config, self._telemetry(Kind.EXPORTER, xid)))
         heads_by_receiver: dict[ComponentID, list[Consumer]] = {}
         for p in cfg.pipelines:
             nxt: Consumer = FanOut([self.exporters[x] for x in p.exporters])
             procs: list[Processor] = []
             for pid in reversed(p.processors):
                 spec = cfg.spec(Kind.PROCESSOR, pid)
-                proc = spec.factory.create(pid, spec.config, self._telemetry(Kind.PROCESSOR, pid),
-                                           _CountOutgoing(pid, nxt, self.metrics))
+                proc = cast(Processor, spec.factory.create(pid, spec.config, self._telemetry(Kind.PROCESSOR, pid),
+                                                           _CountOutgoing(pid, nxt, self.metrics)))
                 procs.insert(0, proc)
                 nxt = _CountIncoming(proc, self.metrics)
             self.pipelines.append(PipelineInstance(p.id, nxt, procs))
@@ -110,8 +120,8 @@ class Graph:
                 heads_by_receiver.setdefault(rid, []).append(nxt)
         for rid in sorted(heads_by_receiver):
             spec = cfg.spec(Kind.RECEIVER, rid)
-            self.receivers[rid] = spec.factory.create(rid, spec.config, self._telemetry(Kind.RECEIVER, rid),
-                                                      FanOut(heads_by_receiver[rid]))
+            self.receivers[rid] = cast(Receiver, spec.factory.create(
+                rid, spec.config, self._telemetry(Kind.RECEIVER, rid), FanOut(heads_by_receiver[rid])))
 
     def start_order(self) -> list[tuple[str, Component]]:
         """Extensions, exporters, processors (back to front), then receivers."""

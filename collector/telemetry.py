@@ -130,12 +130,12 @@ class ComponentTelemetry:
             {"otelcol.component.id": component_id, "otelcol.component.kind": kind})
         self._rate_limit: dict[str, float] = {}
 
-    def warn_once_per(self, key: str, seconds: float, msg: str, *args: Any) -> None:
+    def warn_once_per(self, key: str, seconds: float, msg: str, *args: Any, **kwargs: Any) -> None:
         """Log a repeated warning at most once every `seconds` for the same key."""
         now = time.monotonic()
         if now - self._rate_limit.get(key, -1e18) >= seconds:
             self._rate_limit[key] = now
-            self.logger.warning(msg, *args)
+            self.logger.warning(msg, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- logging
