@@ -1,0 +1,139 @@
+"""The batch model's OTLP round trips, the batch processor's triggers, and the graph's fan-out."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from collector.component import ComponentID
+from collector.errors import ConsumerError
+from collector.graph import FanOut
+from collector.spans import (
+    KIND_CLIENT,
+    STATUS_ERROR,
+    Event,
+    Link,
+    Resource,
+    ResourceSpans,
+    Scope,
+    ScopeSpans,
+    Span,
+    SpanBatch,
+    from_json_dict,
+    from_proto,
+    to_json_dict,
+    to_proto,
+)
+from collector.telemetry import ComponentTelemetry, SelfMetrics
+from processors.batch import BatchProcessor
+from processors.batch import Config as BatchConfig
+
+ATTRS = {"s": "x", "i": -(2**62), "f": 0.25, "b": False, "by": b"\x00\xff", "arr": ["a", 1, True],
+         "map": {"k": "v", "n": 2}}
+
+
+def make_batch(n: int, service: str = "svc") -> SpanBatch:
+    spans = [Span(bytes([i % 256]) * 16, (i + 1).to_bytes(8, "big"), f"span-{i}", parent_span_id=b"\x01" * 8,
+                  kind=KIND_CLIENT, start_time_unix_nano=1_700_000_000_000_000_000 + i,
+                  end_time_unix_nano=1_700_000_000_000_000_500 + i, attributes=dict(ATTRS),
+                  events=[Event("e", 1_700_000_000_000_000_100, {"k": 1})],
+                  links=[Link(b"\x02" * 16, b"\x03" * 8, "a=b", {"l": "x"})],
+                  status_code=STATUS_ERROR, status_message="bad", trace_state="k=v")
+             for i in range(n)]
+    return SpanBatch([ResourceSpans(Resource({"service.name": service}),
+                                    [ScopeSpans(Scope("scope", "1.0", {"sa": 1}), spans)])])
+
+
+def snapshot(batch: SpanBatch) -> object:
+    return to_json_dict(batch)
+
+
+def test_proto_round_trip_keeps_every_field() -> None:
+    b = make_batch(3)
+    back = from_proto(to_proto(b))
+    assert snapshot(back) == snapshot(b)
+    _, _, s = next(back.iter_spans())
+    assert s.attributes == ATTRS
+
+
+def test_json_round_trip_and_otlp_json_shape() -> None:
+    b = make_batch(2)
+    doc = json.loads(json.dumps(to_json_dict(b)))
+    span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    assert span["traceId"] == "00" * 16 and span["spanId"] == "0000000000000001"
+    assert span["startTimeUnixNano"] == "1700000000000000000"  # 64-bit ints as strings
+    assert {"key": "i", "value": {"intValue": str(-(2**62))}} in span["attributes"]
+    assert snapshot(from_json_dict(doc)) == snapshot(b)
+
+
+def test_split_and_merge_keep_grouping() -> None:
+    b = SpanBatch.merge([make_batch(5, "a"), make_batch(4, "b")])
+    parts = b.split(4)
+    assert [p.span_count() for p in parts] == [4, 4, 1]
+    names = [(rs.resource.attributes["service.name"], s.name) for p in parts for rs, _, s in p.iter_spans()]
+    assert names == [(rs.resource.attributes["service.name"], s.name) for rs, _, s in b.iter_spans()]
+
+
+class Collect:
+    def __init__(self, mutates: bool = False, fail: bool = False) -> None:
+        self.batches: list[SpanBatch] = []
+        self.mutates_data = mutates
+        self.fail = fail
+
+    def consume(self, batch: SpanBatch) -> None:
+        if self.fail:
+            raise ConsumerError("down")
+        if self.mutates_data:
+            for _, _, s in batch.iter_spans():
+                s.attributes["mutated"] = True
+        self.batches.append(batch)
+
+
+def test_fan_out_copies_for_mutating_consumers_and_reports_errors() -> None:
+    plain, mutating, failing = Collect(), Collect(mutates=True), Collect(fail=True)
+    fan = FanOut([mutating, failing, plain])
+    b = make_batch(2)
+    try:
+        fan.consume(b)
+        raise AssertionError("expected ConsumerError")
+    except ConsumerError:
+        pass
+    assert plain.batches[0] is b and "mutated" not in next(b.iter_spans())[2].attributes
+    assert next(mutating.batches[0].iter_spans())[2].attributes["mutated"] is True
+
+
+def batch_proc(out: Collect, **cfg: object) -> BatchProcessor:
+    p = BatchProcessor(ComponentID("batch"), BatchConfig.model_validate(cfg),
+                       ComponentTelemetry("processor", "batch", SelfMetrics()), out)
+    p.start(None)  # type: ignore[arg-type]
+    return p
+
+
+def test_batch_processor_size_trigger_and_max_split() -> None:
+    out = Collect()
+    p = batch_proc(out, send_batch_size=10, send_batch_max_size=10, timeout="10s")
+    for _ in range(3):
+        p.consume(make_batch(4))  # 4, 8, 12 → one send of 12 split into 10 + 2
+    assert [b.span_count() for b in out.batches] == [10, 2]
+    p.shutdown()
+
+
+def test_batch_processor_timeout_trigger() -> None:
+    out = Collect()
+    p = batch_proc(out, send_batch_size=1000, timeout="50ms")
+    p.consume(make_batch(3))
+    p.consume(make_batch(2))
+    deadline = time.monotonic() + 2
+    while not out.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [b.span_count() for b in out.batches] == [5]
+    p.shutdown()
+
+
+def test_batch_processor_shutdown_flushes() -> None:
+    out = Collect()
+    p = batch_proc(out, send_batch_size=1000, timeout="60s")
+    p.consume(make_batch(7))
+    assert out.batches == []
+    p.shutdown()
+    assert [b.span_count() for b in out.batches] == [7]
