@@ -7,16 +7,19 @@ import threading
 import time
 from typing import Literal, TextIO
 
+from pydantic import Field
+
 from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Kind
 from collector.spans import KIND_NAMES, STATUS_NAMES, AttrValue, SpanBatch
 from collector.telemetry import ComponentTelemetry
 
 
 class Config(ComponentConfig):
-    verbosity: Literal["basic", "normal", "detailed"] = "basic"
-    sampling_initial: int = 2
-    sampling_thereafter: int = 1
-    use_internal_logger: bool = True
+    verbosity: Literal["basic", "normal", "detailed"] = Field(
+        "basic", description="basic: counts per batch; normal: a line per span; detailed: every field")
+    sampling_initial: int = Field(2, description="batches logged each second before sampling starts")
+    sampling_thereafter: int = Field(1, description="then log every n-th batch of that second")
+    use_internal_logger: bool = Field(True, description="false: write to standard output instead of the log")
 
 
 def _fmt_value(v: AttrValue) -> str:

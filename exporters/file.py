@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import IO, Literal
 
+from pydantic import Field
+
 from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind
 from collector.configtypes import Duration
 from collector.errors import UserError
@@ -13,10 +15,10 @@ from collector.telemetry import ComponentTelemetry
 
 
 class Config(ComponentConfig):
-    path: str
-    format: Literal["json"] = "json"
-    append: bool = False
-    flush_interval: Duration = 1.0
+    path: str = Field(description="file to write; one OTLP/JSON ExportTraceServiceRequest per line")
+    format: Literal["json"] = Field("json", description="only json (OTLP/JSON) is supported")
+    append: bool = Field(False, description="append to an existing file instead of truncating it")
+    flush_interval: Duration = Field(1.0, description="how often buffered lines reach the file; 0 = every batch")
 
 
 class FileExporter(Exporter):

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import Field
+
 from collector.component import ComponentConfig, ComponentID, Extension, Factory, Host, Kind
 from collector.configtypes import Endpoint, split_host_port
 from collector.errors import UserError
@@ -16,9 +18,10 @@ from collector.telemetry import ComponentTelemetry
 
 
 class Config(ComponentConfig):
-    endpoint: Endpoint = "localhost:13133"
-    path: str = "/"
-    response_body: dict[str, str] | None = None
+    endpoint: Endpoint = Field("localhost:13133", description="address to serve the health check on")
+    path: str = Field("/", description="URL path of the check")
+    response_body: dict[str, str] | None = Field(
+        None, description="custom bodies: {healthy: ..., unhealthy: ...}")
 
 
 class HealthCheck(Extension):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Processor
 from collector.configtypes import Duration
@@ -15,11 +15,11 @@ from collector.telemetry import ComponentTelemetry
 
 
 class Config(ComponentConfig):
-    send_batch_size: int = 8192
-    send_batch_max_size: int = 0
-    timeout: Duration = 0.2
-    metadata_keys: list[str] = []
-    metadata_cardinality_limit: int = 1000
+    send_batch_size: int = Field(8192, description="spans that trigger a send (a trigger, not a cap)")
+    send_batch_max_size: int = Field(0, description="upper bound of a sent batch; larger ones are split; 0 = no cap")
+    timeout: Duration = Field(0.2, description="send what is held after this long; 0 = send at once")
+    metadata_keys: list[str] = Field([], description="accepted for compatibility; must stay empty")
+    metadata_cardinality_limit: int = Field(1000, description="accepted for compatibility")
 
     @model_validator(mode="after")
     def _check(self) -> Config:

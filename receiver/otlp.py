@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
 from collector.configtypes import Endpoint
@@ -17,17 +17,17 @@ from collector.telemetry import ComponentTelemetry
 
 
 class GRPCServerConfig(ComponentConfig):
-    endpoint: Endpoint = "localhost:4317"
-    max_recv_msg_size_mib: int = 4
-    max_concurrent_streams: int = 0
-    read_buffer_size: int = 524288
-    write_buffer_size: int = 0
-    include_metadata: bool = False
+    endpoint: Endpoint = Field("localhost:4317", description="host:port to listen on for OTLP/gRPC")
+    max_recv_msg_size_mib: int = Field(4, description="largest accepted request")
+    max_concurrent_streams: int = Field(0, description="0 = gRPC default")
+    read_buffer_size: int = Field(524288, description="accepted for compatibility")
+    write_buffer_size: int = Field(0, description="accepted for compatibility")
+    include_metadata: bool = Field(False, description="accepted for compatibility")
 
 
 class Protocols(ComponentConfig):
-    grpc: GRPCServerConfig | None = None
-    http: dict[str, Any] | None = None
+    grpc: GRPCServerConfig | None = Field(None, description="OTLP/gRPC server")
+    http: dict[str, Any] | None = Field(None, description="not supported yet (refused)")
 
     @model_validator(mode="after")
     def _check(self) -> Protocols:
