@@ -193,6 +193,9 @@ class OTLPExporter(Exporter):
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", -1),
             ("grpc.lb_policy_name", c.balancer_name or "round_robin"),
+            # Reconnect soon after a backend comes back: queued batches are waiting for it.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         compression = grpc.Compression.Gzip if c.compression == "gzip" else grpc.Compression.NoCompression
         if not use_tls:

@@ -165,7 +165,9 @@ class RealCollector:
         if not self.out.exists():
             return []
         docs = []
-        for line in self.out.read_text().splitlines():
+        text = self.out.read_text()
+        text = text[:text.rfind("\n") + 1]  # a line still being written is read next time
+        for line in text.splitlines():
             if line.strip():
                 docs.append(json.loads(line))
         return docs
