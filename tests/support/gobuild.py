@@ -42,7 +42,13 @@ VARIANTS: dict[str, list[str]] = {
     "stripped": ["-ldflags=-s -w"],
     "pie": ["-buildmode=pie"],
     "stripped-pie": ["-buildmode=pie", "-ldflags=-s -w"],
+    # External linking (gcc): Go <= 1.25 merges the pclntab, unnamed, into .data.rel.ro.
+    "pie-external": ["-buildmode=pie", "-ldflags=-linkmode=external"],
 }
+CGO_VARIANTS = {"pie-external"}
+
+
+RECIPE = "r2"  # bump when the build command changes, to invalidate cached binaries
 
 
 class GoBuildError(RuntimeError):
@@ -118,7 +124,6 @@ def go_env(go: Path) -> dict[str, str]:
         CGO_ENABLED=env.get("CGO_ENABLED", "0"),
         GOWORK="off",
     )
-    env.pop("GOPROXY", None) if env.get("GOPROXY") == "" else None
     env["PATH"] = f"{go.parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -147,7 +152,7 @@ def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path
         raise GoBuildError(f"no Go fixture {src} (needs a go.mod)")
     go = go_toolchain(go_version)
     v = _normalise(go_version)
-    key = f"{name}-{v}-{variant}-{_hash_dir(src)}"
+    key = f"{name}-{v}-{variant}-{_hash_dir(src)}{RECIPE}"
     out_dir = CACHE / "fixtures" / key
     binary = out_dir / name
     if binary.exists():
@@ -160,9 +165,11 @@ def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path
         shutil.copytree(src, work)  # go.sum may be written: never touch the source tree
         tmp_bin = out_dir.with_suffix(".tmp") / name
         tmp_bin.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(go), "build", "-trimpath=false", "-o", str(tmp_bin), *VARIANTS[variant], "."]
-        cmd = [c for c in cmd if c != "-trimpath=false"]
-        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=go_env(go))
+        cmd = [str(go), "build", "-buildvcs=false", "-o", str(tmp_bin), *VARIANTS[variant], "."]
+        env = go_env(go)
+        if variant in CGO_VARIANTS:
+            env["CGO_ENABLED"] = "1"
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise GoBuildError(f"building fixture {name} with Go {v} ({variant}) failed:\n{proc.stderr.strip()}")
         shutil.rmtree(out_dir, ignore_errors=True)

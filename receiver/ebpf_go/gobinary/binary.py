@@ -64,6 +64,7 @@ class GoBinary:
         self.module_list: list[bi.Module] = list(info.deps)
         self.build_settings: dict[str, str] = dict(info.settings)
         self.warnings: list[str] = []
+        self.ambiguous: set[str] = set()  # pclntab names given to two functions (the first is kept)
         syms = image.section(".symtab")
         self.stripped: bool = syms is None or syms.size == 0
         self._funcs: dict[str, Function] | None = None
@@ -119,8 +120,13 @@ class GoBinary:
                 entries = self._pclntab_functions()
             except (pclntab.PclntabError, IndexError, ValueError, OverflowError) as e:
                 raise BinaryError(f"{self.path}: corrupt Go function table (pclntab): {e}") from e
+            # An assembly function and its Go-ABI wrapper share a name in the pclntab; `.symtab`
+            # calls the assembly one "name.abi0". Do the same when the flag tells them apart.
             for f in entries:
-                funcs.setdefault(f.name, Function(f.name, f.start, f.end))
+                name = f.name + ".abi0" if f.flag & pclntab.FUNC_FLAG_ASM else f.name
+                if name in funcs:
+                    self.ambiguous.add(name)
+                funcs.setdefault(name, Function(name, f.start, f.end))
             self._func_source = "pclntab"
         self._funcs = funcs
         self._by_start = sorted(funcs.values(), key=lambda f: f.start)
@@ -163,17 +169,62 @@ class GoBinary:
         if ts_off >= 0:
             stored = int.from_bytes(data[ts_off : ts_off + 8], "little")
             relocs = img.relative_relocations() if img.is_pie else {}
-            if base_vaddr + ts_off in relocs:
+            if base_vaddr + ts_off in relocs:  # PIE up to Go 1.25: filled in by the loader
                 text_start = relocs[base_vaddr + ts_off]
-            elif stored == 0:
-                text = img.section(".text")
-                if text is None:
-                    raise BinaryError(f"{self.path}: pclntab has no text start and there is no .text")
-                text_start = text.addr
+            elif stored == 0:  # Go >= 1.26 PIE: read-only pclntab; runtime.text is in moduledata
+                text_start = self._text_from_moduledata(data, base_vaddr, relocs)
         return pclntab.read_functions(data, 0, text_start)
 
+    def _text_from_moduledata(self, data: bytes, pcln_vaddr: int, relocs: dict[int, int]) -> int:
+        """runtime.text from `runtime.firstmoduledata`, found as the word that points at the pclntab.
+
+        moduledata starts {pcHeader; funcnametab, cutab, filetab, pctab, pclntable, ftab []T;
+        findfunctab, minpc, maxpc, text, etext uintptr} (stable since Go 1.16). A candidate is kept
+        only if maxpc-minpc equals the span of the function table and text lies in executable code.
+        """
+        img = self._img
+        span = pclntab.entry_span(data)
+        cands = [a for a, v in relocs.items() if v == pcln_vaddr]
+        if not img.is_pie:
+            needle = pcln_vaddr.to_bytes(8, "little")
+            for seg in img.segments:
+                if seg.flags & PF_W:
+                    raw = bytes(img.data[seg.offset : seg.offset + seg.filesz])
+                    i = raw.find(needle)
+                    while i >= 0:
+                        if i % 8 == 0:
+                            cands.append(seg.vaddr + i)
+                        i = raw.find(needle, i + 1)
+
+        def word(addr: int) -> int:
+            return relocs[addr] if addr in relocs else img.u64(addr)
+
+        ex = img.executable_ranges()
+        for md in cands:
+            try:
+                minpc, maxpc, text = word(md + 160), word(md + 168), word(md + 176)
+            except BinaryError:
+                continue
+            if maxpc - minpc == span and text <= minpc and any(a <= text < b for a, b in ex):
+                return text
+        text_sec = img.section(".text")
+        if text_sec is None:
+            raise BinaryError(f"{self.path}: cannot find where Go code starts (no moduledata, no .text)")
+        self.warnings.append("pclntab text start not found in moduledata; assuming the start of .text")
+        return text_sec.addr
+
     def function(self, name: str) -> Function | None:
-        return self._functions().get(name)
+        """The function named `name` (Go's symbol name, e.g. "net/http.(*Transport).roundTrip").
+
+        Assembly functions are "pkg.fn.abi0" in `.symtab` but "pkg.fn" in the pclntab: either works."""
+        funcs = self._functions()
+        f = funcs.get(name)
+        if name in self.ambiguous and f is not None:
+            self.warnings.append(f"{name}: two functions have this name in the pclntab; using the first")
+        if f is None:
+            alt = name.removesuffix(".abi0") if name.endswith(".abi0") else name + ".abi0"
+            f = funcs.get(alt)
+        return f
 
     def functions(self) -> dict[str, Function]:
         return dict(self._functions())
@@ -229,7 +280,7 @@ class GoBinary:
                     self._dwarf = DwarfStructs(self._img.pyelf)
                 except DwarfError as e:
                     self.warnings.append(f"DWARF present but unreadable: {e}")
-        return self._dwarf or None
+        return self._dwarf if isinstance(self._dwarf, DwarfStructs) else None
 
     def module_of(self, struct: str) -> tuple[str, str]:
         """(module, version) that provides the package of a qualified type name; ("std", go version)."""

@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import IO, cast
 
 from elftools.elf.elffile import ELFFile
 
@@ -88,15 +89,13 @@ class ElfImage:
         self._parse_headers()
 
     def _parse_headers(self) -> None:
-        import io
-
         path = self.path
         if self.data[4] != 2:
             raise BinaryError(f"{path}: 32-bit ELF; only 64-bit (amd64, arm64) Go executables are supported")
         if self.data[5] != 1:
             raise BinaryError(f"{path}: big-endian ELF; only little-endian (amd64, arm64) is supported")
         try:
-            elf = ELFFile(io.BytesIO(self.data[:]) if not isinstance(self.data, mmap.mmap) else _MmapStream(self.data))
+            elf = ELFFile(cast(IO[bytes], _ByteStream(self.data)))
             machine = elf["e_machine"]
             self.elf_type = elf["e_type"]
             self.entry = int(elf["e_entry"])
@@ -217,10 +216,10 @@ class ElfImage:
         return int(struct.unpack("<Q", self.read(vaddr, 8))[0])
 
 
-class _MmapStream:
-    """A read-only file-like view of an mmap for pyelftools (which seeks and reads)."""
+class _ByteStream:
+    """A read-only file-like view of the mapped file for pyelftools (which seeks and reads)."""
 
-    def __init__(self, m: mmap.mmap) -> None:
+    def __init__(self, m: bytes | mmap.mmap) -> None:
         self._m = m
         self._pos = 0
 

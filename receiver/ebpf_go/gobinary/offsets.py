@@ -31,16 +31,23 @@ class TableHit:
 
 
 def version_key(version: str) -> tuple[int, ...]:
-    """Sortable key of a Go ("1.24.11", "go1.24.11") or module ("v1.69.4", pseudo) version."""
+    """Sortable key of a Go ("1.24.11", "go1.24.11") or module ("v1.69.4") version.
+
+    Module pseudo-versions ("v0.0.0-20240604185151-ef581f913117", "v0.46.1-0.20251013234738-...")
+    sort by their timestamp, before the release they precede.
+    """
     v = version.strip().removeprefix("go").removeprefix("v")
-    v = re.split(r"[-+ ]", v, maxsplit=1)[0]
+    core, _, rest = v.partition("-")
+    core = core.split("+")[0].split(" ")[0]
     nums = []
-    for part in v.split("."):
+    for part in core.split("."):
         m = re.match(r"\d+", part)
         nums.append(int(m.group(0)) if m else 0)
     while len(nums) < 3:
         nums.append(0)
-    return tuple(nums[:3])
+    ts = re.search(r"(\d{14})", rest)
+    release = 0 if rest else 1
+    return (*nums[:3], release, int(ts.group(1)) if ts else 0)
 
 
 @cache
@@ -76,17 +83,15 @@ class OffsetTable:
         want = version_key(norm)
         known = sorted(per_version, key=version_key)
         same_minor = [k for k in known if version_key(k)[:2] == want[:2]]
+        pool = same_minor or known
+        older = [k for k in pool if version_key(k) < want]
+        newer = [k for k in pool if version_key(k) > want]
+        equal = [k for k in pool if version_key(k) == want]
+        pick = equal[0] if equal else older[-1] if older else newer[0]
+        why = ("same minor release, " if same_minor else "") + (
+            "same version" if equal else "closest older" if older else "closest newer")
         older = [k for k in known if version_key(k) < want]
         newer = [k for k in known if version_key(k) > want]
-        if same_minor:
-            pick = min(same_minor, key=lambda k: abs(version_key(k)[2] - want[2]))
-            why = "same minor release"
-        elif older:
-            pick = older[-1]
-            why = "closest older known version"
-        else:
-            pick = newer[0]
-            why = "closest newer known version (older than anything in the table)"
         lo = per_version[older[-1]] if older else None
         hi = per_version[newer[0]] if newer else None
         agree = older and newer and lo == hi

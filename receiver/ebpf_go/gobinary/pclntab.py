@@ -28,11 +28,15 @@ class PclntabError(ValueError):
     """The table is malformed (the caller turns this into a BinaryError)."""
 
 
+FUNC_FLAG_ASM = 4  # runtime funcFlag_ASM (Go >= 1.20): an assembly (ABI0) function
+
+
 @dataclass(frozen=True)
 class FuncEntry:
     name: str
     start: int
     end: int
+    flag: int = 0  # _func.flag (0 when the layout has none we know)
 
 
 def header_ok(data: bytes, off: int = 0) -> bool:
@@ -108,6 +112,18 @@ def text_start_offset(data: bytes, off: int = 0) -> int:
     return _layout(data, off).text_start_off
 
 
+def entry_span(data: bytes, off: int = 0) -> int:
+    """Distance from the first function's entry to the end sentinel of the function table."""
+    lay = _layout(data, off)
+    if lay.magic == MAGIC_116:
+        first = struct.unpack_from("<Q", data, lay.functab)[0]
+        last = struct.unpack_from("<Q", data, lay.functab + 16 * lay.nfunc)[0]
+    else:
+        first = struct.unpack_from("<I", data, lay.functab)[0]
+        last = struct.unpack_from("<I", data, lay.functab + 8 * lay.nfunc)[0]
+    return int(last - first)
+
+
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -152,6 +168,7 @@ def read_functions(data: bytes, off: int = 0, text_start: int | None = None) -> 
     out: list[FuncEntry] = []
     name_pos = 8 if lay.magic == MAGIC_116 else 4
     pcsp_pos = 20 if lay.magic == MAGIC_116 else 16
+    flag_pos = 41 if lay.magic == MAGIC_120 else -1
     for i in range(lay.nfunc):
         entry, funcoff = entries[i]
         nxt = entries[i + 1][0]
@@ -173,5 +190,6 @@ def read_functions(data: bytes, off: int = 0, text_start: int | None = None) -> 
                     end = entry + span
             except PclntabError:
                 end = nxt
-        out.append(FuncEntry(name, entry, end))
+        flag = data[rec + flag_pos] if 0 <= flag_pos and rec + flag_pos < len(data) else 0
+        out.append(FuncEntry(name, entry, end, flag))
     return out

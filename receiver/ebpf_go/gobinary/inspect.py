@@ -1,0 +1,240 @@
+"""`otelgo-collector inspect PATH|PID [--json]`: what the eBPF receiver would do with a Go binary.
+
+Prints the Go version, the modules, which instrumentations apply and, per hooked function, its
+address, the entry probe point, every return site, and the struct offsets the probes need with
+where each came from (DWARF, the bundled table, or a guess from the nearest known version).
+Exit status: 0 done, 1 the file is not a usable Go binary, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .binary import GoBinary
+from .errors import BinaryError
+
+
+@dataclass(frozen=True)
+class Instrumentation:
+    name: str
+    functions: tuple[str, ...]  # at least one must exist for the instrumentation to apply
+    optional: tuple[str, ...] = ()  # hooked when present
+    offsets: tuple[tuple[str, str], ...] = ()
+    min_go: tuple[int, int] = (1, 17)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+_URL = tuple(("net/url.URL", f) for f in ("Scheme", "User", "Host", "Path", "RawPath", "RawQuery", "Fragment"))
+
+INSTRUMENTATIONS: tuple[Instrumentation, ...] = (
+    Instrumentation(
+        "net/http server",
+        ("net/http.serverHandler.ServeHTTP",),
+        ("net/textproto.(*Reader).readContinuedLineSlice",),
+        (
+            ("net/http.Request", "Method"), ("net/http.Request", "URL"), ("net/http.Request", "Proto"),
+            ("net/http.Request", "ProtoMajor"), ("net/http.Request", "ProtoMinor"),
+            ("net/http.Request", "Header"), ("net/http.Request", "Host"), ("net/http.Request", "RemoteAddr"),
+            ("net/http.Request", "ContentLength"), ("net/http.Request", "ctx"),
+            ("net/http.Request", "Pattern"), ("net/http.Request", "pat"), ("net/http.pattern", "str"),
+            ("net/url.URL", "Path"), ("net/http.response", "req"), ("net/http.response", "status"),
+            ("net/http.response", "wroteHeader"),
+        ),
+    ),
+    Instrumentation(
+        "net/http client",
+        ("net/http.(*Transport).roundTrip",),
+        ("net/http.Header.writeSubset",),
+        (
+            ("net/http.Request", "Method"), ("net/http.Request", "URL"), ("net/http.Request", "Host"),
+            ("net/http.Request", "Proto"), ("net/http.Request", "Header"), ("net/http.Request", "ctx"),
+            *_URL, ("net/url.Userinfo", "username"), ("net/http.Response", "StatusCode"),
+            ("bufio.Writer", "buf"), ("bufio.Writer", "n"),
+        ),
+    ),
+    Instrumentation(
+        "database/sql",
+        ("database/sql.(*DB).queryDC", "database/sql.(*DB).execDC"),
+        (),
+        (("database/sql.driverConn", "ci"),),
+    ),
+    Instrumentation(
+        "grpc client",
+        ("google.golang.org/grpc.(*ClientConn).Invoke",),
+        (
+            "google.golang.org/grpc/internal/transport.(*http2Client).NewStream",
+            "google.golang.org/grpc/internal/transport.(*loopyWriter).headerHandler",
+            "google.golang.org/grpc/internal/transport.(*loopyWriter).clientHeaderHandler",
+        ),
+        (
+            ("google.golang.org/grpc.ClientConn", "target"),
+            ("google.golang.org/grpc/internal/transport.http2Client", "nextID"),
+            ("google.golang.org/grpc/internal/transport.headerFrame", "streamID"),
+            ("google.golang.org/grpc/internal/transport.headerFrame", "hf"),
+            ("google.golang.org/grpc/internal/status.Error", "s"),
+            ("google.golang.org/grpc/internal/status.Status", "s"),
+            ("google.golang.org/genproto/googleapis/rpc/status.Status", "Code"),
+            ("google.golang.org/genproto/googleapis/rpc/status.Status", "Message"),
+        ),
+    ),
+    Instrumentation(
+        "grpc server",
+        ("google.golang.org/grpc.(*Server).handleStream",),
+        (
+            "google.golang.org/grpc/internal/transport.(*http2Server).operateHeaders",
+            "google.golang.org/grpc/internal/transport.(*http2Server).WriteStatus",
+            "google.golang.org/grpc/internal/transport.(*http2Server).writeStatus",
+        ),
+        (
+            ("google.golang.org/grpc/internal/transport.Stream", "method"),
+            ("google.golang.org/grpc/internal/transport.Stream", "id"),
+            ("google.golang.org/grpc/internal/transport.Stream", "ctx"),
+            ("google.golang.org/grpc/internal/transport.ServerStream", "Stream"),
+            ("google.golang.org/grpc/internal/transport.http2Server", "peer"),
+            ("golang.org/x/net/http2.MetaHeadersFrame", "Fields"),
+            ("golang.org/x/net/http2.FrameHeader", "StreamID"),
+        ),
+    ),
+)
+
+
+def _resolve(target: str) -> str:
+    if target.isdigit():
+        exe = f"/proc/{target}/exe"
+        if not os.path.exists(f"/proc/{target}"):
+            raise BinaryError(f"no process with pid {target}")
+        try:
+            os.readlink(exe)
+        except PermissionError as e:
+            raise BinaryError(f"pid {target}: permission denied reading {exe} (run as root)") from e
+        except OSError as e:
+            raise BinaryError(f"pid {target}: cannot read {exe}: {e.strerror}") from e
+        return exe
+    return target
+
+
+def _function_report(b: GoBinary, name: str) -> dict[str, Any] | None:
+    f = b.function(name)
+    if f is None:
+        return None
+    ep = b.entry_probe(name)
+    rets = b.return_sites(name)
+    return {
+        "name": name,
+        "start": f.start,
+        "end": f.end,
+        "entry_probe": {"addr": ep.addr, "kind": ep.kind, "reason": ep.reason},
+        "return_sites": rets,
+        "caller_return_points": None,
+    }
+
+
+def collect(b: GoBinary) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain data (the --json output)."""
+    out: dict[str, Any] = {
+        "path": b.path,
+        "arch": b.arch,
+        "arch_tested": b.arch == "amd64",
+        "go_version": b.go_version,
+        "pie": b.is_pie,
+        "stripped": b.stripped,
+        "functions_from": b.function_source,
+        "dwarf": b.has_dwarf,
+        "main_module": b.main_module,
+        "modules": dict(sorted(b.modules.items())),
+        "build_settings": b.build_settings,
+        "instrumentations": [],
+        "warnings": [],
+    }
+    if b.arch != "amd64":
+        out["warnings"].append(f"{b.arch}: parsed but untested; entry probes stay at function entry")
+    for inst in INSTRUMENTATIONS:
+        present = [n for n in inst.functions if b.function(n) is not None]
+        item: dict[str, Any] = {"name": inst.name, "applies": bool(present), "functions": [], "offsets": [],
+                                "warnings": []}
+        if present:
+            if b.go_version_tuple[:2] < inst.min_go and b.go_version_tuple != (0, 0, 0):
+                item["warnings"].append(f"Go {b.go_version} predates the register ABI; not supported")
+            for n in (*present, *[o for o in inst.optional if b.function(o) is not None]):
+                rep = _function_report(b, n)
+                if rep is not None:
+                    item["functions"].append(rep)
+                    if not rep["return_sites"]:
+                        item["warnings"].append(f"{n}: no return instruction found")
+            for struct, fld in inst.offsets:
+                off = b.struct_offset(struct, fld)
+                module, version = b.module_of(struct)
+                if off is None:
+                    if module != "std" and module not in b.modules:
+                        continue  # the module is not linked: nothing to read
+                    item["offsets"].append({"struct": struct, "field": fld, "offset": None, "source": None,
+                                            "detail": f"unknown or absent in {module}@{version}"})
+                else:
+                    item["offsets"].append({"struct": struct, "field": fld, "offset": off.value,
+                                            "source": off.source, "detail": off.detail})
+                    if off.source == "guess":
+                        item["warnings"].append(f"{struct}.{fld}: {off.detail}")
+        out["instrumentations"].append(item)
+    out["warnings"].extend(b.warnings)
+    return out
+
+
+def render(rep: dict[str, Any]) -> str:
+    lines = [
+        f"{rep['path']}",
+        f"  Go {rep['go_version']}  {rep['arch']}{'' if rep['arch_tested'] else ' (untested)'}"
+        f"  {'PIE' if rep['pie'] else 'non-PIE'}  {'stripped' if rep['stripped'] else 'symbols'}"
+        f"  functions from {rep['functions_from']}  DWARF {'yes' if rep['dwarf'] else 'no'}",
+        f"  main module: {rep['main_module'] or '-'}",
+    ]
+    if rep["modules"]:
+        lines.append("  modules:")
+        lines += [f"    {p} {v}" for p, v in rep["modules"].items()]
+    lines.append("  instrumentations:")
+    for inst in rep["instrumentations"]:
+        lines.append(f"    [{'x' if inst['applies'] else ' '}] {inst['name']}")
+        for f in inst["functions"]:
+            ep = f["entry_probe"]
+            rets = ", ".join(f"{a:#x}" for a in f["return_sites"]) or "none"
+            lines.append(f"        {f['name']}  {f['start']:#x}-{f['end']:#x}")
+            lines.append(f"          entry probe {ep['addr']:#x} (+{ep['addr'] - f['start']}) {ep['kind']}: {ep['reason']}")
+            lines.append(f"          return sites ({len(f['return_sites'])}): {rets}")
+        for o in inst["offsets"]:
+            val = "absent/unknown" if o["offset"] is None else f"{o['offset']:>4}"
+            src = o["source"] or "-"
+            lines.append(f"        offset {o['struct']}.{o['field']} = {val}  [{src}] {o['detail']}")
+        for w in inst["warnings"]:
+            lines.append(f"        warning: {w}")
+    for w in rep["warnings"]:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="otelgo-collector inspect", description="Show what the eBPF receiver reads "
+                                 "from a Go executable: version, modules, hook points, offsets.")
+    ap.add_argument("target", metavar="PATH|PID", help="a Go executable, or the pid of a running Go process")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if e.code in (0, None) else 2
+    try:
+        b = GoBinary.open(_resolve(args.target))
+        rep = collect(b)
+    except BinaryError as e:
+        print(f"inspect: {e}", file=sys.stderr)
+        return 1
+    if args.target.isdigit():
+        rep["pid"] = int(args.target)
+    print(json.dumps(rep, indent=2) if args.json else render(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
