@@ -301,3 +301,58 @@ def test_backend_down_30s_then_up_accounts_for_every_span():
         assert rss_max - rss0 < 64 * 2**20
     finally:
         backend.stop()
+
+
+# ------------------------------------------------------------------ the whole pipeline, through our CLI
+
+
+def test_our_collector_pipeline_into_the_real_collector(otelcol_binary, tmp_path):
+    """otelgo-collector (otlp → memory_limiter → filter → attributes → resource → probabilistic_sampler →
+    batch → otlp) feeding the real collector: the processors' effects arrive."""
+    from tests.support.collector import CollectorProcess
+
+    rx_port = free_port()
+    with RealCollector(tmp_path) as oc:
+        config = {
+            "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{rx_port}"}}}},
+            "processors": {
+                "memory_limiter": {"check_interval": "1s", "limit_mib": 4000},
+                "filter/health": {"traces": {"span": ['attributes["http.route"] == "/healthz"']}},
+                "attributes/pii": {"actions": [{"key": "user.email", "action": "hash"},
+                                               {"key": "env", "value": "test", "action": "insert"}]},
+                "resource": {"attributes": [{"key": "deployment.environment", "value": "ci", "action": "upsert"}]},
+                "probabilistic_sampler": {"sampling_percentage": 100},
+                "batch": {"timeout": "100ms"},
+            },
+            "exporters": {"otlp": {"endpoint": f"127.0.0.1:{oc.grpc_port}", "tls": {"insecure": True}}},
+            "service": {"pipelines": {"traces": {
+                "receivers": ["otlp"],
+                "processors": ["memory_limiter", "filter/health", "attributes/pii", "resource",
+                               "probabilistic_sampler", "batch"],
+                "exporters": ["otlp"]}}},
+        }
+        with CollectorProcess(config, tmp_path) as ours:
+            client = ComponentTelemetry("exporter", "client", SelfMetrics())
+            e = OTLPExporter(ComponentID("client"), client, OTLPConfig.model_validate(
+                {"endpoint": f"127.0.0.1:{rx_port}", "tls": {"insecure": True}}))
+            e.start(None)  # type: ignore[arg-type]
+            spans = [Span(i.to_bytes(16, "big"), i.to_bytes(8, "big"), "GET /healthz" if i % 4 == 0 else "GET /x",
+                          attributes={"http.route": "/healthz" if i % 4 == 0 else "/x", "user.email": "a@b.c"})
+                     for i in range(1, 101)]
+            e.consume(SpanBatch([ResourceSpans(Resource({"service.name": "app"}), [ScopeSpans(Scope("s"), spans)])]))
+            e.shutdown(10)
+            got = oc.wait_for_spans(75)
+            time.sleep(0.5)
+            got = oc.spans()
+            metrics = ours.scrape()
+    assert len(got) == 75
+    import hashlib
+
+    for res, _, sp in got:
+        attrs = _attrs(sp.get("attributes"))
+        assert attrs["http.route"] == "/x" and attrs["env"] == "test"
+        assert attrs["user.email"] == hashlib.sha1(b"a@b.c").hexdigest()
+        assert _attrs(res.get("attributes"))["deployment.environment"] == "ci"
+        assert sp["traceState"].startswith("ot=rv:") and sp["traceState"].endswith(";th:0")
+    assert 'otelcol_exporter_sent_spans_total{exporter="otlp"} 75.0' in metrics
+    assert 'otelcol_processor_filter_spans_filtered_total{filter="filter/health"} 25.0' in metrics
