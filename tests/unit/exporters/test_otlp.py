@@ -302,3 +302,29 @@ def test_queue_disabled_returns_the_error_to_the_caller(backend):
     e.shutdown(1)
     assert backend.span_count() == 2
     assert metric(t, "otelcol_exporter_send_failed_spans") == 2 and metric(t, "otelcol_exporter_sent_spans") == 2
+
+
+def test_insecure_skip_verify_trusts_the_presented_certificate(test_ca):
+    creds = grpc.ssl_server_credentials([((test_ca / "server.key").read_bytes(),
+                                          (test_ca / "server.pem").read_bytes())])
+    b = Backend(credentials=creds)
+    try:
+        e, t = make(f"localhost:{b.port}", tls={"insecure_skip_verify": True})
+        e.consume(batch(2))
+        e.shutdown(5)
+        assert b.span_count() == 2 and metric(t, "otelcol_exporter_sent_spans") == 2
+    finally:
+        b.stop()
+
+
+def test_https_scheme_forces_tls_even_with_insecure(test_ca):
+    creds = grpc.ssl_server_credentials([((test_ca / "server.key").read_bytes(),
+                                          (test_ca / "server.pem").read_bytes())])
+    b = Backend(credentials=creds)
+    try:
+        e, t = make(f"https://localhost:{b.port}", tls={"insecure": True, "ca_file": str(test_ca / "ca.pem")})
+        e.consume(batch(1))
+        e.shutdown(5)
+        assert b.span_count() == 1
+    finally:
+        b.stop()
