@@ -121,9 +121,15 @@ class GoBinary:
             except (pclntab.PclntabError, IndexError, ValueError, OverflowError) as e:
                 raise BinaryError(f"{self.path}: corrupt Go function table (pclntab): {e}") from e
             # An assembly function and its Go-ABI wrapper share a name in the pclntab; `.symtab`
-            # calls the assembly one "name.abi0". Do the same when the flag tells them apart.
+            # calls the assembly one "name.abi0". Do the same when the ASM flag (Go >= 1.20) tells
+            # them apart; other duplicates (generic instantiations "f[...]", ABI0 wrappers of Go
+            # functions called from assembly) keep the first and are listed in `ambiguous`.
+            counts: dict[str, int] = {}
             for f in entries:
-                name = f.name + ".abi0" if f.flag & pclntab.FUNC_FLAG_ASM else f.name
+                counts[f.name] = counts.get(f.name, 0) + 1
+            for f in entries:
+                dup = counts[f.name] > 1
+                name = f.name + ".abi0" if dup and f.flag & pclntab.FUNC_FLAG_ASM else f.name
                 if name in funcs:
                     self.ambiguous.add(name)
                 funcs.setdefault(name, Function(name, f.start, f.end))

@@ -25,7 +25,7 @@ EXTERNAL_VERSIONS = ["1.21", "1.24", "1.27"]  # gcc-linked PIE: pclntab merged i
 FUNCS = [
     "main.probeTarget", "main.deep", "main.manyReturns", "main.main", "main.linkHooks",
     "net/http.serverHandler.ServeHTTP", "net/http.(*Transport).roundTrip", "net/http.Header.writeSubset",
-    "database/sql.(*DB).queryDC", "database/sql.(*DB).execDC", "runtime.newproc",
+    "database/sql.(*DB).queryDC", "database/sql.(*DB).execDC", "net/http.(*conn).serve",
 ]
 
 
