@@ -241,13 +241,8 @@ class AttributesProcessor(Processor):
         super().__init__(id, telemetry, next_consumer)
         self.actions = AttrActions(config.actions)
         self.select = IncludeExclude(config.include, config.exclude)
-        m = telemetry.metrics
-        self._in = m.processor_incoming.labels(str(id), "traces")
-        self._out = m.processor_outgoing.labels(str(id), "traces")
 
     def consume(self, batch: SpanBatch) -> None:
-        n = batch.span_count()
-        self._in.inc(n)
         always = self.select.always
         apply = self.actions.apply
         for rs in batch.resource_spans:
@@ -255,7 +250,6 @@ class AttributesProcessor(Processor):
                 for span in ss.spans:
                     if always or self.select.selects(rs, ss, span):
                         apply(span.attributes)
-        self._out.inc(n)
         self.next_consumer.consume(batch)
 
 

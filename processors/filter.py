@@ -287,8 +287,6 @@ class FilterProcessor(Processor):
         if config.traces is not None:
             self.conditions = [compile_condition(c) for c in config.traces.span]
         m = telemetry.metrics
-        self._in = m.processor_incoming.labels(str(id), "traces")
-        self._out = m.processor_outgoing.labels(str(id), "traces")
         self._filtered = m.counter("otelcol_processor_filter_spans_filtered",
                                    "Number of spans dropped by the filter processor", ["filter"]).labels(str(id))
 
@@ -304,7 +302,6 @@ class FilterProcessor(Processor):
 
     def consume(self, batch: SpanBatch) -> None:
         n = batch.span_count()
-        self._in.inc(n)
         if self.select is None and not self.conditions:
             out = batch
         else:
@@ -312,7 +309,6 @@ class FilterProcessor(Processor):
         kept = out.span_count()
         if kept < n:
             self._filtered.inc(n - kept)
-        self._out.inc(kept)
         if kept:
             self.next_consumer.consume(out)
 

@@ -103,8 +103,6 @@ class MemoryLimiterProcessor(Processor):
         self._last_gc = -1e18
         self._lock = threading.Lock()
         m = telemetry.metrics
-        self._in = m.processor_incoming.labels(str(id), "traces")
-        self._out = m.processor_outgoing.labels(str(id), "traces")
         self._accepted = m.counter("otelcol_processor_memory_limiter_accepted_spans",
                                    "Number of spans passed on by the memory limiter", ["processor"]).labels(str(id))
         self._refused = m.counter("otelcol_processor_memory_limiter_refused_spans",
@@ -136,13 +134,11 @@ class MemoryLimiterProcessor(Processor):
 
     def consume(self, batch: SpanBatch) -> None:
         n = batch.span_count()
-        self._in.inc(n)
         self.check()
         if self.refusing:
             self._refused.inc(n)
             raise ConsumerError(ERR_DATA_REFUSED, permanent=False)
         self._accepted.inc(n)
-        self._out.inc(n)
         self.next_consumer.consume(batch)
 
 

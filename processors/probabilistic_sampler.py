@@ -212,15 +212,11 @@ class ProbabilisticSamplerProcessor(Processor):
         super().__init__(id, telemetry, next_consumer)
         self.sampler = HashSeedSampler(config.sampling_percentage, config.hash_seed, config.fail_closed)
         m = telemetry.metrics
-        self._in = m.processor_incoming.labels(str(id), "traces")
-        self._out = m.processor_outgoing.labels(str(id), "traces")
         self._count = m.counter("otelcol_processor_probabilistic_sampler_count_traces_sampled",
                                 "Count of traces that were sampled or not", ["processor", "policy", "sampled"])
         self._counters: dict[tuple[str, bool], Any] = {}
 
     def consume(self, batch: SpanBatch) -> None:
-        n = batch.span_count()
-        self._in.inc(n)
         tally: dict[tuple[str, bool], int] = {}
         decide = self.sampler.decide
 
@@ -238,7 +234,6 @@ class ProbabilisticSamplerProcessor(Processor):
                 self._counters[(policy, sampled)] = c
             c.inc(count)
         kept = out.span_count()
-        self._out.inc(kept)
         if kept:
             self.next_consumer.consume(out)
 

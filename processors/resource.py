@@ -32,16 +32,10 @@ class ResourceProcessor(Processor):
                  config: Config) -> None:
         super().__init__(id, telemetry, next_consumer)
         self.actions = AttrActions(config.attributes)
-        m = telemetry.metrics
-        self._in = m.processor_incoming.labels(str(id), "traces")
-        self._out = m.processor_outgoing.labels(str(id), "traces")
 
     def consume(self, batch: SpanBatch) -> None:
-        n = batch.span_count()
-        self._in.inc(n)
         for rs in batch.resource_spans:
             self.actions.apply(rs.resource.attributes)
-        self._out.inc(n)
         self.next_consumer.consume(batch)
 
 

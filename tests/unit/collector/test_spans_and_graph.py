@@ -137,3 +137,28 @@ def test_batch_processor_shutdown_flushes() -> None:
     assert out.batches == []
     p.shutdown()
     assert [b.span_count() for b in out.batches] == [7]
+
+
+def test_graph_counts_each_processor_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """incoming/outgoing items are counted by the graph around every processor, exactly once."""
+    from collector import config as configmod
+    from collector.graph import Graph
+    from collector.registry import load_factories
+
+    raw = {
+        "receivers": {"otlp": {}},
+        "processors": {"filter/drop": {"spans": {"exclude": {"match_type": "strict", "span_names": ["span-1"]}}},
+                       "attributes": {"actions": [{"key": "k", "value": "v", "action": "insert"}]}},
+        "exporters": {"file": {"path": str(tmp_path / "x.jsonl")}},
+        "service": {"pipelines": {"traces": {"receivers": ["otlp"], "processors": ["filter/drop", "attributes"],
+                                             "exporters": ["file"]}}},
+    }
+    cfg = configmod.build_config(raw, load_factories())
+    metrics = SelfMetrics()
+    graph = Graph(cfg, metrics)
+    graph.pipelines[0].head.consume(make_batch(4))  # span-0 .. span-3; filter drops span-1
+    get = metrics.registry.get_sample_value
+    assert get("otelcol_processor_incoming_items_total", {"processor": "filter/drop", "otel_signal": "traces"}) == 4
+    assert get("otelcol_processor_outgoing_items_total", {"processor": "filter/drop", "otel_signal": "traces"}) == 3
+    assert get("otelcol_processor_incoming_items_total", {"processor": "attributes", "otel_signal": "traces"}) == 3
+    assert get("otelcol_processor_outgoing_items_total", {"processor": "attributes", "otel_signal": "traces"}) == 3

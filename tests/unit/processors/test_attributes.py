@@ -134,10 +134,3 @@ def test_hash_encodings_match_contrib():
     assert sha1_hash("abc") == hashlib.sha1(b"abc").hexdigest()
     assert sha1_hash(True) == hashlib.sha1(b"\x01").hexdigest()
     assert sha1_hash(1.5) == hashlib.sha1(struct.pack("<d", 1.5)).hexdigest()
-
-
-def test_counts_items():
-    p, _, t = make(attributes, {"actions": [{"key": "a", "value": 1, "action": "insert"}]}, "attributes")
-    p.consume(one(span()))
-    assert t.metrics.registry.get_sample_value("otelcol_processor_incoming_items_total",
-                                               {"processor": "attributes", "otel_signal": "traces"}) == 1
