@@ -8,9 +8,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.ebpf_go.gobinary import BinaryError, GoBinary
+from receiver.ebpf_go.gobinary import BinaryError, GoBinary, pclntab
 from receiver.ebpf_go.gobinary import buildinfo as bi
-from receiver.ebpf_go.gobinary import pclntab
 
 from .conftest import fixture_binary
 
