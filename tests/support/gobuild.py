@@ -144,7 +144,13 @@ def go_version_string(go: Path) -> str:
 
 
 def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path:
-    """Build tests/fixtures/go/<name>/ with Go `go_version`; cached by content hash + version + variant."""
+    """Build tests/fixtures/go/<name>/ with Go `go_version`; cached by content hash + version + variant.
+
+    variant: "plain" | "stripped" (-ldflags='-s -w') | "pie" (-buildmode=pie) | "stripped-pie" |
+    "pie-external" (PIE linked by gcc, CGO_ENABLED=1). Environment: GOFLAGS=-mod=mod,
+    GOTOOLCHAIN=local, GOSUMDB=off, GOPATH/GOCACHE under .cache, the caller's GOPROXY (default).
+    The fixture is copied before building, so go.sum updates never touch the source tree.
+    """
     if variant not in VARIANTS:
         raise GoBuildError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     src = FIXTURES / name
