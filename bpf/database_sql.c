@@ -61,6 +61,8 @@ struct sql_event {
 BPF_TABLE("lru_hash", struct goroutine_key, struct sql_call, sql_inflight, MAX_INFLIGHT);
 /* sql_scratch: one sql_call per CPU, built there because it does not fit the 512-byte stack. */
 BPF_PERCPU_ARRAY(sql_scratch, struct sql_call, 1);
+/* sql_out: one sql_event per CPU, assembled there and copied out with its text's length only. */
+BPF_PERCPU_ARRAY(sql_out, struct sql_event, 1);
 /* sql_events: finished calls (struct sql_event) -> user space (database_sql.py). */
 BPF_RINGBUF_OUTPUT(sql_events, RINGBUF_PAGES);
 /* sql_lost[0]: records dropped because the ring buffer was full. */
@@ -158,12 +160,9 @@ static __always_inline void sql_return(struct pt_regs *ctx, u64 err_tab, u64 err
     struct sql_call *c = sql_inflight.lookup(&k);
     if (!c)
         return;
-    struct sql_event *e = sql_events.ringbuf_reserve(sizeof(struct sql_event));
+    u32 z = 0;
+    struct sql_event *e = sql_out.lookup(&z);
     if (!e) {
-        u32 z = 0;
-        u64 *lc = sql_lost.lookup(&z);
-        if (lc)
-            __sync_fetch_and_add(lc, 1);
         sql_inflight.delete(&k);
         return;
     }
@@ -175,12 +174,19 @@ static __always_inline void sql_return(struct pt_regs *ctx, u64 err_tab, u64 err
     e->err_tab = err_tab;
     e->err_data = err_data;
     bpf_probe_read_kernel(&e->c, sizeof(e->c), c);   /* too big for an inlined memcpy */
+    /* send only the captured text: most statements are far shorter than QUERY_MAX */
+    u64 size = sizeof(struct sql_event) - QUERY_MAX + (c->captured & (2 * QUERY_MAX - 1));
+    if (size > sizeof(struct sql_event))
+        size = sizeof(struct sql_event);
     u64 flags = BPF_RB_NO_WAKEUP;
-    u32 z = 0;
     u64 *sc = sql_submitted.lookup(&z);
     if (sc && (++*sc % WAKEUP_EVERY) == 0)
         flags = BPF_RB_FORCE_WAKEUP;
-    sql_events.ringbuf_submit(e, flags);
+    if (sql_events.ringbuf_output(e, size, flags) != 0) {
+        u64 *lc = sql_lost.lookup(&z);
+        if (lc)
+            __sync_fetch_and_add(lc, 1);
+    }
     sql_inflight.delete(&k);
 }
 
