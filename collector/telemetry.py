@@ -38,11 +38,11 @@ class _ProcessCollector(Collector):
         cpu.add_metric([], ru.ru_utime + ru.ru_stime)
         yield cpu
         rss = GaugeMetricFamily("otelcol_process_memory_rss", "Total physical memory (resident set size) [By]")
-        rss.add_metric([], float(_rss_bytes()))
+        rss.add_metric([], float(rss_bytes()))
         yield rss
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

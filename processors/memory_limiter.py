@@ -23,7 +23,7 @@ from collector.component import ComponentConfig, ComponentID, Consumer, Factory,
 from collector.configtypes import Duration
 from collector.errors import ConsumerError
 from collector.spans import SpanBatch
-from collector.telemetry import ComponentTelemetry
+from collector.telemetry import ComponentTelemetry, rss_bytes
 
 MIB = 1 << 20
 ERR_DATA_REFUSED = "data refused due to high memory usage"
@@ -54,14 +54,6 @@ class Config(ComponentConfig):
             if self.spike_limit_percentage >= self.limit_percentage:
                 raise ValueError("'spike_limit_percentage' must be smaller than 'limit_percentage'")
         return self
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 def total_memory_bytes() -> int:

@@ -56,11 +56,12 @@ def find_blob(data: bytes) -> int:
         i += 1
 
 
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+def uvarint(data: bytes, pos: int, error: type[Exception] = ValueError) -> tuple[int, int]:
+    """Go's unsigned varint at data[pos:] → (value, next position); `error` on truncation."""
     value = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
-            raise BuildInfoError("truncated varint")
+            raise error("truncated varint")
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -76,12 +77,12 @@ def parse(blob: bytes, read: Callable[[int, int], bytes]) -> BuildInfo:
     ptr_size = blob[14]
     flags = blob[15]
     if flags & 2:  # inline strings (Go >= 1.18)
-        n, pos = _uvarint(blob, 32)
+        n, pos = uvarint(blob, 32, BuildInfoError)
         if pos + n > len(blob):
             raise BuildInfoError("truncated version string")
         version = blob[pos : pos + n]
         pos += n
-        n, pos = _uvarint(blob, pos)
+        n, pos = uvarint(blob, pos, BuildInfoError)
         if pos + n > len(blob):
             raise BuildInfoError("truncated module info")
         modinfo = blob[pos : pos + n]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from receiver.ebpf_go.gobinary.buildinfo import uvarint
+
 MAGIC_116 = 0xFFFFFFFA
 MAGIC_118 = 0xFFFFFFF0
 MAGIC_120 = 0xFFFFFFF1
@@ -124,29 +126,16 @@ def entry_span(data: bytes, off: int = 0) -> int:
     return int(last - first)
 
 
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise PclntabError("truncated varint")
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
 def pc_span(data: bytes, pos: int, min_lc: int, limit: int = 1 << 24) -> int:
     """Total pc range covered by the pcvalue table at `data[pos:]` (runtime `step` encoding)."""
     total = 0
     first = True
     while True:
-        uvdelta, pos = _uvarint(data, pos)
+        uvdelta, pos = uvarint(data, pos, PclntabError)
         if uvdelta == 0 and not first:
             return total
         first = False
-        pcdelta, pos = _uvarint(data, pos)
+        pcdelta, pos = uvarint(data, pos, PclntabError)
         total += pcdelta * min_lc
         if total > limit:
             raise PclntabError("pc table longer than the function")
