@@ -235,6 +235,76 @@ def test_probe_alone_statement_off_and_truncation(dbapp: Path, postgres: Postgre
         app.stop()
 
 
+# A stand-in for the net/http server probe: at ServeHTTP entry it tracks the request's context in
+# the pinned ctx_spans map (as nethttp_server.c does) and reports the span ids it chose.
+FAKE_SERVER_C = r"""
+#include "go_types.h"
+struct ctx_key { u64 ptr; u32 tgid; u32 pad; };
+BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
+BPF_RINGBUF_OUTPUT(fake_servers, 8);
+int fake_server_entry(struct pt_regs *ctx) {
+    u64 req = GO_PARAM4(ctx);
+    struct go_iface ic = {};
+    bpf_probe_read_user(&ic, sizeof(ic), (void *)(req + REQ_CTX_POS));
+    struct ctx_key k = {.ptr = ic.data, .tgid = bpf_get_current_pid_tgid() >> 32};
+    struct trace_ctx tc = {};
+    new_span_ids(&tc, 0);
+    ctx_spans.update(&k, &tc);
+    fake_servers.ringbuf_output(&tc, sizeof(tc), 0);
+    return 0;
+}
+"""
+
+
+@root
+@needs_root
+def test_probe_alone_parent_from_request_context(dbapp: Path, postgres: PostgresServer, tmp_path: Path) -> None:
+    """A statement run under a request's context is a child of the span tracked on that context
+    (also through Tx and Stmt); one run with context.Background() is a root span."""
+    from bcc import BPF, lib
+
+    pin = "/sys/fs/bpf/otelgo_test_dbsql_parent"
+    os.makedirs(pin, exist_ok=True)
+    gb = GoBinary.open(dbapp)
+    ctx_off = gb.struct_offset("net/http.Request", "ctx")
+    assert ctx_off is not None
+    app = App(dbapp, postgres, tmp_path)
+    server = BPF(text=FAKE_SERVER_C.encode(), cflags=[f"-I{dbsql.BPF_SOURCE.parent}", f'-DPIN_DIR="{pin}"',
+                                                      f"-DREQ_CTX_POS={ctx_off.value}"])
+    server.attach_uprobe(name=str(dbapp), addr=gb.entry_probe("net/http.serverHandler.ServeHTTP").addr,
+                         fn_name=b"fake_server_entry", pid=app.pid)
+    parents: list[bytes] = []
+
+    def on_server(_ctx: Any, data: Any, size: int) -> None:
+        parents.append(bytes(ct.string_at(data, size)))
+
+    server["fake_servers"].open_ring_buffer(on_server)
+    probe = LoadedProbe(dbapp, app.pid, dbsql.Options(), pin)
+    try:
+        for db in SYSTEMS:
+            for op in ("select", "tx", "prepared", "background"):
+                app.get(f"/{db}/{op}")
+                spans = probe.spans()
+                server.ring_buffer_consume()
+                (tc,) = parents
+                parents.clear()
+                trace_id, span_id = tc[:16], tc[16:24]
+                assert len(spans) == len(EXPECTED[op]), (db, op)
+                for s in spans:
+                    if op == "background":
+                        assert s.parent_span_id == b"" and s.trace_id != trace_id, (db, op)
+                    else:
+                        assert (s.trace_id, s.parent_span_id) == (trace_id, span_id), (db, op, s.name)
+    finally:
+        probe.close()
+        for name, fd in list(server.uprobe_fds.items()):
+            lib.bpf_close_perf_event_fd(fd)
+            del server.uprobe_fds[name]
+        server.cleanup()
+        shutil.rmtree(pin, ignore_errors=True)
+        app.stop()
+
+
 # ---- the collector end to end
 
 
