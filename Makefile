@@ -16,8 +16,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy collector receiver processors exporters
 
-test: setup lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Lint and tests both run; the target fails if either does.
+test: setup
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/mypy collector receiver processors exporters extensions || status=1; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -17,7 +17,14 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collector.spans import (  # noqa: E402
-    KIND_SERVER, Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch, to_proto,
+    KIND_SERVER,
+    Resource,
+    ResourceSpans,
+    Scope,
+    ScopeSpans,
+    Span,
+    SpanBatch,
+    to_proto,
 )
 from tests.support.collector import CollectorProcess, free_port  # noqa: E402
 
