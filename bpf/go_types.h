@@ -1,0 +1,110 @@
+/* go_types.h: Go values as BPF sees them, shared by every probe program in bpf/.
+ *
+ * Programs are compiled by BCC once per Go binary; receiver/ebpf_go/loader.py passes that binary's
+ * layout as -D constants (struct field offsets, Go version features), so this header holds no
+ * numbers that depend on a Go version except the ABI itself (amd64 regabi, Go >= 1.17).
+ */
+#ifndef OTELGO_GO_TYPES_H
+#define OTELGO_GO_TYPES_H
+
+#include <uapi/linux/ptrace.h>
+
+/* ---- Go register ABI (amd64, ABIInternal): integer argument words 1..9 and the goroutine. */
+#define GO_PARAM1(ctx) ((ctx)->ax)
+#define GO_PARAM2(ctx) ((ctx)->bx)
+#define GO_PARAM3(ctx) ((ctx)->cx)
+#define GO_PARAM4(ctx) ((ctx)->di)
+#define GO_PARAM5(ctx) ((ctx)->si)
+#define GO_PARAM6(ctx) ((ctx)->r8)
+#define GO_PARAM7(ctx) ((ctx)->r9)
+#define GO_PARAM8(ctx) ((ctx)->r10)
+#define GO_PARAM9(ctx) ((ctx)->r11)
+/* R14 holds the running g at function entry and at every RET (regabi). */
+#define GOROUTINE(ctx) ((u64)(ctx)->r14)
+
+/* ---- Go value layouts. */
+struct go_string {
+    u64 ptr;
+    s64 len;
+};
+
+struct go_slice {
+    u64 ptr;
+    s64 len;
+    s64 cap;
+};
+
+struct go_iface {
+    u64 tab;  /* itab (non-empty interface) or type (any) */
+    u64 data;
+};
+
+/* Entry and return of one call meet on this key: the goroutine (g pointer) in one process.
+ * One BPF program serves every traced process of a binary, so the pid is part of the key. */
+struct goroutine_key {
+    u64 g;
+    u32 tgid;
+    u32 pad;
+};
+
+static __always_inline struct goroutine_key goroutine_key(struct pt_regs *ctx) {
+    struct goroutine_key k = {};
+    k.g = GOROUTINE(ctx);
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    return k;
+}
+
+/* W3C trace context as chosen at entry (ids) or read from an incoming traceparent. */
+struct trace_ctx {
+    u8 trace_id[16];
+    u8 span_id[8];
+    u8 parent_span_id[8];  /* all zero: root span */
+    u8 flags;              /* W3C trace-flags (bit 0 sampled) */
+    u8 remote_parent;      /* 1 when the parent came from a valid incoming traceparent */
+    u8 pad[6];
+};
+
+static __always_inline void random_bytes(u8 *dst, int words) {
+    u32 *w = (u32 *)dst;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (i < words)
+            w[i] = bpf_get_prandom_u32();
+    }
+}
+
+/* Fresh ids: a new trace unless the caller already set trace_id from a parent. */
+static __always_inline void new_span_ids(struct trace_ctx *tc, int keep_trace) {
+    if (!keep_trace) {
+        random_bytes(tc->trace_id, 4);
+        tc->flags = 1;
+    }
+    random_bytes(tc->span_id, 2);
+}
+
+/* Every ring-buffer record starts with this header; receiver/ebpf_go/events.py decodes it. */
+struct event_header {
+    u32 kind;   /* EVENT_KIND_* */
+    u32 tgid;
+    u64 start_ns;  /* bpf_ktime_get_ns (CLOCK_MONOTONIC) at entry */
+    u64 end_ns;    /* at return */
+    u64 goroutine;
+};
+#define EVENT_KIND_HTTP_SERVER 1
+
+/* Read a Go string (header at user address `hdr`) into dst[0..max) (the rest is left as is): sets out_len to
+ * number of bytes copied. `max` must be a compile-time constant power of two. */
+#define READ_GO_STRING(dst, max, hdr_addr, out_len)                                       \
+    do {                                                                                  \
+        struct go_string __s = {};                                                        \
+        out_len = 0;                                                                      \
+        if (bpf_probe_read_user(&__s, sizeof(__s), (void *)(hdr_addr)) == 0 &&            \
+            __s.ptr != 0 && __s.len > 0) {                                                \
+            u64 __n = __s.len;                                                            \
+            if (__n > (max)) __n = (max);                                                 \
+            if (__n > 0 && bpf_probe_read_user((dst), __n, (void *)__s.ptr) == 0)         \
+                out_len = __n;                                                            \
+        }                                                                                 \
+    } while (0)
+
+#endif

@@ -1,0 +1,394 @@
+/* nethttp_server.c: one SERVER span per net/http request.
+ *
+ * Hooks `net/http.serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`:
+ *   entry (the jcc after the stack check, registers still hold the arguments): remember the call
+ *     by goroutine, choose trace/span ids (parent from an incoming `traceparent` header);
+ *   every RET: read the request fields and the response status, emit one record.
+ * Arguments (amd64 regabi): word 1 = sh.srv, words 2-3 = rw (itab, data = *http.response),
+ * word 4 = req.
+ *
+ * Compiled by BCC once per binary with that binary's layout as -D constants (loader.py):
+ *   REQ_*_POS, URL_PATH_POS, RESP_STATUS_POS  struct field offsets
+ *   PATTERN_MODE  0 none, 1 req.pat->str (Go 1.22), 2 req.Pattern (Go >= 1.23)
+ *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
+ *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
+ *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
+ */
+#include "go_types.h"
+
+#define METHOD_MAX 16
+#define PATH_MAX_ 128
+#define REMOTE_MAX 64
+#define HOST_MAX 128
+#define PATTERN_MAX 128
+#define UA_MAX 128
+#define TP_MAX 64      /* traceparent value: 55 bytes for version 00 */
+
+/* Bounds of the header-map walk (the Header of a server request is map[string][]string). */
+#define MAX_BUCKETS 8      /* classic: 2^B buckets scanned, B <= 3 */
+#define MAX_OVERFLOW 2     /* classic: overflow buckets followed per bucket */
+#define MAX_TABLES 4       /* swiss: directory entries */
+#define MAX_GROUPS 8       /* swiss: groups per table */
+
+/* Per-call state, between entry and return. */
+struct server_call {
+    u64 start_ns;
+    u64 req;                 /* *http.Request */
+    u64 resp;                /* *http.response (rw's data word) */
+    u64 ctx_data;            /* req.ctx data word: the key in ctx_spans */
+    struct trace_ctx tc;
+    u16 ua_len;
+    u8 pad[6];
+    char user_agent[UA_MAX];
+};
+
+/* The ring-buffer record; events.py HTTP_SERVER_EVENT mirrors it field for field. */
+struct http_server_event {
+    struct event_header h;   /*   0 */
+    struct trace_ctx tc;     /*  32 */
+    u64 status;              /*  72 */
+    u16 method_len;          /*  80 */
+    u16 path_len;
+    u16 remote_len;
+    u16 host_len;
+    u16 pattern_len;
+    u16 ua_len;
+    u8 proto_major;          /*  92 */
+    u8 proto_minor;
+    u8 tls;
+    u8 pad;
+    char method[METHOD_MAX]; /*  96 */
+    char path[PATH_MAX_];    /* 112 */
+    char remote[REMOTE_MAX]; /* 240 */
+    char host[HOST_MAX];     /* 304 */
+    char pattern[PATTERN_MAX]; /* 432 */
+    char user_agent[UA_MAX]; /* 560, size 688 */
+};
+
+/* inflight: goroutine_key -> server_call; written at entry, read and deleted at RET. LRU: a
+ * handler that panics never reaches RET, its entry ages out. */
+BPF_TABLE("lru_hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
+/* ctx_spans: {context data pointer, tgid} -> trace_ctx of the server span; written here at
+ * ServeHTTP entry, deleted at RET; read by the client probes (nethttp_client.c, database_sql.c),
+ * which walk a derived context up to the request's. Pinned under PIN_DIR: shared across programs. */
+struct ctx_key {
+    u64 ptr;
+    u32 tgid;
+    u32 pad;
+};
+BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
+/* scratch: one server_call per CPU, built there because it does not fit the 512-byte stack. */
+BPF_PERCPU_ARRAY(scratch, struct server_call, 1);
+/* events: finished requests (struct http_server_event) -> user space (events.py). */
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* lost[0]: records dropped because the ring buffer was full; read by receiver.py. */
+BPF_ARRAY(lost, u64, 1);
+/* submitted[cpu]: records submitted on this CPU; every WAKEUP_EVERY-th wakes the reader, which
+ * otherwise drains on its own timer (no wake-up cost on the traced thread for most requests). */
+BPF_PERCPU_ARRAY(submitted, u64, 1);
+
+/* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
+
+struct header_scan {
+    u8 tp_found;
+    u8 ua_found;
+    u16 tp_len;
+    u16 ua_len;
+    char tp[TP_MAX];
+};
+
+static __always_inline int key_is(const char *k, const char *want, int n) {
+#pragma unroll
+    for (int i = 0; i < 11; i++) {
+        if (i < n && k[i] != want[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* One map slot: key = Go string at key_addr, value = []string at elem_addr. */
+static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct header_scan *st,
+                                      struct server_call *c) {
+    struct go_string key = {};
+    if (bpf_probe_read_user(&key, sizeof(key), (void *)key_addr) != 0)
+        return;
+    if (key.len != 11 && key.len != 10)
+        return;
+    char k[16] = {};
+    if (bpf_probe_read_user(k, 11, (void *)key.ptr) != 0)
+        return;
+    int is_tp = key.len == 11 && key_is(k, "Traceparent", 11);
+    int is_ua = key.len == 10 && key_is(k, "User-Agent", 10);
+    if (!is_tp && !is_ua)
+        return;
+    struct go_slice vals = {};
+    if (bpf_probe_read_user(&vals, sizeof(vals), (void *)elem_addr) != 0 || vals.len < 1 || vals.ptr == 0)
+        return;
+    if (is_tp && !st->tp_found) {
+        u32 n = 0;
+        READ_GO_STRING(st->tp, TP_MAX, vals.ptr, n);
+        st->tp_len = n;
+        st->tp_found = 1;
+    } else if (is_ua && !st->ua_found) {
+        u32 n = 0;
+        READ_GO_STRING(c->user_agent, UA_MAX, vals.ptr, n);
+        c->ua_len = n;
+        st->ua_found = 1;
+    }
+}
+
+#if SWISS_MAPS
+/* Swiss map group: ctrl word, then 8 slots of {key string (16), elem []string (24)}. */
+static __always_inline void scan_group(u64 group, struct header_scan *st, struct server_call *c) {
+    u64 ctrl = 0;
+    if (bpf_probe_read_user(&ctrl, sizeof(ctrl), (void *)group) != 0)
+        return;
+    for (int i = 0; i < 8; i++) {
+        if ((ctrl >> (8 * i)) & 0x80)   /* empty or deleted */
+            continue;
+        u64 slot = group + 8 + i * 40;
+        scan_slot(slot, slot + 16, st, c);
+        if (st->tp_found && st->ua_found)
+            return;
+    }
+}
+
+static __always_inline void scan_headers(u64 m, struct header_scan *st, struct server_call *c) {
+    u64 dir_ptr = 0;
+    s64 dir_len = 0;
+    bpf_probe_read_user(&dir_ptr, sizeof(dir_ptr), (void *)(m + SWISS_DIRPTR_POS));
+    bpf_probe_read_user(&dir_len, sizeof(dir_len), (void *)(m + SWISS_DIRLEN_POS));
+    if (dir_ptr == 0)
+        return;
+    if (dir_len == 0) {          /* small map: dirPtr is the one group */
+        scan_group(dir_ptr, st, c);
+        return;
+    }
+    u64 prev = 0;
+    for (int t = 0; t < MAX_TABLES; t++) {
+        if (t >= dir_len)
+            break;
+        u64 table = 0;
+        if (bpf_probe_read_user(&table, sizeof(table), (void *)(dir_ptr + t * 8)) != 0 || table == 0)
+            break;
+        if (table == prev)       /* directory entries may share a table */
+            continue;
+        prev = table;
+        u64 groups = 0, mask = 0;
+        bpf_probe_read_user(&groups, sizeof(groups), (void *)(table + SWISS_TABLE_GROUPS_POS));
+        bpf_probe_read_user(&mask, sizeof(mask), (void *)(table + SWISS_TABLE_MASK_POS));
+        for (int g = 0; g < MAX_GROUPS; g++) {
+            if (g > mask || groups == 0)
+                break;
+            scan_group(groups + g * (8 + 8 * 40), st, c);
+            if (st->tp_found && st->ua_found)
+                return;
+        }
+    }
+}
+#else
+/* Classic bucket: tophash[8], keys[8] (string), elems[8] ([]string), overflow pointer. */
+#define BUCKET_SIZE (8 + 8 * 16 + 8 * 24 + 8)
+static __always_inline u64 scan_bucket(u64 b, struct header_scan *st, struct server_call *c) {
+    u8 tophash[8] = {};
+    if (bpf_probe_read_user(tophash, sizeof(tophash), (void *)b) != 0)
+        return 0;
+    for (int i = 0; i < 8; i++) {
+        if (tophash[i] < 5)      /* empty or evacuated */
+            continue;
+        scan_slot(b + 8 + i * 16, b + 8 + 8 * 16 + i * 24, st, c);
+        if (st->tp_found && st->ua_found)
+            return 0;
+    }
+    u64 overflow = 0;
+    bpf_probe_read_user(&overflow, sizeof(overflow), (void *)(b + BUCKET_SIZE - 8));
+    return overflow;
+}
+
+static __always_inline void scan_buckets(u64 buckets, int n, struct header_scan *st, struct server_call *c) {
+    for (int i = 0; i < MAX_BUCKETS; i++) {
+        if (i >= n || buckets == 0)
+            break;
+        u64 b = buckets + i * BUCKET_SIZE;
+        for (int j = 0; j <= MAX_OVERFLOW; j++) {
+            b = scan_bucket(b, st, c);
+            if (b == 0 || (st->tp_found && st->ua_found))
+                break;
+        }
+    }
+}
+
+static __always_inline void scan_headers(u64 m, struct header_scan *st, struct server_call *c) {
+    u8 B = 0;
+    u64 buckets = 0, old = 0;
+    bpf_probe_read_user(&B, sizeof(B), (void *)(m + HMAP_B_POS));
+    bpf_probe_read_user(&buckets, sizeof(buckets), (void *)(m + HMAP_BUCKETS_POS));
+    bpf_probe_read_user(&old, sizeof(old), (void *)(m + HMAP_OLDBUCKETS_POS));
+    if (B > 3)
+        B = 3;
+    scan_buckets(buckets, 1 << B, st, c);
+    if (old != 0 && B > 0 && !(st->tp_found && st->ua_found))   /* growing: not yet evacuated */
+        scan_buckets(old, 1 << (B - 1), st, c);
+}
+#endif
+
+/* ---- traceparent: "vv-<32 hex trace id>-<16 hex parent id>-<2 hex flags>", lowercase hex. */
+
+static __always_inline int hexval(char ch) {
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    if (ch >= 'a' && ch <= 'f')
+        return ch - 'a' + 10;
+    return -1;
+}
+
+static __always_inline int parse_hex(const char *src, u8 *dst, int nbytes) {
+    u8 any = 0;
+    for (int i = 0; i < 16; i++) {
+        if (i >= nbytes)
+            break;
+        int hi = hexval(src[2 * i]), lo = hexval(src[2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        dst[i] = (hi << 4) | lo;
+        any |= dst[i];
+    }
+    return any ? 0 : -1;   /* all-zero ids are invalid */
+}
+
+static __always_inline int parse_traceparent(struct header_scan *st, struct trace_ctx *tc) {
+    const char *s = st->tp;
+    if (!st->tp_found || st->tp_len < 55)
+        return -1;
+    if (s[2] != '-' || s[35] != '-' || s[52] != '-')
+        return -1;
+    u8 ver = 0;
+    if (parse_hex(s, &ver, 1) < 0 && !(s[0] == '0' && s[1] == '0'))
+        return -1;
+    if (ver == 0xff || (ver == 0 && st->tp_len != 55))
+        return -1;
+    if (parse_hex(s + 3, tc->trace_id, 16) < 0 || parse_hex(s + 36, tc->parent_span_id, 8) < 0)
+        return -1;
+    int hi = hexval(s[53]), lo = hexval(s[54]);
+    if (hi < 0 || lo < 0)
+        return -1;
+    tc->flags = (hi << 4) | lo;
+    tc->remote_parent = 1;
+    return 0;
+}
+
+/* ---- probes */
+
+int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    u64 req = GO_PARAM4(ctx);
+    struct server_call *old = inflight.lookup(&k);
+    if (old && old->req == req)
+        return 0;                /* morestack re-ran the prologue: same call */
+    u32 z = 0;
+    struct server_call *c = scratch.lookup(&z);
+    if (!c)
+        return 0;
+    __builtin_memset(c, 0, sizeof(*c));
+    c->start_ns = now;
+    c->req = req;
+    c->resp = GO_PARAM3(ctx);
+
+    struct header_scan st = {};
+    u64 hdr = 0;
+    bpf_probe_read_user(&hdr, sizeof(hdr), (void *)(req + REQ_HEADER_POS));
+    if (hdr != 0)
+        scan_headers(hdr, &st, c);
+    int keep = 0;
+    if (parse_traceparent(&st, &c->tc) == 0) {
+        keep = 1;
+    } else {
+        __builtin_memset(&c->tc, 0, sizeof(c->tc));
+    }
+    new_span_ids(&c->tc, keep);
+    struct go_iface rctx = {};
+    bpf_probe_read_user(&rctx, sizeof(rctx), (void *)(req + REQ_CTX_POS));
+    c->ctx_data = rctx.data;
+    inflight.update(&k, c);
+    if (rctx.data != 0) {
+        struct ctx_key ck = {.ptr = rctx.data, .tgid = k.tgid};
+        ctx_spans.update(&ck, &c->tc);
+    }
+    return 0;
+}
+
+int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c)
+        return 0;
+    struct http_server_event *e = events.ringbuf_reserve(sizeof(struct http_server_event));
+    if (!e) {
+        u32 z = 0;
+        u64 *lc = lost.lookup(&z);
+        if (lc)
+            __sync_fetch_and_add(lc, 1);
+        inflight.delete(&k);
+        return 0;
+    }
+    u64 req = c->req;
+    e->h.kind = EVENT_KIND_HTTP_SERVER;
+    e->h.tgid = k.tgid;
+    e->h.start_ns = c->start_ns;
+    e->h.end_ns = now;
+    e->h.goroutine = k.g;
+    __builtin_memcpy(&e->tc, &c->tc, sizeof(e->tc));
+    u32 n = 0;
+    e->ua_len = c->ua_len;
+    __builtin_memcpy(e->user_agent, c->user_agent, UA_MAX);
+
+    e->status = 0;
+    u64 major = 0, minor = 0, tls = 0;
+    bpf_probe_read_user(&major, sizeof(major), (void *)(req + REQ_PROTO_MAJOR_POS));
+    bpf_probe_read_user(&minor, sizeof(minor), (void *)(req + REQ_PROTO_MINOR_POS));
+    bpf_probe_read_user(&tls, sizeof(tls), (void *)(req + REQ_TLS_POS));
+    e->proto_major = major;
+    e->proto_minor = minor;
+    e->tls = tls != 0;
+    e->pad = 0;
+    if (major == 1)              /* rw is *http.response only for HTTP/1.x */
+        bpf_probe_read_user(&e->status, sizeof(e->status), (void *)(c->resp + RESP_STATUS_POS));
+
+    READ_GO_STRING(e->method, METHOD_MAX, req + REQ_METHOD_POS, n);
+    e->method_len = n;
+    u64 url = 0;
+    bpf_probe_read_user(&url, sizeof(url), (void *)(req + REQ_URL_POS));
+    n = 0;
+    if (url != 0)
+        READ_GO_STRING(e->path, PATH_MAX_, url + URL_PATH_POS, n);
+    e->path_len = n;
+    READ_GO_STRING(e->remote, REMOTE_MAX, req + REQ_REMOTEADDR_POS, n);
+    e->remote_len = n;
+    READ_GO_STRING(e->host, HOST_MAX, req + REQ_HOST_POS, n);
+    e->host_len = n;
+    n = 0;
+#if PATTERN_MODE == 2
+    READ_GO_STRING(e->pattern, PATTERN_MAX, req + REQ_PATTERN_POS, n);
+#elif PATTERN_MODE == 1
+    u64 pat = 0;
+    bpf_probe_read_user(&pat, sizeof(pat), (void *)(req + REQ_PAT_POS));
+    if (pat != 0)
+        READ_GO_STRING(e->pattern, PATTERN_MAX, pat + PATTERN_STR_POS, n);
+#endif
+    e->pattern_len = n;
+
+    u64 flags = BPF_RB_NO_WAKEUP;
+    u32 z = 0;
+    u64 *sc = submitted.lookup(&z);
+    if (sc && (++*sc % WAKEUP_EVERY) == 0)
+        flags = BPF_RB_FORCE_WAKEUP;
+    events.ringbuf_submit(e, flags);
+    if (c->ctx_data != 0) {
+        struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
+        ctx_spans.delete(&ck);
+    }
+    inflight.delete(&k);
+    return 0;
+}

@@ -1,0 +1,391 @@
+"""The `ebpf_go` receiver: traces Go programs on this host with eBPF uprobes, untouched.
+
+Config model first, then the factory, then the receiver. How it works and every option:
+receiver/ebpf_go/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
+from collector.configtypes import Duration
+from collector.errors import ConsumerError, UserError
+from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch
+from collector.telemetry import ComponentTelemetry
+
+from . import discovery, events, loader
+from .gobinary import BinaryError, GoBinary
+from .probes import nethttp_server
+
+DISTRO = "otelgo-collector"
+VERSION = "0.1.0"
+
+
+# ---------------------------------------------------------------- config
+
+
+class TargetConfig(ComponentConfig):
+    """Which processes to trace: every condition set must hold."""
+
+    exe_path: str | None = None           # glob on the executable's path, e.g. /srv/*/bin/api
+    pid: list[int] | None = None          # one pid or a list
+    name: str | None = None               # regex on the process name, executable name or command line
+    open_ports: list[int] | None = None   # TCP ports the process listens on
+    service_name: str | None = None       # service.name for these processes
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)  # extra resource attributes
+
+    @field_validator("pid", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("name")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        import re
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"name: invalid regular expression {v!r}: {e}") from None
+        return v
+
+
+class InstrumentationsConfig(ComponentConfig):
+    net_http_server: bool = True
+    net_http_client: bool = True
+    database_sql: bool = True
+    grpc_client: bool = True
+    grpc_server: bool = True
+
+
+class EbpfGoConfig(ComponentConfig):
+    # No targets: every Go process on the host except the collector itself.
+    targets: list[TargetConfig] = Field(default_factory=list, validation_alias=AliasChoices("targets", "include"))
+    instrumentations: InstrumentationsConfig = Field(default_factory=InstrumentationsConfig)
+    kernel_headers: str = "auto"
+    ring_buffer_size: int = 1 << 20     # bytes per traced binary and probe; a power of two >= 4096
+    max_inflight_calls: int = 16384     # per-call state entries (LRU) per binary and probe
+    propagation: Literal["auto", "probe_write", "sk_msg", "stitch", "off"] = "auto"
+    discovery_interval: Duration = 1.0  # how often /proc is scanned for new and exited processes
+    include_db_statement: bool = False  # database_sql options (probes/database_sql.py)
+    sanitize_db_statement: bool = True
+    db_statement_max_length: int = 1024
+
+    @model_validator(mode="after")
+    def _check(self) -> EbpfGoConfig:
+        n = self.ring_buffer_size
+        if n < 4096 or n & (n - 1):
+            raise ValueError(f"ring_buffer_size: {n} must be a power of two of at least 4096 bytes, e.g. 1048576")
+        if not 16 <= self.max_inflight_calls <= 1 << 20:
+            raise ValueError(f"max_inflight_calls: {self.max_inflight_calls} must be between 16 and 1048576")
+        if self.discovery_interval <= 0:
+            raise ValueError("discovery_interval: must be greater than 0, e.g. 1s")
+        return self
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class TracedBinary:
+    """One executable (device, inode): its programs and the processes of it we trace."""
+
+    key: tuple[int, int]
+    binary: GoBinary
+    program: loader.Program | None = None
+    collector: events.RecordCollector | None = None
+    pids: dict[int, discovery.ProcInfo] = field(default_factory=dict)
+    lost_seen: int = 0
+
+
+@dataclass
+class ProcessState:
+    info: discovery.ProcInfo
+    resource: Resource
+    binary_key: tuple[int, int]
+
+
+def _selectors(cfg: EbpfGoConfig) -> list[discovery.Selector]:
+    return [discovery.Selector(t.exe_path, t.pid, t.name, t.open_ports, t.service_name, t.attributes)
+            for t in cfg.targets]
+
+
+class EbpfGoReceiver(Receiver):
+    def __init__(self, id: ComponentID, config: EbpfGoConfig, telemetry: ComponentTelemetry,
+                 next_consumer: Consumer) -> None:
+        super().__init__(id, telemetry, next_consumer)
+        self.config = config
+        self.selectors = _selectors(config)
+        self.log = telemetry.logger
+        m = telemetry.metrics
+        self.m_processes = m.gauge("otelgo_ebpf_processes_instrumented", "Processes with probes attached.")
+        self.m_probes = m.gauge("otelgo_ebpf_probes_attached", "Uprobes attached, per probe.", ["probe"])
+        self.m_events = m.counter("otelgo_ebpf_events", "Ring-buffer records read.")
+        self.m_lost = m.counter("otelgo_ebpf_events_lost", "Records dropped in BPF: ring buffer full.")
+        self.m_errors = m.counter("otelgo_ebpf_attach_errors", "Processes or probes not traced, by reason.",
+                                  ["reason"])
+        self.m_accepted = m.receiver_accepted.labels(receiver=str(id), transport="ebpf")
+        self.m_refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
+        self.binaries: dict[tuple[int, int], TracedBinary] = {}
+        self.rejected: dict[tuple[int, int], str] = {}    # binary key -> why it is not traced
+        self.processes: dict[int, ProcessState] = {}
+        self.watcher = discovery.ProcessWatcher(exclude_pids={os.getpid()})
+        self.kernel_source: str | None = None
+        self.pin_dir = f"/sys/fs/bpf/otelgo-{os.getpid()}-{str(id).replace('/', '_')}"
+        self.mono_to_unix = events.monotonic_to_unix_offset()
+        self.host_name = socket.gethostname()
+        self._lock = threading.Lock()     # binaries/programs: discovery thread vs reader thread
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.enabled = False
+        self.scan_seconds: list[float] = []
+
+    # -------------------------------------------------------- lifecycle
+
+    def start(self, host: Host) -> None:
+        try:
+            loader.import_bcc()
+            loader.check_privileges()
+            self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
+            os.makedirs(self.pin_dir, exist_ok=True)
+        except (UserError, OSError) as e:
+            # One clear line; the rest of the collector keeps running.
+            self.log.error("ebpf_go receiver disabled: %s", e)
+            return
+        self.enabled = True
+        self.log.info("ebpf_go receiver started: %s; tracing %s", how,
+                      "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
+        for name, fn in (("discovery", self._discovery_loop), ("reader", self._reader_loop)):
+            t = threading.Thread(target=fn, name=f"{self.id}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        with self._lock:
+            for tb in list(self.binaries.values()):
+                self._drain(tb)
+                self._close_binary(tb)
+            self.binaries.clear()
+            self.processes.clear()
+        self.m_processes.set(0)
+        self._unpin()
+
+    def _unpin(self) -> None:
+        try:
+            for f in os.listdir(self.pin_dir):
+                os.unlink(os.path.join(self.pin_dir, f))
+            os.rmdir(self.pin_dir)
+        except OSError:
+            pass
+
+    # -------------------------------------------------------- discovery
+
+    def _discovery_loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.scan_once()
+            except Exception:  # our bug: log it, keep tracing what is attached
+                self.log.exception("ebpf_go discovery failed")
+            self.scan_seconds.append(time.monotonic() - t0)
+            del self.scan_seconds[:-100]
+            self._stop.wait(self.config.discovery_interval)
+
+    def scan_once(self) -> None:
+        new, gone = self.watcher.poll()
+        for pid in gone:
+            self._process_exited(pid)
+        for p in new:
+            if self._stop.is_set():
+                return
+            sel = self._match(p)
+            if sel is not None:
+                self._process_started(p, sel)
+
+    def _match(self, p: discovery.ProcInfo) -> discovery.Selector | None:
+        if not self.selectors:
+            return discovery.Selector()
+        for s in self.selectors:
+            if s.matches(p):
+                return s
+        return None
+
+    def _binary_for(self, p: discovery.ProcInfo) -> TracedBinary | None:
+        key = p.binary_key
+        tb = self.binaries.get(key)
+        if tb is not None or key in self.rejected:
+            return tb
+        try:
+            gb = GoBinary.open(p.exe_link)
+        except BinaryError as e:
+            self._reject(key, p, str(e), "not_go" if "not a Go" in str(e) else "unreadable", debug=True)
+            return None
+        except OSError as e:
+            self._reject(key, p, f"cannot read the executable: {e}", "unreadable", debug=True)
+            return None
+        if not nethttp_server.present(gb) or not self.config.instrumentations.net_http_server:
+            self._reject(key, p, "no instrumented library in it (or all disabled)", "no_probes", debug=True)
+            return None
+        tb = TracedBinary(key, gb)
+        try:
+            flags = nethttp_server.cflags(gb, pin_dir=self.pin_dir, max_inflight=self.config.max_inflight_calls,
+                                          ringbuf_pages=self.config.ring_buffer_size // 4096)
+            prog = loader.compile_program(nethttp_server.BPF_SOURCE, flags, self.kernel_source)
+        except (nethttp_server.ProbeUnavailable, UserError) as e:
+            self._reject(key, p, f"net_http_server probe off: {e}", "compile"
+                         if isinstance(e, UserError) else "unsupported")
+            return None
+        tb.program = prog
+        tb.collector = events.RecordCollector(nethttp_server.EVENT)
+        prog.bpf["events"].open_ring_buffer(tb.collector.callback())
+        self.log.info("compiled net_http_server for %s (%s, %s) in %.2fs", p.exe, gb.go_version,
+                      "swiss maps" if nethttp_server.swiss_maps(gb) else "classic maps", prog.compile_seconds,
+                      extra={"pid": p.pid, "exe": p.exe})
+        with self._lock:
+            self.binaries[key] = tb
+        return tb
+
+    def _reject(self, key: tuple[int, int], p: discovery.ProcInfo, why: str, reason: str,
+                debug: bool = False) -> None:
+        self.rejected[key] = why
+        self.m_errors.labels(reason=reason).inc()
+        (self.log.debug if debug else self.log.warning)(
+            "not tracing %s: %s", p.exe, why, extra={"pid": p.pid, "exe": p.exe})
+
+    def _process_started(self, p: discovery.ProcInfo, sel: discovery.Selector) -> None:
+        tb = self._binary_for(p)
+        if tb is None or tb.program is None:
+            return
+        gb = tb.binary
+        try:
+            done = loader.attach(tb.program, p.pid, lambda bpf, pid: nethttp_server.attach(
+                bpf, gb, p.exe_link, pid))
+        except (UserError, nethttp_server.ProbeUnavailable) as e:
+            loader.detach_pid(tb.program, p.pid)
+            self.m_errors.labels(reason="attach").inc()
+            self.log.warning("net_http_server probe off for pid %d: %s", p.pid, e, extra={"pid": p.pid, "exe": p.exe})
+            return
+        if not self.watcher.still_same(p):  # exited (and maybe reused) while we attached
+            loader.detach_pid(tb.program, p.pid)
+            return
+        tb.pids[p.pid] = p
+        self.processes[p.pid] = ProcessState(p, self._resource(p, gb, sel), tb.key)
+        self._update_gauges()
+        self.log.info("tracing pid %d %s (%s): %d uprobes", p.pid, p.exe, gb.go_version, len(done),
+                      extra={"pid": p.pid, "exe": p.exe})
+
+    def _process_exited(self, pid: int) -> None:
+        st = self.processes.pop(pid, None)
+        if st is None:
+            return
+        tb = self.binaries.get(st.binary_key)
+        if tb is None:
+            return
+        with self._lock:
+            self._drain(tb)      # its last spans first, while the resource is known
+            tb.pids.pop(pid, None)
+            if tb.program is not None:
+                loader.detach_pid(tb.program, pid)
+            if not tb.pids:
+                self._close_binary(tb)
+                del self.binaries[tb.key]
+        self._update_gauges()
+        self.log.info("pid %d exited: probes detached", pid, extra={"pid": pid, "exe": st.info.exe})
+
+    def _close_binary(self, tb: TracedBinary) -> None:
+        if tb.program is not None:
+            loader.close_program(tb.program)
+            tb.program = None
+
+    def _update_gauges(self) -> None:
+        self.m_processes.set(len(self.processes))
+        self.m_probes.labels(probe="net_http_server").set(
+            sum(tb.program.link_count() for tb in self.binaries.values() if tb.program is not None))
+
+    def _resource(self, p: discovery.ProcInfo, gb: GoBinary, sel: discovery.Selector) -> Resource:
+        service = sel.service_name or discovery.read_environ(p.pid, "OTEL_SERVICE_NAME") or os.path.basename(p.exe)
+        attrs: dict[str, Any] = {
+            "service.name": service,
+            "process.pid": p.pid,
+            "process.executable.path": p.exe,
+            "process.runtime.name": "go",
+            "process.runtime.version": gb.go_version,
+            "host.name": self.host_name,
+            "telemetry.distro.name": DISTRO,
+            "telemetry.distro.version": VERSION,
+        }
+        attrs.update(sel.attributes)
+        return Resource(attrs)
+
+    # -------------------------------------------------------- events
+
+    def _reader_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                for tb in list(self.binaries.values()):
+                    self._drain(tb)
+            self._stop.wait(0.02)
+
+    def _drain(self, tb: TracedBinary) -> None:
+        """Read this binary's ring buffer and push one batch. Called with self._lock held."""
+        if tb.program is None or tb.collector is None:
+            return
+        tb.program.bpf.ring_buffer_consume()
+        records = tb.collector.take()
+        lost = tb.program.bpf["lost"][0].value
+        if lost != tb.lost_seen:
+            self.m_lost.inc(lost - tb.lost_seen)
+            self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d records lost so far (ring_buffer_size)",
+                                         lost)
+            tb.lost_seen = lost
+        if not records:
+            return
+        self.m_events.inc(len(records))
+        self._push(nethttp_server.to_spans(records, self.mono_to_unix), nethttp_server.SCOPE_NAME)
+
+    def _push(self, spans: list[tuple[int, Span]], scope_name: str) -> None:
+        by_pid: dict[int, list[Span]] = {}
+        for pid, span in spans:
+            by_pid.setdefault(pid, []).append(span)
+        scope = Scope(f"{DISTRO}/{scope_name}", VERSION)
+        rss = []
+        for pid, lst in by_pid.items():
+            st = self.processes.get(pid)
+            res = st.resource if st is not None else Resource({"process.pid": pid, "telemetry.distro.name": DISTRO})
+            rss.append(ResourceSpans(res, [ScopeSpans(scope, lst)]))
+        batch = SpanBatch(rss)
+        n = len(spans)
+        try:
+            self.next_consumer.consume(batch)
+            self.m_accepted.inc(n)
+        except ConsumerError as e:
+            self.m_refused.inc(n)
+            self.telemetry.warn_once_per("refused", 10, "next consumer refused %d spans: %s", n, e)
+
+
+def _create(id: ComponentID, config: EbpfGoConfig, telemetry: ComponentTelemetry,
+            next_consumer: Consumer) -> EbpfGoReceiver:
+    return EbpfGoReceiver(id, config, telemetry, next_consumer)
+
+
+factory = Factory(
+    type="ebpf_go",
+    kind=Kind.RECEIVER,
+    config_model=EbpfGoConfig,
+    create=_create,
+    stability="development",
+    description="Traces Go programs on this host with eBPF uprobes (net/http server spans), without touching them.",
+)
