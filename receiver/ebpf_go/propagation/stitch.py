@@ -1,0 +1,252 @@
+"""stitch propagation: join client and server spans of processes on this host, in user space.
+
+Needs nothing from the kernel, so it works wherever the uprobes do. A CLIENT span that called a
+local address carries its connection's `network.local.address`/`network.local.port`; the SERVER
+span of the process that answered carries the same pair as `network.peer.address`/
+`network.peer.port`. Requests on one connection are sequential, so the server span whose start lies
+within the client span's [start, end] on the same (address, port) is the one it caused.
+
+On a join the server's local trace (its trace id, which was random: the request carried no
+`traceparent`) is mapped to the client's trace id, and the server span's parent becomes the client
+span. Mappings chain (A -> B -> C: C's trace maps to B's, which maps to A's) and are resolved when
+spans leave.
+
+Only spans that could join wait: client spans to local addresses, and parentless server spans
+from local peers. They wait `window_s` after arrival (so that both sides and the next hop have
+arrived), at most `max_pending` of them (the oldest leave unchanged when full: `evicted`). Other
+spans pass straight through, rewritten if their trace was already mapped. A span of a mapped trace
+that left before the join (a local child that ended early) keeps the old trace id.
+Outcomes are counted per server candidate: `otelgo_ebpf_stitch_total{outcome=joined|unmatched|evicted}`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from collector.spans import (
+    KIND_CLIENT,
+    KIND_SERVER,
+    Resource,
+    ResourceSpans,
+    Scope,
+    ScopeSpans,
+    Span,
+    SpanBatch,
+)
+
+MAX_CHAIN = 16  # trace-id mapping hops resolved per span
+
+
+def host_addresses() -> set[str]:
+    """Addresses of this host: loopback plus every LOCAL entry of /proc/net/fib_trie and if_inet6."""
+    out = {"127.0.0.1", "::1", "localhost"}
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for prev, line in zip(lines, lines[1:], strict=False):
+            if "/32 host LOCAL" in line:
+                out.add(prev.strip().split()[-1])
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            h = line.split()[0]
+            out.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _is_local(addr: Any, local: set[str]) -> bool:
+    if not isinstance(addr, str) or not addr:
+        return False
+    if addr in local:
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+class _Held:
+    __slots__ = ("arrived", "resource", "scope", "span", "role", "key")
+
+    def __init__(self, arrived: float, resource: Resource, scope: Scope, span: Span, role: str,
+                 key: tuple[str, int]) -> None:
+        self.arrived = arrived
+        self.resource = resource
+        self.scope = scope
+        self.span = span
+        self.role = role  # "client" | "server"
+        self.key = key    # (address, port) of the connection's client end
+
+
+class Stitcher:
+    """Holds join candidates, joins them, releases them after `window_s`. Thread-safe."""
+
+    def __init__(self, *, window_s: float = 2.0, max_pending: int = 20000, local_addresses: set[str] | None = None,
+                 count: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.max_pending = max_pending
+        self.local = local_addresses if local_addresses is not None else host_addresses()
+        self._count = count or (lambda outcome, n: None)
+        self._clock = clock
+        self._held: OrderedDict[int, _Held] = OrderedDict()  # arrival order
+        self._clients: dict[tuple[str, int], list[_Held]] = {}
+        self._servers: dict[tuple[str, int], list[_Held]] = {}
+        self._joined: set[int] = set()  # id() of server entries already joined
+        self._trace_map: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()  # old -> (new, when)
+        self._lock = threading.Lock()
+        self.outcomes = {"joined": 0, "unmatched": 0, "evicted": 0}
+
+    # ---- classification
+    def _candidate(self, span: Span) -> tuple[str, tuple[str, int]] | None:
+        a = span.attributes
+        if span.kind == KIND_CLIENT:
+            port = a.get("network.local.port")
+            if port and _is_local(a.get("network.peer.address", a.get("server.address")), self.local):
+                return "client", (_norm(a.get("network.local.address", "")), int(port))
+        elif span.kind == KIND_SERVER and not span.parent_span_id:
+            port = a.get("network.peer.port")
+            addr = a.get("network.peer.address")
+            if port and _is_local(addr, self.local):
+                return "server", (_norm(addr), int(port))
+        return None
+
+    # ---- pipeline side
+    def process(self, batch: SpanBatch) -> SpanBatch:
+        """Keep the candidates of `batch`; return the rest (rewritten where already mapped) plus
+        whatever is due to leave now."""
+        now = self._clock()
+        passed: list[tuple[Resource, Scope, Span]] = []
+        with self._lock:
+            for rs, ss, span in batch.iter_spans():
+                c = self._candidate(span)
+                if c is None:
+                    passed.append((rs.resource, ss.scope, span))
+                    continue
+                h = _Held(now, rs.resource, ss.scope, span, c[0], c[1])
+                self._held[id(h)] = h
+                (self._clients if h.role == "client" else self._servers).setdefault(h.key, []).append(h)
+                if h.role == "server":
+                    self._try_join(h)
+                else:
+                    for s in list(self._servers.get(h.key, ())):
+                        if id(s) not in self._joined:
+                            self._try_join(s)
+            while len(self._held) > self.max_pending:
+                _, old = self._held.popitem(last=False)
+                self._forget(old)
+                if old.role == "server" and id(old) not in self._joined:
+                    self._outcome("evicted")
+                passed.append((old.resource, old.scope, old.span))
+            passed.extend(self._due(now, force=False))
+            self._rewrite(passed)
+            self._expire_map(now)
+        return _batch(passed)
+
+    def flush(self, force: bool = False) -> SpanBatch:
+        """Spans due to leave (all of them with `force`, e.g. at shutdown)."""
+        now = self._clock()
+        with self._lock:
+            out = self._due(now, force)
+            self._rewrite(out)
+            self._expire_map(now)
+        return _batch(out)
+
+    def pending(self) -> int:
+        return len(self._held)
+
+    # ---- internals (under the lock)
+    def _try_join(self, server: _Held) -> None:
+        st = server.span.start_time_unix_nano
+        matches = [c for c in self._clients.get(server.key, ())
+                   if c.span.start_time_unix_nano <= st <= c.span.end_time_unix_nano]
+        if len(matches) != 1:
+            return  # none yet, or ambiguous: never guess
+        client = matches[0].span
+        old = server.span.trace_id
+        if old != client.trace_id:
+            self._trace_map[old] = (client.trace_id, self._clock())
+        server.span.parent_span_id = client.span_id
+        self._joined.add(id(server))
+        self._outcome("joined")
+
+    def _due(self, now: float, force: bool) -> list[tuple[Resource, Scope, Span]]:
+        out = []
+        while self._held:
+            k, h = next(iter(self._held.items()))
+            if not force and now - h.arrived < self.window_s:
+                break
+            del self._held[k]
+            self._forget(h)
+            if h.role == "server" and id(h) not in self._joined:
+                self._outcome("unmatched")
+            self._joined.discard(id(h))
+            out.append((h.resource, h.scope, h.span))
+        return out
+
+    def _forget(self, h: _Held) -> None:
+        idx = self._clients if h.role == "client" else self._servers
+        lst = idx.get(h.key)
+        if lst is not None:
+            lst.remove(h)
+            if not lst:
+                del idx[h.key]
+
+    def _rewrite(self, spans: Iterable[tuple[Resource, Scope, Span]]) -> None:
+        if not self._trace_map:
+            return
+        m = self._trace_map
+        for _, _, span in spans:
+            t = span.trace_id
+            hops = 0
+            while t in m and hops < MAX_CHAIN:
+                t = m[t][0]
+                hops += 1
+            span.trace_id = t
+
+    def _expire_map(self, now: float) -> None:
+        keep = 3 * self.window_s
+        while self._trace_map:
+            _, (_, when) = next(iter(self._trace_map.items()))
+            if now - when < keep:
+                break
+            self._trace_map.popitem(last=False)
+
+    def _outcome(self, name: str) -> None:
+        self.outcomes[name] += 1
+        self._count(name, 1)
+
+
+def _norm(addr: Any) -> str:
+    s = str(addr)
+    if s.startswith("::ffff:"):
+        return s[7:]
+    return s
+
+
+def _batch(items: list[tuple[Resource, Scope, Span]]) -> SpanBatch:
+    """Regroup spans by (resource, scope) object identity."""
+    out = SpanBatch()
+    groups: dict[tuple[int, int], ScopeSpans] = {}
+    by_res: dict[int, ResourceSpans] = {}
+    for res, scope, span in items:
+        key = (id(res), id(scope))
+        ss = groups.get(key)
+        if ss is None:
+            rs = by_res.get(id(res))
+            if rs is None:
+                rs = ResourceSpans(res)
+                by_res[id(res)] = rs
+                out.resource_spans.append(rs)
+            ss = ScopeSpans(scope)
+            rs.scope_spans.append(ss)
+            groups[key] = ss
+        ss.spans.append(span)
+    return out

@@ -1,0 +1,170 @@
+"""Stitch: joins by connection and time, chained rewrites, bounded wait and memory, no wrong joins."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from collector.spans import (
+    KIND_CLIENT,
+    KIND_INTERNAL,
+    KIND_SERVER,
+    Resource,
+    ResourceSpans,
+    Scope,
+    ScopeSpans,
+    Span,
+    SpanBatch,
+)
+from receiver.ebpf_go.propagation.stitch import Stitcher
+
+LOCAL = {"127.0.0.1"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def rid() -> bytes:
+    return os.urandom(16)
+
+
+def sid() -> bytes:
+    return os.urandom(8)
+
+
+def server(trace: bytes, start: int, end: int, peer_port: int, peer: str = "127.0.0.1", parent: bytes = b"") -> Span:
+    return Span(trace, sid(), "GET /chain", kind=KIND_SERVER, start_time_unix_nano=start, end_time_unix_nano=end,
+                parent_span_id=parent, attributes={"network.peer.address": peer, "network.peer.port": peer_port})
+
+
+def client(trace: bytes, parent: bytes, start: int, end: int, lport: int, peer: str = "127.0.0.1") -> Span:
+    return Span(trace, sid(), "GET", kind=KIND_CLIENT, parent_span_id=parent, start_time_unix_nano=start,
+                end_time_unix_nano=end, attributes={"network.local.address": "127.0.0.1", "network.local.port": lport,
+                                                    "network.peer.address": peer, "network.peer.port": 8080})
+
+
+def batch(service: str, *spans: Span) -> SpanBatch:
+    return SpanBatch([ResourceSpans(Resource({"service.name": service}), [ScopeSpans(Scope("t"), list(spans))])])
+
+
+def spans_of(b: SpanBatch) -> list[Span]:
+    return [s for _, _, s in b.iter_spans()]
+
+
+def make(clock: Clock, **kw: object) -> tuple[Stitcher, dict[str, int]]:
+    counts: dict[str, int] = {}
+
+    def count(o: str, n: int) -> None:
+        counts[o] = counts.get(o, 0) + n
+    return Stitcher(window_s=2.0, local_addresses=LOCAL, count=count, clock=clock, **kw), counts  # type: ignore[arg-type]
+
+
+def test_chain_of_three_becomes_one_trace() -> None:
+    clock = Clock()
+    st, counts = make(clock)
+    ta, tb, tc = rid(), rid(), rid()
+    a_srv = server(ta, 100, 1000, peer_port=50000)  # from the test client (local, untraced)
+    a_cli = client(ta, a_srv.span_id, 150, 950, lport=41000)
+    b_srv = server(tb, 200, 900, peer_port=41000)
+    b_cli = client(tb, b_srv.span_id, 250, 850, lport=42000)
+    c_srv = server(tc, 300, 800, peer_port=42000)
+    b_int = Span(tb, sid(), "work", kind=KIND_INTERNAL, parent_span_id=b_srv.span_id)
+    out = []
+    out += spans_of(st.process(batch("C", c_srv)))
+    out += spans_of(st.process(batch("B", b_cli)))
+    out += spans_of(st.process(batch("B", b_srv)))
+    out += spans_of(st.process(batch("A", a_cli)))
+    out += spans_of(st.process(batch("A", a_srv)))
+    assert out == []  # all five are candidates and wait
+    late = spans_of(st.process(batch("B", b_int)))  # not a candidate: passes, already rewritten
+    assert [s.trace_id for s in late] == [ta]
+    clock.t = 2.5
+    out = spans_of(st.flush())
+    assert len(out) == 5 and {s.trace_id for s in out} == {ta}
+    assert b_srv.parent_span_id == a_cli.span_id and c_srv.parent_span_id == b_cli.span_id
+    assert a_srv.parent_span_id == b""
+    assert counts == {"joined": 2, "unmatched": 1}
+
+
+def test_non_candidates_pass_straight_through() -> None:
+    clock = Clock()
+    st, _ = make(clock)
+    remote = server(rid(), 1, 2, peer_port=1234, peer="10.9.9.9")
+    propagated = server(rid(), 1, 2, peer_port=1234, parent=sid())
+    to_remote = client(rid(), b"", 1, 2, lport=5555, peer="10.9.9.9")
+    assert len(spans_of(st.process(batch("X", remote, propagated, to_remote)))) == 3
+    assert st.pending() == 0
+
+
+def test_keepalive_connection_matches_by_time() -> None:
+    clock = Clock()
+    st, counts = make(clock)
+    t1, t2 = rid(), rid()
+    c1 = client(t1, b"", 100, 200, lport=40000)
+    c2 = client(t2, b"", 300, 400, lport=40000)
+    s1 = server(rid(), 120, 190, peer_port=40000)
+    s2 = server(rid(), 320, 390, peer_port=40000)
+    st.process(batch("A", c1, c2))
+    st.process(batch("B", s2, s1))
+    clock.t = 3
+    st.flush()
+    assert (s1.trace_id, s1.parent_span_id) == (t1, c1.span_id)
+    assert (s2.trace_id, s2.parent_span_id) == (t2, c2.span_id)
+    assert counts == {"joined": 2}
+
+
+def test_unmatched_released_after_window_unchanged() -> None:
+    clock = Clock()
+    st, counts = make(clock)
+    t = rid()
+    s = server(t, 1, 2, peer_port=40000)
+    st.process(batch("B", s))
+    clock.t = 1.9
+    assert spans_of(st.flush()) == []
+    clock.t = 2.1
+    assert spans_of(st.flush()) == [s] and s.trace_id == t and s.parent_span_id == b""
+    assert counts == {"unmatched": 1}
+
+
+def test_memory_bound_evicts_oldest() -> None:
+    clock = Clock()
+    st, counts = make(clock, max_pending=10)
+    out = []
+    for i in range(15):
+        out += spans_of(st.process(batch("B", server(rid(), i, i + 1, peer_port=40000 + i))))
+    assert len(out) == 5 and st.pending() == 10
+    assert counts == {"evicted": 5}
+
+
+def test_1000_requests_concurrency_20_no_wrong_joins() -> None:
+    """20 keep-alive connections (local ports), 50 sequential requests each, interleaved in time
+    and delivered out of order: every server span joins its own client span."""
+    clock = Clock()
+    st, counts = make(clock)
+    rng = random.Random(7)
+    pairs = []
+    spans: list[tuple[str, Span]] = []
+    for conn in range(20):
+        t = conn * 7
+        lport = 40000 + conn
+        for _ in range(50):
+            start = t + rng.randint(1, 5)
+            end = start + rng.randint(20, 60)
+            cl = client(rid(), b"", start, end, lport=lport)
+            sv = server(rid(), start + rng.randint(1, 5), end - rng.randint(1, 5), peer_port=lport)
+            pairs.append((cl, sv))
+            spans += [("A", cl), ("B", sv)]
+            t = end
+    rng.shuffle(spans)
+    for svc, s in spans:
+        st.process(batch(svc, s))
+    clock.t = 10
+    st.flush()
+    wrong = sum(1 for cl, sv in pairs if (sv.trace_id, sv.parent_span_id) != (cl.trace_id, cl.span_id))
+    assert wrong == 0
+    assert counts == {"joined": 1000}
