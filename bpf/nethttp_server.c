@@ -25,10 +25,21 @@
 #define TP_MAX 64      /* traceparent value: 55 bytes for version 00 */
 
 /* Bounds of the header-map walk (the Header of a server request is map[string][]string). */
-#define MAX_BUCKETS 8      /* classic: 2^B buckets scanned, B <= 3 */
-#define MAX_OVERFLOW 2     /* classic: overflow buckets followed per bucket */
+#ifndef MAX_VISITS
+#define MAX_VISITS 8
+#endif
+     /* classic: buckets (2^B) + old buckets visited; 8 = up to 52 headers. More visits exceed the verifier's budget. */
 #define MAX_TABLES 4       /* swiss: directory entries */
 #define MAX_GROUPS 8       /* swiss: groups per table */
+
+/* What the header walk found (kept in map memory: the verifier then does not track it). */
+struct header_scan {
+    u8 tp_found;
+    u8 ua_found;
+    u16 tp_len;
+    u16 ua_len;
+    char tp[TP_MAX];
+};
 
 /* Per-call state, between entry and return. */
 struct server_call {
@@ -40,6 +51,7 @@ struct server_call {
     u16 ua_len;
     u8 pad[6];
     char user_agent[UA_MAX];
+    struct header_scan hs;
 };
 
 /* The ring-buffer record; events.py HTTP_SERVER_EVENT mirrors it field for field. */
@@ -89,13 +101,6 @@ BPF_PERCPU_ARRAY(submitted, u64, 1);
 
 /* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
 
-struct header_scan {
-    u8 tp_found;
-    u8 ua_found;
-    u16 tp_len;
-    u16 ua_len;
-    char tp[TP_MAX];
-};
 
 static __always_inline int key_is(const char *k, const char *want, int n) {
 #pragma unroll
@@ -107,8 +112,7 @@ static __always_inline int key_is(const char *k, const char *want, int n) {
 }
 
 /* One map slot: key = Go string at key_addr, value = []string at elem_addr. */
-static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct header_scan *st,
-                                      struct server_call *c) {
+static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct server_call *c) {
     struct go_string key = {};
     if (bpf_probe_read_user(&key, sizeof(key), (void *)key_addr) != 0)
         return;
@@ -124,22 +128,22 @@ static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct header
     struct go_slice vals = {};
     if (bpf_probe_read_user(&vals, sizeof(vals), (void *)elem_addr) != 0 || vals.len < 1 || vals.ptr == 0)
         return;
-    if (is_tp && !st->tp_found) {
+    if (is_tp && !c->hs.tp_found) {
         u32 n = 0;
-        READ_GO_STRING(st->tp, TP_MAX, vals.ptr, n);
-        st->tp_len = n;
-        st->tp_found = 1;
-    } else if (is_ua && !st->ua_found) {
+        READ_GO_STRING(c->hs.tp, TP_MAX, vals.ptr, n);
+        c->hs.tp_len = n;
+        c->hs.tp_found = 1;
+    } else if (is_ua && !c->hs.ua_found) {
         u32 n = 0;
         READ_GO_STRING(c->user_agent, UA_MAX, vals.ptr, n);
         c->ua_len = n;
-        st->ua_found = 1;
+        c->hs.ua_found = 1;
     }
 }
 
 #if SWISS_MAPS
 /* Swiss map group: ctrl word, then 8 slots of {key string (16), elem []string (24)}. */
-static __always_inline void scan_group(u64 group, struct header_scan *st, struct server_call *c) {
+static __always_inline void scan_group(u64 group, struct server_call *c) {
     u64 ctrl = 0;
     if (bpf_probe_read_user(&ctrl, sizeof(ctrl), (void *)group) != 0)
         return;
@@ -147,13 +151,13 @@ static __always_inline void scan_group(u64 group, struct header_scan *st, struct
         if ((ctrl >> (8 * i)) & 0x80)   /* empty or deleted */
             continue;
         u64 slot = group + 8 + i * 40;
-        scan_slot(slot, slot + 16, st, c);
-        if (st->tp_found && st->ua_found)
+        scan_slot(slot, slot + 16, c);
+        if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
 }
 
-static __always_inline void scan_headers(u64 m, struct header_scan *st, struct server_call *c) {
+static __always_inline void scan_headers(u64 m, struct server_call *c) {
     u64 dir_ptr = 0;
     s64 dir_len = 0;
     bpf_probe_read_user(&dir_ptr, sizeof(dir_ptr), (void *)(m + SWISS_DIRPTR_POS));
@@ -161,7 +165,7 @@ static __always_inline void scan_headers(u64 m, struct header_scan *st, struct s
     if (dir_ptr == 0)
         return;
     if (dir_len == 0) {          /* small map: dirPtr is the one group */
-        scan_group(dir_ptr, st, c);
+        scan_group(dir_ptr, c);
         return;
     }
     u64 prev = 0;
@@ -180,8 +184,8 @@ static __always_inline void scan_headers(u64 m, struct header_scan *st, struct s
         for (int g = 0; g < MAX_GROUPS; g++) {
             if (g > mask || groups == 0)
                 break;
-            scan_group(groups + g * (8 + 8 * 40), st, c);
-            if (st->tp_found && st->ua_found)
+            scan_group(groups + g * (8 + 8 * 40), c);
+            if (c->hs.tp_found && c->hs.ua_found)
                 return;
         }
     }
@@ -189,36 +193,20 @@ static __always_inline void scan_headers(u64 m, struct header_scan *st, struct s
 #else
 /* Classic bucket: tophash[8], keys[8] (string), elems[8] ([]string), overflow pointer. */
 #define BUCKET_SIZE (8 + 8 * 16 + 8 * 24 + 8)
-static __always_inline u64 scan_bucket(u64 b, struct header_scan *st, struct server_call *c) {
+static __always_inline void scan_bucket(u64 b, struct server_call *c) {
     u8 tophash[8] = {};
     if (bpf_probe_read_user(tophash, sizeof(tophash), (void *)b) != 0)
-        return 0;
+        return;
     for (int i = 0; i < 8; i++) {
         if (tophash[i] < 5)      /* empty or evacuated */
             continue;
-        scan_slot(b + 8 + i * 16, b + 8 + 8 * 16 + i * 24, st, c);
-        if (st->tp_found && st->ua_found)
-            return 0;
-    }
-    u64 overflow = 0;
-    bpf_probe_read_user(&overflow, sizeof(overflow), (void *)(b + BUCKET_SIZE - 8));
-    return overflow;
-}
-
-static __always_inline void scan_buckets(u64 buckets, int n, struct header_scan *st, struct server_call *c) {
-    for (int i = 0; i < MAX_BUCKETS; i++) {
-        if (i >= n || buckets == 0)
-            break;
-        u64 b = buckets + i * BUCKET_SIZE;
-        for (int j = 0; j <= MAX_OVERFLOW; j++) {
-            b = scan_bucket(b, st, c);
-            if (b == 0 || (st->tp_found && st->ua_found))
-                break;
-        }
+        scan_slot(b + 8 + i * 16, b + 8 + 8 * 16 + i * 24, c);
+        if (c->hs.tp_found && c->hs.ua_found)
+            return;
     }
 }
 
-static __always_inline void scan_headers(u64 m, struct header_scan *st, struct server_call *c) {
+static __always_inline void scan_headers(u64 m, struct server_call *c) {
     u8 B = 0;
     u64 buckets = 0, old = 0;
     bpf_probe_read_user(&B, sizeof(B), (void *)(m + HMAP_B_POS));
@@ -226,9 +214,19 @@ static __always_inline void scan_headers(u64 m, struct header_scan *st, struct s
     bpf_probe_read_user(&old, sizeof(old), (void *)(m + HMAP_OLDBUCKETS_POS));
     if (B > 3)
         B = 3;
-    scan_buckets(buckets, 1 << B, st, c);
-    if (old != 0 && B > 0 && !(st->tp_found && st->ua_found))   /* growing: not yet evacuated */
-        scan_buckets(old, 1 << (B - 1), st, c);
+    int nb = buckets ? 1 << B : 0;
+    int nold = (old && B > 0) ? 1 << (B - 1) : 0;   /* growing: not yet evacuated */
+    /* Bucket i of the array, then of oldbuckets. Overflow buckets (only after more than 8 colliding
+     * keys in one bucket) are not followed, as in OpenTelemetry Go's walk. */
+    int total = nb + nold;
+    for (int i = 0; i < MAX_VISITS; i++) {
+        if (i >= total)
+            break;
+        u64 b = i < nb ? buckets + i * BUCKET_SIZE : old + (i - nb) * BUCKET_SIZE;
+        scan_bucket(b, c);
+        if (c->hs.tp_found && c->hs.ua_found)
+            break;
+    }
 }
 #endif
 
@@ -295,13 +293,12 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     c->req = req;
     c->resp = GO_PARAM3(ctx);
 
-    struct header_scan st = {};
     u64 hdr = 0;
     bpf_probe_read_user(&hdr, sizeof(hdr), (void *)(req + REQ_HEADER_POS));
     if (hdr != 0)
-        scan_headers(hdr, &st, c);
+        scan_headers(hdr, c);
     int keep = 0;
-    if (parse_traceparent(&st, &c->tc) == 0) {
+    if (parse_traceparent(&c->hs, &c->tc) == 0) {
         keep = 1;
     } else {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));

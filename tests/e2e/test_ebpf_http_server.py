@@ -1,0 +1,362 @@
+"""ebpf_go receiver, net/http server spans, end to end on real Go servers built in this run.
+
+The receiver runs in-process (a consumer collects its batches) so each case costs a BCC compile
+(~1.5 s) and not a collector start; one test drives the real CLI with the file exporter.
+Needs root and eBPF: marked `root`, skipped when not root unless CI=true.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.component import ComponentID
+from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanBatch, from_json_dict
+from collector.telemetry import ComponentTelemetry, SelfMetrics
+from tests.support.gobuild import ROOT, build_go_fixture
+
+IS_ROOT = os.geteuid() == 0
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root and eBPF"),
+    pytest.mark.timeout(300),
+]
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Server:
+    """The httpserver fixture on a free port."""
+
+    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        assert line.startswith("LISTENING "), line
+        host, port = line.split()[1].rsplit(":", 1)
+        self.host, self.port, self.pid = host, int(port), self.proc.pid
+
+    def raw(self, request: bytes) -> bytes:
+        """Send one HTTP/1.1 request (Connection: close) and return the whole response."""
+        with socket.create_connection((self.host, self.port), timeout=10) as s:
+            s.sendall(request)
+            chunks = []
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+        return b"".join(chunks)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close",
+                 "User-Agent: e2e-client/1.0"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(body)}")
+        return self.raw(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.batches: list[SpanBatch] = []
+
+    def consume(self, batch: SpanBatch) -> None:
+        self.batches.append(batch)
+
+    def spans(self) -> list[tuple[dict[str, Any], str, Span]]:
+        return [(rs.resource.attributes, ss.scope.name, s) for b in self.batches for rs, ss, s in b.iter_spans()]
+
+
+def start_receiver(config: dict[str, Any]) -> tuple[Any, Collect]:
+    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    sink = Collect()
+    cfg = EbpfGoConfig.model_validate({"discovery_interval": "100ms", **config})
+    r = factory.create(ComponentID("ebpf_go"), cfg, ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)
+    r.start(None)
+    assert r.enabled, "receiver did not start (see log)"
+    return r, sink
+
+
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_spans(sink: Collect, n: int, timeout: float = 10.0) -> list[tuple[dict[str, Any], str, Span]]:
+    wait_for(lambda: len(sink.spans()) >= n, timeout, f"{n} spans (have {len(sink.spans())})")
+    time.sleep(0.2)  # nothing more may come
+    return sink.spans()
+
+
+def our_uprobes(pid: int) -> list[dict[str, Any]]:
+    """uprobe perf events held by `pid` (bpftool), plus tracefs uprobe_events lines naming our probes."""
+    out = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
+    held = [e for e in json.loads(out.stdout or "[]") if e.get("pid") == pid and e.get("fd_type") == "uprobe"]
+    for f in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
+        if os.path.exists(f):
+            held += [{"tracefs": line} for line in Path(f).read_text().splitlines() if "httpserver" in line]
+    return held
+
+
+def fds() -> set[str]:
+    """What this process has open (fd targets: maps, programs, perf events, files)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def binaries() -> dict[tuple[str, str], Path]:
+    return {}
+
+
+def fixture_binary(version: str, variant: str = "plain") -> Path:
+    return build_go_fixture("httpserver", version, variant)
+
+
+# ---------------------------------------------------------------- spans, per Go version and build
+
+MATRIX = [("1.19", "plain"), ("1.23", "plain"), ("1.24", "plain"), ("1.26", "plain"), ("1.27", "plain"),
+          ("1.23", "stripped"), ("1.27", "pie"), ("1.24", "stripped-pie")]
+
+
+@pytest.mark.parametrize("version,variant", MATRIX, ids=[f"go{v}-{x}" for v, x in MATRIX])
+def test_server_spans(version: str, variant: str) -> None:
+    binary = fixture_binary(version, variant)
+    patterns = version != "1.19"
+    srv = Server(binary, env={"OTEL_SERVICE_NAME": "shop"})
+    r, sink = start_receiver({"targets": [{"pid": srv.pid}]})
+    try:
+        wait_for(lambda: srv.pid in r.processes, 30, "attach")
+        good_tp = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        # (method, path, headers, body, status, name, route)
+        cases: list[tuple[str, str, dict[str, str], bytes, int, str, str | None]] = [
+            ("GET", "/hello", {}, b"", 200, "GET /hello", "/hello"),
+            ("GET", "/items/42", {"traceparent": good_tp}, b"", 200,
+             "GET /items/{id}" if patterns else "GET", "/items/{id}" if patterns else None),
+            ("POST", "/echo", {"X-Extra": "1"}, b"payload", 200, "POST /echo", "/echo"),
+            ("GET", "/status/503", {}, b"", 503, "GET /status/", "/status/"),
+            ("PUT", "/status/404", {"traceparent": "00-zzzz-not-valid"}, b"", 404, "PUT /status/", "/status/"),
+            ("DELETE", "/status/201", {}, b"", 201, "DELETE /status/", "/status/"),
+            ("GET", "/users/7/posts", {}, b"", 200,
+             "GET /users/{id}/posts" if patterns else "GET", "/users/{id}/posts" if patterns else None),
+            ("GET", "/hello?x=1", {"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"}, b"", 200, "GET /hello", "/hello"),
+        ]
+        if not patterns:
+            # Go 1.19 has no ServeMux patterns: every span is named by the method, route from Request is absent.
+            cases = [(m, p, h, b, s, m, None) for m, p, h, b, s, _n, _r in cases]
+        windows = []
+        for method, path, headers, body, _st, _n, _r in cases:
+            t0 = time.time_ns()
+            resp = srv.request(method, path, headers, body)
+            windows.append((t0, time.time_ns()))
+            assert resp.startswith(b"HTTP/1.1 "), resp[:50]
+        spans = wait_spans(sink, len(cases))
+        assert len(spans) == len(cases), [s.name for _, _, s in spans]
+        spans.sort(key=lambda t: t[2].start_time_unix_nano)
+        for (res, scope, s), case, (t0, t1) in zip(spans, cases, windows, strict=True):
+            method, path, headers, _body, status, name, route = case
+            assert s.name == name
+            assert s.kind == KIND_SERVER
+            assert scope == "otelgo-collector/net/http"
+            a = s.attributes
+            expected = {
+                "http.request.method": method, "url.path": path.split("?")[0], "url.scheme": "http",
+                "http.response.status_code": status, "server.address": "127.0.0.1", "server.port": srv.port,
+                "network.peer.address": "127.0.0.1", "network.protocol.version": "1.1",
+                "user_agent.original": "e2e-client/1.0",
+            }
+            if route:
+                expected["http.route"] = route
+            peer_port = a.pop("network.peer.port")
+            assert isinstance(peer_port, int) and 0 < peer_port < 65536
+            assert a == expected
+            assert s.status_code == (STATUS_ERROR if status >= 500 else STATUS_UNSET)
+            assert t0 <= s.start_time_unix_nano <= s.end_time_unix_nano <= t1, (t0, s.start_time_unix_nano,
+                                                                               s.end_time_unix_nano, t1)
+            assert len(s.trace_id) == 16 and len(s.span_id) == 8 and any(s.span_id)
+            if headers.get("traceparent") == f"00-{TRACE_ID}-{PARENT_ID}-01":
+                assert s.trace_id.hex() == TRACE_ID and s.parent_span_id.hex() == PARENT_ID
+            else:
+                assert s.parent_span_id == b"" and s.trace_id.hex() != TRACE_ID and any(s.trace_id)
+            assert res["service.name"] == "shop"
+            assert res["process.pid"] == srv.pid
+            assert res["process.runtime.name"] == "go"
+            assert res["process.runtime.version"].startswith(f"go{version}")
+            assert res["process.executable.path"] == str(binary)
+            assert res["telemetry.distro.name"] == "otelgo-collector"
+            assert res["host.name"] == socket.gethostname()
+        ids = {s.trace_id for _, _, s in spans}
+        assert len(ids) == len(cases)  # every trace but the propagated one is new
+    finally:
+        r.shutdown()
+        srv.stop()
+    assert our_uprobes(os.getpid()) == []
+
+
+# ---------------------------------------------------------------- no change to the service, clean detach
+
+
+def test_byte_identical_and_clean_detach() -> None:
+    binary = fixture_binary("1.27")
+    srv = Server(binary)
+    reqs = [b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nabcde",
+            b"GET /status/500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\ntraceparent: 00-" +
+            TRACE_ID.encode() + b"-" + PARENT_ID.encode() + b"-01\r\n\r\n"]
+
+    def answers() -> list[bytes]:
+        return [b"\r\n".join(x for x in srv.raw(q).split(b"\r\n") if not x.startswith(b"Date: ")) for q in reqs]
+
+    try:
+        before = answers()
+        r, sink = start_receiver({"targets": [{"exe_path": str(binary)}]})
+        try:
+            wait_for(lambda: srv.pid in r.processes, 30, "attach")
+            assert len(our_uprobes(os.getpid())) == 2  # entry + one RET
+            during = answers()
+            wait_spans(sink, len(reqs))
+        finally:
+            r.shutdown()
+        assert our_uprobes(os.getpid()) == []
+        after = answers()
+        assert before == during == after
+        assert len(sink.spans()) == len(reqs)
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- process lifecycle
+
+
+def test_lifecycle_started_after_exit_restart_and_selection() -> None:
+    binary = fixture_binary("1.24")
+    gc.collect()
+    fds0 = fds()
+    r, sink = start_receiver({"targets": [{"exe_path": str(binary)}]})
+    try:
+        # A target started after the collector, that then exits: traced, then cleaned up.
+        srv = Server(binary)
+        wait_for(lambda: srv.pid in r.processes, 30, "attach to a late starter")
+        srv.request("GET", "/hello")
+        wait_spans(sink, 1)
+        srv.stop()
+        wait_for(lambda: not r.processes and not r.binaries, 10, "cleanup after exit")
+        assert our_uprobes(os.getpid()) == []
+
+        # Restarted 20 times: each instance is picked up, one span each, from the right pid.
+        pids = []
+        for _ in range(20):
+            srv = Server(binary)
+            wait_for(lambda: srv.pid in r.processes, 30, "attach to a restarted process")  # noqa: B023
+            srv.request("GET", "/hello")
+            pids.append(srv.pid)
+            srv.stop()
+        wait_spans(sink, 21)
+        wait_for(lambda: not r.processes and not r.binaries, 10, "cleanup after restarts")
+        got = [res["process.pid"] for res, _, _ in sink.spans()[1:]]
+        assert sorted(got) == sorted(pids)
+        assert our_uprobes(os.getpid()) == []
+    finally:
+        r.shutdown()
+    gc.collect()
+    assert fds() == fds0
+
+    # Ten processes of one binary, a selector matching five by pid: spans only from those five.
+    servers = [Server(binary) for _ in range(10)]
+    chosen = [s.pid for s in servers[::2]]
+    r, sink = start_receiver({"targets": [{"pid": chosen, "service_name": "chosen", "attributes": {"team": "a"}}]})
+    try:
+        wait_for(lambda: set(r.processes) == set(chosen), 30, "attach to the five")
+        assert len(r.binaries) == 1  # one program for the binary
+        assert len(our_uprobes(os.getpid())) == 5 * 2
+        for s in servers:
+            s.request("GET", "/hello")
+        spans = wait_spans(sink, 5)
+        assert sorted(res["process.pid"] for res, _, _ in spans) == sorted(chosen)
+        assert all(res["service.name"] == "chosen" and res["team"] == "a" for res, _, _ in spans)
+        for s in servers:
+            s.stop()
+        wait_for(lambda: not r.processes and not r.binaries, 10, "cleanup of the five")
+        assert our_uprobes(os.getpid()) == []
+    finally:
+        r.shutdown()
+        for s in servers:
+            s.stop()
+    gc.collect()
+    assert fds() == fds0
+
+
+# ---------------------------------------------------------------- the real CLI
+
+
+def test_cli_file_exporter(tmp_path: Path) -> None:
+    import yaml
+    binary = fixture_binary("1.26")
+    out = tmp_path / "out.jsonl"
+    cfg = {"receivers": {"ebpf_go": {"targets": [{"exe_path": str(binary), "service_name": "cli-shop"}],
+                                     "discovery_interval": "200ms"}},
+           "exporters": {"file": {"path": str(out)}},
+           "service": {"pipelines": {"traces": {"receivers": ["ebpf_go"], "exporters": ["file"]}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    srv = Server(binary)
+    exe = Path(sys.executable).parent / "otelgo-collector"
+    col = subprocess.Popen([str(exe), "--config", str(tmp_path / "config.yaml")], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 40
+        got: list[Span] = []
+        n = 0
+        while time.monotonic() < deadline and len(got) < 3:
+            srv.request("GET", f"/items/{n}")
+            n += 1
+            time.sleep(0.3)
+            if out.exists():
+                got = [s for line in out.read_text().splitlines() if line.strip()
+                       for _, _, s in from_json_dict(json.loads(line)).iter_spans()]
+        assert len(got) >= 3, "no spans in the file exporter's output"
+        assert all(s.name == "GET /items/{id}" for s in got)
+    finally:
+        col.terminate()
+        try:
+            log = col.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            col.kill()
+            log = col.communicate()[0]
+        srv.stop()
+    assert col.returncode == 0, log[-3000:]
+    assert our_uprobes(col.pid) == []
+
+
+def _unused() -> Iterator[None]:  # keeps the import list honest for type checkers
+    yield None
