@@ -1,16 +1,9 @@
-"""Ring-buffer records -> tuples, and BPF's clock -> wall-clock time.
-
-BCC calls back once per record; the callback only unpacks with a precompiled struct.Struct straight
-from the record's memory (no `.event()`, no copy), appends, and the spans are built per batch.
-"""
+"""BPF's clock -> wall-clock time. (Record decoding: probes/__init__.py collectors, one precompiled
+struct.Struct per record layout, unpacked straight from the ring buffer's memory, no `.event()`.)"""
 
 from __future__ import annotations
 
-import ctypes as ct
-import struct
 import time
-from collections.abc import Callable
-from typing import Any
 
 
 def monotonic_to_unix_offset(samples: int = 7) -> int:
@@ -28,32 +21,3 @@ def monotonic_to_unix_offset(samples: int = 7) -> int:
             best = (width, w - (m0 + width // 2))
     assert best is not None
     return best[1]
-
-
-class RecordCollector:
-    """A ring-buffer callback that decodes each record into `records` with one Struct."""
-
-    def __init__(self, layout: struct.Struct) -> None:
-        self.layout = layout
-        self.size = layout.size
-        self.records: list[tuple[Any, ...]] = []
-        self.short = 0   # records smaller than the layout (a BPF/Python mismatch: counted, skipped)
-
-    def callback(self) -> Callable[[Any, int, int], int]:
-        unpack = self.layout.unpack_from
-        size = self.size
-        records = self.records
-        buf_t = ct.c_char * size
-
-        def on_record(_ctx: Any, data: int, n: int) -> int:
-            if n < size:
-                self.short += 1
-                return 0
-            records.append(unpack(buf_t.from_address(data)))
-            return 0
-        return on_record
-
-    def take(self) -> list[tuple[Any, ...]]:
-        out = self.records[:]
-        self.records.clear()
-        return out

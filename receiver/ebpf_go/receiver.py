@@ -21,9 +21,9 @@ from collector.errors import ConsumerError, UserError
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry
 
-from . import discovery, events, loader
+from . import discovery, events, loader, propagation
 from .gobinary import BinaryError, GoBinary
-from .probes import nethttp_server
+from .probes import PROBES, Common, Probe, RawCollector
 
 DISTRO = "otelgo-collector"
 VERSION = "0.1.0"
@@ -96,15 +96,24 @@ class EbpfGoConfig(ComponentConfig):
 
 
 @dataclass
+class ProbeProgram:
+    """One probe's program for one binary."""
+
+    probe: Probe
+    program: loader.Program
+    collector: RawCollector
+    state: Any
+    lost_seen: int = 0
+
+
+@dataclass
 class TracedBinary:
     """One executable (device, inode): its programs and the processes of it we trace."""
 
     key: tuple[int, int]
     binary: GoBinary
-    program: loader.Program | None = None
-    collector: events.RecordCollector | None = None
+    programs: list[ProbeProgram] = field(default_factory=list)
     pids: dict[int, discovery.ProcInfo] = field(default_factory=dict)
-    lost_seen: int = 0
 
 
 @dataclass
@@ -147,6 +156,9 @@ class EbpfGoReceiver(Receiver):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.enabled = False
+        self.common = Common(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
+        self.propagation: propagation.PropagationChoice | None = None
+        self.probes = [p for p in PROBES if getattr(config.instrumentations, p.name, False)]
         self.scan_seconds: list[float] = []
 
     # -------------------------------------------------------- lifecycle
@@ -161,6 +173,17 @@ class EbpfGoReceiver(Receiver):
             # One clear line; the rest of the collector keeps running.
             self.log.error("ebpf_go receiver disabled: %s", e)
             return
+        self.common = Common(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
+                             include_db_statement=self.config.include_db_statement,
+                             sanitize_db_statement=self.config.sanitize_db_statement,
+                             db_statement_max_length=self.config.db_statement_max_length)
+        if self.config.instrumentations.net_http_client and self.config.propagation != "off":
+            try:
+                self.propagation = propagation.choose(self.config.propagation, self.log, self.telemetry.metrics,
+                                                      pin_dir=self.pin_dir)
+                self.common.skmsg = self.propagation.mode == "sk_msg"
+            except Exception as e:  # propagation is optional: spans still flow without it
+                self.log.warning("propagation off: %s", e)
         self.enabled = True
         self.log.info("ebpf_go receiver started: %s; tracing %s", how,
                       "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
@@ -181,6 +204,9 @@ class EbpfGoReceiver(Receiver):
             self.binaries.clear()
             self.processes.clear()
         self.m_processes.set(0)
+        if self.propagation is not None:
+            self.propagation.stop()
+            self.propagation = None
         self._unpin()
 
     def _unpin(self) -> None:
@@ -236,24 +262,26 @@ class EbpfGoReceiver(Receiver):
         except OSError as e:
             self._reject(key, p, f"cannot read the executable: {e}", "unreadable", debug=True)
             return None
-        if not nethttp_server.present(gb) or not self.config.instrumentations.net_http_server:
+        wanted = [pr for pr in self.probes if pr.present(gb)]
+        if not wanted:
             self._reject(key, p, "no instrumented library in it (or all disabled)", "no_probes", debug=True)
             return None
         tb = TracedBinary(key, gb)
-        try:
-            flags = nethttp_server.cflags(gb, pin_dir=self.pin_dir, max_inflight=self.config.max_inflight_calls,
-                                          ringbuf_pages=self.config.ring_buffer_size // 4096)
-            prog = loader.compile_program(nethttp_server.BPF_SOURCE, flags, self.kernel_source)
-        except (nethttp_server.ProbeUnavailable, UserError) as e:
-            self._reject(key, p, f"net_http_server probe off: {e}", "compile"
-                         if isinstance(e, UserError) else "unsupported")
+        for pr in wanted:
+            try:
+                prog = loader.compile_program(pr.source, pr.cflags(gb, self.common), self.kernel_source)
+            except Exception as e:  # ProbeUnavailable of the module, KernelError: this probe is off
+                self.m_errors.labels(reason="compile" if isinstance(e, UserError) else "unsupported").inc()
+                self.log.warning("%s probe off for %s: %s", pr.name, p.exe, e, extra={"pid": p.pid, "exe": p.exe})
+                continue
+            col = pr.collector()
+            prog.bpf[pr.ringbuf.encode()].open_ring_buffer(col.callback())
+            tb.programs.append(ProbeProgram(pr, prog, col, pr.binary_state(gb, self.common)))
+            self.log.info("compiled %s for %s (%s) in %.2fs", pr.name, p.exe, gb.go_version, prog.compile_seconds,
+                          extra={"pid": p.pid, "exe": p.exe})
+        if not tb.programs:
+            self.rejected[key] = "every probe failed"
             return None
-        tb.program = prog
-        tb.collector = events.RecordCollector(nethttp_server.EVENT)
-        prog.bpf["events"].open_ring_buffer(tb.collector.callback())
-        self.log.info("compiled net_http_server for %s (%s, %s) in %.2fs", p.exe, gb.go_version,
-                      "swiss maps" if nethttp_server.swiss_maps(gb) else "classic maps", prog.compile_seconds,
-                      extra={"pid": p.pid, "exe": p.exe})
         with self._lock:
             self.binaries[key] = tb
         return tb
@@ -267,24 +295,31 @@ class EbpfGoReceiver(Receiver):
 
     def _process_started(self, p: discovery.ProcInfo, sel: discovery.Selector) -> None:
         tb = self._binary_for(p)
-        if tb is None or tb.program is None:
+        if tb is None:
             return
         gb = tb.binary
-        try:
-            done = loader.attach(tb.program, p.pid, lambda bpf, pid: nethttp_server.attach(
-                bpf, gb, p.exe_link, pid))
-        except (UserError, nethttp_server.ProbeUnavailable) as e:
-            loader.detach_pid(tb.program, p.pid)
-            self.m_errors.labels(reason="attach").inc()
-            self.log.warning("net_http_server probe off for pid %d: %s", p.pid, e, extra={"pid": p.pid, "exe": p.exe})
+        n = 0
+        for pp in tb.programs:
+            try:
+                probe = pp.probe
+                loader.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid))  # noqa: B023
+                n += len(pp.program.links.get(p.pid, []))
+            except Exception as e:  # KernelError or the module's ProbeUnavailable: this probe is off here
+                loader.detach_pid(pp.program, p.pid)
+                self.m_errors.labels(reason="attach").inc()
+                self.log.warning("%s probe off for pid %d: %s", pp.probe.name, p.pid, e,
+                                 extra={"pid": p.pid, "exe": p.exe})
+        if n == 0:
             return
         if not self.watcher.still_same(p):  # exited (and maybe reused) while we attached
-            loader.detach_pid(tb.program, p.pid)
+            for pp in tb.programs:
+                loader.detach_pid(pp.program, p.pid)
             return
         tb.pids[p.pid] = p
         self.processes[p.pid] = ProcessState(p, self._resource(p, gb, sel), tb.key)
         self._update_gauges()
-        self.log.info("tracing pid %d %s (%s): %d uprobes", p.pid, p.exe, gb.go_version, len(done),
+        self.log.info("tracing pid %d %s (%s): %d uprobes (%s)", p.pid, p.exe, gb.go_version, n,
+                      ", ".join(pp.probe.name for pp in tb.programs if p.pid in pp.program.links),
                       extra={"pid": p.pid, "exe": p.exe})
 
     def _process_exited(self, pid: int) -> None:
@@ -297,8 +332,8 @@ class EbpfGoReceiver(Receiver):
         with self._lock:
             self._drain(tb)      # its last spans first, while the resource is known
             tb.pids.pop(pid, None)
-            if tb.program is not None:
-                loader.detach_pid(tb.program, pid)
+            for pp in tb.programs:
+                loader.detach_pid(pp.program, pid)
             if not tb.pids:
                 self._close_binary(tb)
                 del self.binaries[tb.key]
@@ -306,14 +341,15 @@ class EbpfGoReceiver(Receiver):
         self.log.info("pid %d exited: probes detached", pid, extra={"pid": pid, "exe": st.info.exe})
 
     def _close_binary(self, tb: TracedBinary) -> None:
-        if tb.program is not None:
-            loader.close_program(tb.program)
-            tb.program = None
+        for pp in tb.programs:
+            loader.close_program(pp.program)
+        tb.programs.clear()
 
     def _update_gauges(self) -> None:
         self.m_processes.set(len(self.processes))
-        self.m_probes.labels(probe="net_http_server").set(
-            sum(tb.program.link_count() for tb in self.binaries.values() if tb.program is not None))
+        for pr in self.probes:
+            self.m_probes.labels(probe=pr.name).set(sum(pp.program.link_count() for tb in self.binaries.values()
+                                                       for pp in tb.programs if pp.probe is pr))
 
     def _resource(self, p: discovery.ProcInfo, gb: GoBinary, sel: discovery.Selector) -> Resource:
         service = sel.service_name or discovery.read_environ(p.pid, "OTEL_SERVICE_NAME") or os.path.basename(p.exe)
@@ -340,21 +376,27 @@ class EbpfGoReceiver(Receiver):
             self._stop.wait(0.02)
 
     def _drain(self, tb: TracedBinary) -> None:
-        """Read this binary's ring buffer and push one batch. Called with self._lock held."""
-        if tb.program is None or tb.collector is None:
-            return
-        tb.program.bpf.ring_buffer_consume()
-        records = tb.collector.take()
-        lost = tb.program.bpf["lost"][0].value
-        if lost != tb.lost_seen:
-            self.m_lost.inc(lost - tb.lost_seen)
-            self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d records lost so far (ring_buffer_size)",
-                                         lost)
-            tb.lost_seen = lost
-        if not records:
-            return
-        self.m_events.inc(len(records))
-        self._push(nethttp_server.to_spans(records, self.mono_to_unix), nethttp_server.SCOPE_NAME)
+        """Read this binary's ring buffers and push one batch per probe. Called with self._lock held."""
+        for pp in tb.programs:
+            bpf = pp.program.bpf
+            bpf.ring_buffer_consume()
+            records = pp.collector.take()
+            lost = bpf[pp.probe.lost_map.encode()][0].value
+            if lost != pp.lost_seen:
+                self.m_lost.inc(lost - pp.lost_seen)
+                self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d %s records lost so far "
+                                             "(ring_buffer_size)", lost, pp.probe.name)
+                pp.lost_seen = lost
+            if not records:
+                continue
+            self.m_events.inc(len(records))
+            try:
+                spans = pp.probe.spans(records, pp.state, tb.binary, self.mono_to_unix, self.common)
+            except Exception:  # our bug: keep reading
+                self.telemetry.warn_once_per(f"decode-{pp.probe.name}", 60, "%s: cannot decode records",
+                                             pp.probe.name)
+                continue
+            self._push(spans, pp.probe.scope)
 
     def _push(self, spans: list[tuple[int, Span]], scope_name: str) -> None:
         by_pid: dict[int, list[Span]] = {}

@@ -4,4 +4,221 @@ bpf/, how it attaches, and how its ring-buffer records become spans.
 - nethttp_server: `net/http.serverHandler.ServeHTTP` -> SERVER spans (bpf/nethttp_server.c)
 - nethttp_client: `net/http.(*Transport).roundTrip` -> CLIENT spans (bpf/nethttp_client.c)
 - database_sql: `database/sql` query/exec -> CLIENT spans (bpf/database_sql.c)
+
+The modules keep their own signatures; the adapters below give the receiver one shape for all:
+one compiled program per (binary, probe), attached per pid, read through one ring buffer.
 """
+
+from __future__ import annotations
+
+import ctypes as ct
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collector.spans import Span
+
+from ..gobinary import GoBinary
+
+
+@dataclass
+class Common:
+    """Settings every probe program gets."""
+
+    pin_dir: str
+    max_inflight: int
+    ringbuf_pages: int
+    skmsg: bool = False
+    include_db_statement: bool = False
+    sanitize_db_statement: bool = True
+    db_statement_max_length: int = 1024
+
+
+class RawCollector:
+    """Ring-buffer callback keeping each record's bytes (for modules whose decode takes bytes)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def callback(self) -> Callable[[Any, int, int], int]:
+        records = self.records
+        string_at = ct.string_at
+
+        def on_record(_ctx: Any, data: int, n: int) -> int:
+            records.append(string_at(data, n))
+            return 0
+        return on_record
+
+    def take(self) -> list[Any]:
+        out = self.records[:]
+        self.records.clear()
+        return out
+
+
+class StructCollector(RawCollector):
+    """Ring-buffer callback decoding each record in place with one precompiled Struct."""
+
+    def __init__(self, layout: struct.Struct) -> None:
+        super().__init__()
+        self.layout = layout
+        self.short = 0
+
+    def callback(self) -> Callable[[Any, int, int], int]:
+        unpack, size, records = self.layout.unpack_from, self.layout.size, self.records
+        buf_t = ct.c_char * size
+
+        def on_record(_ctx: Any, data: int, n: int) -> int:
+            if n < size:
+                self.short += 1
+            else:
+                records.append(unpack(buf_t.from_address(data)))
+            return 0
+        return on_record
+
+
+class Probe:
+    """What the receiver needs of one instrumented library."""
+
+    name = ""            # the key under `instrumentations:`
+    scope = ""           # instrumentation scope, after "otelgo-collector/"
+    ringbuf = "events"   # BPF map names in its C file
+    lost_map = "lost"
+
+    @property
+    def source(self) -> Path:
+        raise NotImplementedError
+
+    def present(self, gb: GoBinary) -> bool:
+        raise NotImplementedError
+
+    def cflags(self, gb: GoBinary, common: Common) -> list[str]:
+        raise NotImplementedError
+
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+        raise NotImplementedError
+
+    def collector(self) -> RawCollector:
+        return RawCollector()
+
+    def binary_state(self, gb: GoBinary, common: Common) -> Any:
+        """Per-binary data the span builder needs (computed once)."""
+        return None
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              common: Common) -> list[tuple[int, Span]]:
+        raise NotImplementedError
+
+
+class NetHttpServer(Probe):
+    name, scope = "net_http_server", "net/http"
+
+    @property
+    def source(self) -> Path:
+        from . import nethttp_server
+        return nethttp_server.BPF_SOURCE
+
+    def present(self, gb: GoBinary) -> bool:
+        from . import nethttp_server
+        return nethttp_server.present(gb)
+
+    def cflags(self, gb: GoBinary, common: Common) -> list[str]:
+        from . import nethttp_server
+        return nethttp_server.cflags(gb, pin_dir=common.pin_dir, max_inflight=common.max_inflight,
+                                     ringbuf_pages=common.ringbuf_pages)
+
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+        from . import nethttp_server
+        return nethttp_server.attach(bpf, gb, path, pid)
+
+    def collector(self) -> RawCollector:
+        from . import nethttp_server
+        return StructCollector(nethttp_server.EVENT)
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              common: Common) -> list[tuple[int, Span]]:
+        from . import nethttp_server
+        return nethttp_server.to_spans(records, mono_to_unix)
+
+
+class NetHttpClient(Probe):
+    name, scope, ringbuf, lost_map = "net_http_client", "net/http/client", "client_events", "client_lost"
+
+    @property
+    def source(self) -> Path:
+        from . import nethttp_client
+        return nethttp_client.BPF_SOURCE
+
+    def present(self, gb: GoBinary) -> bool:
+        from . import nethttp_client
+        return gb.function(nethttp_client.ROUND_TRIP) is not None
+
+    def cflags(self, gb: GoBinary, common: Common) -> list[str]:
+        from . import nethttp_client
+        return nethttp_client.cflags(gb, skmsg=common.skmsg, pin_dir=common.pin_dir,
+                                     max_inflight=common.max_inflight, ringbuf_pages=common.ringbuf_pages)
+
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+        from . import nethttp_client
+        return nethttp_client.attach(bpf, gb, path, pid)
+
+    def binary_state(self, gb: GoBinary, common: Common) -> Any:
+        from . import nethttp_client
+        return nethttp_client.error_types(gb)
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              common: Common) -> list[tuple[int, Span]]:
+        from . import nethttp_client
+        out = []
+        for raw in records:
+            ev = nethttp_client.decode(raw)
+            out.append((ev.tgid, nethttp_client.to_span(ev, mono_to_unix, state.get(ev.err_itab, ""))))
+        return out
+
+
+class DatabaseSql(Probe):
+    name, scope, ringbuf, lost_map = "database_sql", "database/sql", "sql_events", "sql_lost"
+
+    @property
+    def source(self) -> Path:
+        from . import database_sql
+        return database_sql.BPF_SOURCE
+
+    def _options(self, common: Common) -> Any:
+        from . import database_sql
+        return database_sql.Options(common.include_db_statement, common.sanitize_db_statement,
+                                    common.db_statement_max_length)
+
+    def present(self, gb: GoBinary) -> bool:
+        from . import database_sql
+        return bool(database_sql.present(gb))
+
+    def cflags(self, gb: GoBinary, common: Common) -> list[str]:
+        from . import database_sql
+        return database_sql.cflags(gb, self._options(common), pin_dir=common.pin_dir,
+                                   max_inflight=common.max_inflight, ringbuf_pages=common.ringbuf_pages)
+
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+        from . import database_sql
+        return database_sql.attach(bpf, gb, path, pid)
+
+    def binary_state(self, gb: GoBinary, common: Common) -> Any:
+        return {}  # pid -> DriverResolver, made on first use
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              common: Common) -> list[tuple[int, Span]]:
+        from . import database_sql
+        options = self._options(common)
+        out = []
+        for raw in records:
+            ev = database_sql.decode(raw)
+            resolver = state.get(ev.tgid)
+            if resolver is None:
+                resolver = state[ev.tgid] = database_sql.DriverResolver(gb, ev.tgid)
+            out.append((ev.tgid, database_sql.to_span(ev, resolver, options, mono_to_unix)))
+        return out
+
+
+# The order is the attach order; the server probe comes first so that it fills ctx_spans for the others.
+PROBES: list[Probe] = [NetHttpServer(), NetHttpClient(), DatabaseSql()]
