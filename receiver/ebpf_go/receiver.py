@@ -72,7 +72,7 @@ class EbpfGoConfig(ComponentConfig):
     targets: list[TargetConfig] = Field(default_factory=list, validation_alias=AliasChoices("targets", "include"))
     instrumentations: InstrumentationsConfig = Field(default_factory=InstrumentationsConfig)
     kernel_headers: str = "auto"
-    ring_buffer_size: int = 1 << 20     # bytes per traced binary and probe; a power of two >= 4096
+    ring_buffer_size: int = 1 << 22     # bytes per traced binary and probe; a power of two >= 4096
     max_inflight_calls: int = 16384     # per-call state entries (LRU) per binary and probe
     propagation: Literal["auto", "probe_write", "sk_msg", "stitch", "off"] = "auto"
     discovery_interval: Duration = 1.0  # how often /proc is scanned for new and exited processes
