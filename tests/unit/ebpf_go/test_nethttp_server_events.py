@@ -1,0 +1,99 @@
+"""net/http server records -> spans: names, attributes, status, parents, time conversion."""
+
+from __future__ import annotations
+
+import struct
+
+from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from receiver.ebpf_go.probes import StructCollector, nethttp_server
+from receiver.ebpf_go.probes.nethttp_server import EVENT, route_of, split_host_port, to_spans
+
+TID = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+SID = bytes.fromhex("1122334455667788")
+PID_ = bytes.fromhex("b7ad6b7169203331")
+
+
+def record(method: str = "GET", path: str = "/items/1", status: int = 200, pattern: str = "GET /items/{id}",
+           remote: str = "10.0.0.2:5555", host: str = "example.com:8080", ua: str = "ua/1",
+           parent: bytes = b"\0" * 8, remote_parent: int = 0, major: int = 1, minor: int = 1,
+           tls: int = 0) -> bytes:
+    def fixed(s: str, n: int) -> tuple[bytes, int]:
+        b = s.encode()
+        return b.ljust(n, b"\0")[:n], min(len(b), n)
+    m, ml = fixed(method, 16)
+    p, pl = fixed(path, 128)
+    r, rl = fixed(remote, 64)
+    h, hl = fixed(host, 128)
+    pa, pal = fixed(pattern, 128)
+    u, ul = fixed(ua, 128)
+    return EVENT.pack(1, 4242, 1_000, 5_000, 0xC000, TID, SID, parent, 1, remote_parent, status,
+                      ml, pl, rl, hl, pal, ul, major, minor, tls, m, p, r, h, pa, u)
+
+
+def spans_of(*raws: bytes, offset: int = 10**18) -> list:
+    return to_spans([EVENT.unpack(r) for r in raws], offset)
+
+
+def test_layout_matches_the_c_struct() -> None:
+    assert EVENT.size == 688  # sizeof(struct http_server_event) in bpf/nethttp_server.c
+
+
+def test_full_span() -> None:
+    ((pid, s),) = spans_of(record())
+    assert pid == 4242
+    assert s.name == "GET /items/{id}" and s.kind == KIND_SERVER and s.status_code == STATUS_UNSET
+    assert (s.trace_id, s.span_id, s.parent_span_id) == (TID, SID, b"")
+    assert (s.start_time_unix_nano, s.end_time_unix_nano) == (10**18 + 1_000, 10**18 + 5_000)
+    assert s.attributes == {
+        "http.request.method": "GET", "url.path": "/items/1", "url.scheme": "http",
+        "http.response.status_code": 200, "http.route": "/items/{id}", "server.address": "example.com",
+        "server.port": 8080, "network.peer.address": "10.0.0.2", "network.peer.port": 5555,
+        "network.protocol.version": "1.1", "user_agent.original": "ua/1",
+    }
+
+
+def test_remote_parent_error_status_no_route_tls_ipv6() -> None:
+    ((_, s),) = spans_of(record(status=503, pattern="", parent=PID_, remote_parent=1, tls=1,
+                                remote="[::1]:4000", host="svc", ua=""))
+    assert s.name == "GET" and s.status_code == STATUS_ERROR and s.parent_span_id == PID_
+    assert s.flags & 0x300 == 0x300
+    a = s.attributes
+    assert a["url.scheme"] == "https" and "http.route" not in a and "user_agent.original" not in a
+    assert (a["network.peer.address"], a["network.peer.port"]) == ("::1", 4000)
+    assert a["server.address"] == "svc" and "server.port" not in a
+
+
+def test_status_zero_is_200_and_unknown_method_is_other() -> None:
+    ((_, s),) = spans_of(record(method="PURGE", status=0, pattern="/cache/"))
+    assert s.name == "HTTP /cache/"
+    assert s.attributes["http.request.method"] == "_OTHER"
+    assert s.attributes["http.request.method_original"] == "PURGE"
+    assert s.attributes["http.response.status_code"] == 200
+
+
+def test_http2_has_no_status_read() -> None:
+    ((_, s),) = spans_of(record(status=0, major=2, minor=0))
+    assert "http.response.status_code" not in s.attributes
+    assert s.attributes["network.protocol.version"] == "2"
+
+
+def test_route_and_host_port_helpers() -> None:
+    assert route_of("GET /items/{id}") == "/items/{id}"
+    assert route_of("example.com/a/") == "/a/"
+    assert route_of("/x") == "/x"
+    assert split_host_port("1.2.3.4:80") == ("1.2.3.4", 80)
+    assert split_host_port("[fe80::1]:443") == ("fe80::1", 443)
+    assert split_host_port("host") == ("host", None)
+
+
+def test_struct_collector_decodes_from_memory() -> None:
+    import ctypes as ct
+    col = StructCollector(nethttp_server.EVENT)
+    cb = col.callback()
+    raw = record()
+    buf = ct.create_string_buffer(raw, len(raw))
+    cb(None, ct.addressof(buf), len(raw))
+    cb(None, ct.addressof(buf), 10)  # too short: counted, skipped
+    (rec,) = col.take()
+    assert rec == EVENT.unpack(raw) and col.short == 1 and col.take() == []
+    assert isinstance(struct.calcsize("<Q"), int)

@@ -1,0 +1,79 @@
+"""ebpf_go receiver config: defaults with no options, selectors, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+
+
+def test_defaults_need_no_options() -> None:
+    c = EbpfGoConfig.model_validate({})
+    assert c.targets == []
+    assert c.kernel_headers == "auto"
+    assert c.propagation == "auto"
+    assert c.ring_buffer_size == 4 << 20
+    assert c.max_inflight_calls == 16384
+    assert c.discovery_interval == 1.0
+    i = c.instrumentations
+    assert (i.net_http_server, i.net_http_client, i.database_sql, i.grpc_client, i.grpc_server) == (True,) * 5
+    assert factory.type == "ebpf_go" and factory.config_model is EbpfGoConfig
+
+
+def test_targets_as_a_user_writes_them() -> None:
+    c = EbpfGoConfig.model_validate({
+        "targets": [
+            {"exe_path": "/srv/*/api", "service_name": "api", "attributes": {"team": "a", "tier": 2}},
+            {"pid": 42},
+            {"pid": [1, 2], "name": "^shop-", "open_ports": [8080]},
+        ],
+        "instrumentations": {"database_sql": False},
+        "propagation": "stitch",
+        "discovery_interval": "250ms",
+    })
+    assert c.targets[0].exe_path == "/srv/*/api" and c.targets[0].attributes == {"team": "a", "tier": 2}
+    assert c.targets[1].pid == [42]
+    assert c.targets[2].pid == [1, 2] and c.targets[2].open_ports == [8080]
+    assert c.instrumentations.database_sql is False and c.instrumentations.net_http_server is True
+    assert c.discovery_interval == 0.25
+
+
+def test_include_is_accepted_for_targets() -> None:
+    assert EbpfGoConfig.model_validate({"include": [{"pid": 7}]}).targets[0].pid == [7]
+
+
+@pytest.mark.parametrize("doc,words", [
+    ({"targets": [{"exe": "/x"}]}, "exe"),
+    ({"instrumentations": {"kafka": True}}, "kafka"),
+    ({"propagation": "inject"}, "propagation"),
+    ({"ring_buffer_size": 5000}, "power of two"),
+    ({"max_inflight_calls": 1}, "max_inflight_calls"),
+    ({"targets": [{"name": "("}]}, "regular expression"),
+    ({"discovery_interval": "1"}, "duration"),
+])
+def test_bad_values_are_named(doc: dict, words: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        EbpfGoConfig.model_validate(doc)
+    assert words in str(e.value)
+
+
+def test_missing_privileges_disable_the_receiver_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from collector.component import ComponentID
+    from collector.errors import PrivilegeError
+    from collector.telemetry import ComponentTelemetry, SelfMetrics
+    from receiver.ebpf_go import loader
+
+    def refuse() -> None:
+        raise PrivilegeError("the ebpf_go receiver needs root or CAP_BPF and CAP_PERFMON")
+    monkeypatch.setattr(loader, "check_privileges", refuse)
+    monkeypatch.setattr(loader, "import_bcc", lambda: None)
+    r = factory.create(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go",
+                                                                                  SelfMetrics()), None)
+    caplog.set_level("ERROR")
+    r.start(None)  # does not raise: the rest of the collector keeps running
+    assert not r.enabled
+    (rec,) = [x for x in caplog.records if "disabled" in x.getMessage()]
+    assert "CAP_BPF" in rec.getMessage() and "\n" not in rec.getMessage()
+    r.shutdown()
