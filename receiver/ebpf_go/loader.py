@@ -9,8 +9,12 @@ import glob
 import os
 import platform
 import shutil
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,11 +151,41 @@ def compile_program(source: Path, cflags: list[str], kernel_source: str | None) 
     if kernel_source:
         os.environ["BCC_KERNEL_SOURCE"] = kernel_source
     t0 = time.monotonic()
-    try:
-        b = bcc.BPF(src_file=str(source).encode(), cflags=[f"-I{BPF_DIR}", *cflags])
-    except Exception as e:  # BCC raises plain Exception
-        raise KernelError(f"BPF compile of {source.name} failed: {str(e).strip().splitlines()[-1]}") from None
+    with _stderr_captured() as captured:
+        try:
+            b = bcc.BPF(src_file=str(source).encode(), cflags=[f"-I{BPF_DIR}", *cflags])
+            failure = None
+        except Exception as e:  # BCC raises plain Exception; clang's diagnostics went to stderr
+            failure = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    text = captured()
+    if failure is not None:
+        errors = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+        raise KernelError(f"BPF compile of {source.name} failed: {errors[0] if errors else failure}"
+                          + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
+    if text.strip():
+        sys.stderr.write(text)
     return Program(b, source.name, time.monotonic() - t0)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Capture what C code writes to fd 2 (clang's diagnostics) while BCC compiles. Anything else
+    written meanwhile is captured too and replayed by the caller, so nothing is lost."""
+    with _STDERR_LOCK, tempfile.TemporaryFile(mode="w+b") as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        result: list[str] = []
+        try:
+            yield lambda: result[0] if result else ""
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            result.append(tmp.read().decode("utf-8", "replace"))
 
 
 def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,14 @@ def test_privilege_message_names_capabilities(monkeypatch: pytest.MonkeyPatch, t
         loader.check_privileges()
     msg = str(e.value)
     assert "CAP_BPF" in msg and "CAP_PERFMON" in msg and "CAP_SYS_ADMIN" in msg and "\n" not in msg
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root and BCC")
+def test_compile_failure_names_the_compiler_error(tmp_path: Path) -> None:
+    src = tmp_path / "bad.c"
+    src.write_text('#include "go_types.h"\nint uprobe_x(struct pt_regs *ctx) { return undefined_thing; }\n')
+    with pytest.raises(KernelError) as e:
+        loader.compile_program(src, [], loader.find_kernel_headers("auto")[0])
+    msg = str(e.value)
+    assert "BPF compile of bad.c failed" in msg and "undefined_thing" in msg and "\n" not in msg
