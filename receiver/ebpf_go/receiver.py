@@ -76,6 +76,7 @@ class EbpfGoConfig(ComponentConfig):
     max_inflight_calls: int = 16384     # per-call state entries (LRU) per binary and probe
     propagation: Literal["auto", "probe_write", "sk_msg", "stitch", "off"] = "auto"
     discovery_interval: Duration = 1.0  # how often /proc is scanned for new and exited processes
+    program_linger: Duration = 30.0     # keep a binary's compiled programs this long after its last process
     include_db_statement: bool = False  # database_sql options (probes/database_sql.py)
     sanitize_db_statement: bool = True
     db_statement_max_length: int = 1024
@@ -112,8 +113,10 @@ class TracedBinary:
 
     key: tuple[int, int]
     binary: GoBinary
+    exe: str
     programs: list[ProbeProgram] = field(default_factory=list)
     pids: dict[int, discovery.ProcInfo] = field(default_factory=dict)
+    idle_since: float | None = None   # monotonic time its last traced process exited
 
 
 @dataclass
@@ -240,6 +243,18 @@ class EbpfGoReceiver(Receiver):
             sel = self._match(p)
             if sel is not None:
                 self._process_started(p, sel)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for tb in list(self.binaries.values()):
+            if tb.idle_since is not None and now - tb.idle_since >= self.config.program_linger:
+                with self._lock:
+                    self._drain(tb)
+                    self._close_binary(tb)
+                    del self.binaries[tb.key]
+                self.log.info("released the programs of %s (no traced process for %.0fs)", tb.exe,
+                              self.config.program_linger)
 
     def _match(self, p: discovery.ProcInfo) -> discovery.Selector | None:
         if not self.selectors:
@@ -266,7 +281,7 @@ class EbpfGoReceiver(Receiver):
         if not wanted:
             self._reject(key, p, "no instrumented library in it (or all disabled)", "no_probes", debug=True)
             return None
-        tb = TracedBinary(key, gb)
+        tb = TracedBinary(key, gb, p.exe)
         for pr in wanted:
             try:
                 prog = loader.compile_program(pr.source, pr.cflags(gb, self.common), self.kernel_source)
@@ -316,6 +331,7 @@ class EbpfGoReceiver(Receiver):
                 loader.detach_pid(pp.program, p.pid)
             return
         tb.pids[p.pid] = p
+        tb.idle_since = None
         self.processes[p.pid] = ProcessState(p, self._resource(p, gb, sel), tb.key)
         self._update_gauges()
         self.log.info("tracing pid %d %s (%s): %d uprobes (%s)", p.pid, p.exe, gb.go_version, n,
@@ -335,8 +351,12 @@ class EbpfGoReceiver(Receiver):
             for pp in tb.programs:
                 loader.detach_pid(pp.program, pid)
             if not tb.pids:
-                self._close_binary(tb)
-                del self.binaries[tb.key]
+                # Kept for program_linger: a restarted process (crash loop, deploy) reuses the
+                # compiled programs instead of paying a ~2 s compile again. No uprobe stays attached.
+                tb.idle_since = time.monotonic()
+                if self.config.program_linger <= 0:
+                    self._close_binary(tb)
+                    del self.binaries[tb.key]
         self._update_gauges()
         self.log.info("pid %d exited: probes detached", pid, extra={"pid": pid, "exe": st.info.exe})
 

@@ -263,7 +263,7 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
     binary = fixture_binary("1.24")
     gc.collect()
     fds0 = fds()
-    r, sink = start_receiver({"targets": [{"exe_path": str(binary)}]})
+    r, sink = start_receiver({"targets": [{"exe_path": str(binary)}], "program_linger": "2s"})
     try:
         # A target started after the collector, that then exits: traced, then cleaned up.
         srv = Server(binary)
@@ -271,18 +271,23 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
         srv.request("GET", "/hello")
         wait_spans(sink, 1)
         srv.stop()
-        wait_for(lambda: not r.processes and not r.binaries, 10, "cleanup after exit")
-        assert our_uprobes(os.getpid()) == []
+        wait_for(lambda: not r.processes and our_uprobes(os.getpid()) == [], 10, "detach after exit")
+        assert len(r.binaries) == 1  # programs kept for program_linger, no uprobe attached
+        wait_for(lambda: not r.binaries, 10, "programs released after program_linger")
 
-        # Restarted 20 times: each instance is picked up, one span each, from the right pid.
+        # Restarted 20 times: each instance is picked up, one span each, from the right pid; the
+        # programs compiled for the first instance serve them all (restarts within program_linger).
         pids = []
+        compiled = []
         for _ in range(20):
             srv = Server(binary)
             wait_for(lambda: srv.pid in r.processes, 30, "attach to a restarted process")  # noqa: B023
             srv.request("GET", "/hello")
             pids.append(srv.pid)
+            compiled.append(id(r.binaries[next(iter(r.binaries))].programs[0].program))
             srv.stop()
         wait_spans(sink, 21)
+        assert len(set(compiled)) == 1
         wait_for(lambda: not r.processes and not r.binaries, 10, "cleanup after restarts")
         got = [res["process.pid"] for res, _, _ in sink.spans()[1:]]
         assert sorted(got) == sorted(pids)
@@ -295,7 +300,8 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
     # Ten processes of one binary, a selector matching five by pid: spans only from those five.
     servers = [Server(binary) for _ in range(10)]
     chosen = [s.pid for s in servers[::2]]
-    r, sink = start_receiver({"targets": [{"pid": chosen, "service_name": "chosen", "attributes": {"team": "a"}}]})
+    r, sink = start_receiver({"targets": [{"pid": chosen, "service_name": "chosen", "attributes": {"team": "a"}}],
+                              "program_linger": "0s"})
     try:
         wait_for(lambda: set(r.processes) == set(chosen), 30, "attach to the five")
         assert len(r.binaries) == 1  # one program for the binary

@@ -16,6 +16,7 @@ def test_defaults_need_no_options() -> None:
     assert c.ring_buffer_size == 4 << 20
     assert c.max_inflight_calls == 16384
     assert c.discovery_interval == 1.0
+    assert c.program_linger == 30.0
     i = c.instrumentations
     assert (i.net_http_server, i.net_http_client, i.database_sql, i.grpc_client, i.grpc_server) == (True,) * 5
     assert factory.type == "ebpf_go" and factory.config_model is EbpfGoConfig
