@@ -26,9 +26,9 @@
 
 /* Bounds of the header-map walk (the Header of a server request is map[string][]string). */
 #ifndef MAX_VISITS
-#define MAX_VISITS 8
+#define MAX_VISITS 12
 #endif
-     /* classic: buckets (2^B) + old buckets visited; 8 = up to 52 headers. More visits exceed the verifier's budget. */
+     /* classic: 2^B buckets (B <= 3: up to 52 headers) + the old ones while growing */
 #define MAX_TABLES 4       /* swiss: directory entries */
 #define MAX_GROUPS 8       /* swiss: groups per table */
 
@@ -89,6 +89,12 @@ struct ctx_key {
     u32 pad;
 };
 BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
+/* walk_buf: one map group or bucket per CPU, read from the process in one go (a user-memory read
+ * per slot costs more than one read of the whole group). */
+struct walk_buf {
+    u8 b[8 + 8 * 16 + 8 * 24 + 8];   /* the larger of a classic bucket (336) and a swiss group (328) */
+};
+BPF_PERCPU_ARRAY(walk_buf, struct walk_buf, 1);
 /* scratch: one server_call per CPU, built there because it does not fit the 512-byte stack. */
 BPF_PERCPU_ARRAY(scratch, struct server_call, 1);
 /* events: finished requests (struct http_server_event) -> user space (events.py). */
@@ -102,27 +108,22 @@ BPF_PERCPU_ARRAY(submitted, u64, 1);
 /* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
 
 
-static __always_inline int key_is(const char *k, const char *want, int n) {
-#pragma unroll
-    for (int i = 0; i < 11; i++) {
-        if (i < n && k[i] != want[i])
-            return 0;
-    }
-    return 1;
-}
+/* Keys compared as integers (little-endian words): byte-by-byte compares compile to per-byte flags
+ * whose combinations the verifier explores one by one. k holds 16 bytes, the key and zeros. */
+#define KEY_TRACEPARENT_LO 0x7261706563617254ULL   /* "Tracepar" */
+#define KEY_TRACEPARENT_HI 0x746e65ULL              /* "ent" */
+#define KEY_USER_AGENT_LO 0x6567412d72657355ULL    /* "User-Age" */
+#define KEY_USER_AGENT_HI 0x746eULL                 /* "nt" */
 
-/* One map slot: key = Go string at key_addr, value = []string at elem_addr. */
-static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct server_call *c) {
-    struct go_string key = {};
-    if (bpf_probe_read_user(&key, sizeof(key), (void *)key_addr) != 0)
-        return;
+/* One map slot whose key header (read with its group/bucket) is `key`; value = []string at elem_addr. */
+static __always_inline void scan_slot(struct go_string key, u64 elem_addr, struct server_call *c) {
     if (key.len != 11 && key.len != 10)
         return;
-    char k[16] = {};
-    if (bpf_probe_read_user(k, 11, (void *)key.ptr) != 0)
+    u64 k[2] = {};
+    if (bpf_probe_read_user(k, key.len == 11 ? 11 : 10, (void *)key.ptr) != 0)
         return;
-    int is_tp = key.len == 11 && key_is(k, "Traceparent", 11);
-    int is_ua = key.len == 10 && key_is(k, "User-Agent", 10);
+    int is_tp = key.len == 11 && k[0] == KEY_TRACEPARENT_LO && k[1] == KEY_TRACEPARENT_HI;
+    int is_ua = key.len == 10 && k[0] == KEY_USER_AGENT_LO && k[1] == KEY_USER_AGENT_HI;
     if (!is_tp && !is_ua)
         return;
     struct go_slice vals = {};
@@ -144,14 +145,16 @@ static __always_inline void scan_slot(u64 key_addr, u64 elem_addr, struct server
 #if SWISS_MAPS
 /* Swiss map group: ctrl word, then 8 slots of {key string (16), elem []string (24)}. */
 static __always_inline void scan_group(u64 group, struct server_call *c) {
-    u64 ctrl = 0;
-    if (bpf_probe_read_user(&ctrl, sizeof(ctrl), (void *)group) != 0)
+    u32 z = 0;
+    struct walk_buf *wb = walk_buf.lookup(&z);
+    if (!wb || bpf_probe_read_user(wb->b, 8 + 8 * 40, (void *)group) != 0)
         return;
+    u64 ctrl = *(u64 *)wb->b;
     for (int i = 0; i < 8; i++) {
         if ((ctrl >> (8 * i)) & 0x80)   /* empty or deleted */
             continue;
-        u64 slot = group + 8 + i * 40;
-        scan_slot(slot, slot + 16, c);
+        struct go_string key = *(struct go_string *)(wb->b + 8 + i * 40);
+        scan_slot(key, group + 8 + i * 40 + 16, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
@@ -194,13 +197,15 @@ static __always_inline void scan_headers(u64 m, struct server_call *c) {
 /* Classic bucket: tophash[8], keys[8] (string), elems[8] ([]string), overflow pointer. */
 #define BUCKET_SIZE (8 + 8 * 16 + 8 * 24 + 8)
 static __always_inline void scan_bucket(u64 b, struct server_call *c) {
-    u8 tophash[8] = {};
-    if (bpf_probe_read_user(tophash, sizeof(tophash), (void *)b) != 0)
+    u32 z = 0;
+    struct walk_buf *wb = walk_buf.lookup(&z);
+    if (!wb || bpf_probe_read_user(wb->b, BUCKET_SIZE, (void *)b) != 0)
         return;
     for (int i = 0; i < 8; i++) {
-        if (tophash[i] < 5)      /* empty or evacuated */
+        if (wb->b[i] < 5)        /* tophash: empty or evacuated */
             continue;
-        scan_slot(b + 8 + i * 16, b + 8 + 8 * 16 + i * 24, c);
+        struct go_string key = *(struct go_string *)(wb->b + 8 + i * 16);
+        scan_slot(key, b + 8 + 8 * 16 + i * 24, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
