@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
 from collector.configtypes import Duration
@@ -69,7 +69,7 @@ class InstrumentationsConfig(ComponentConfig):
 
 class EbpfGoConfig(ComponentConfig):
     # No targets: every Go process on the host except the collector itself.
-    targets: list[TargetConfig] = Field(default_factory=list, validation_alias=AliasChoices("targets", "include"))
+    targets: list[TargetConfig] = Field(default_factory=list)
     instrumentations: InstrumentationsConfig = Field(default_factory=InstrumentationsConfig)
     kernel_headers: str = "auto"
     ring_buffer_size: int = 1 << 22     # bytes per traced binary and probe; a power of two >= 4096
