@@ -30,13 +30,7 @@ def load_factories() -> dict[tuple[Kind, str], Factory]:
     """Import every component module and index its factory by (kind, type) and aliases."""
     out: dict[tuple[Kind, str], Factory] = {}
     for name in _MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # not built yet in this checkout
-                continue
-            raise
-        f: Factory = mod.factory
+        f: Factory = importlib.import_module(name).factory
         out[(f.kind, f.type)] = f
         for alias in f.aliases:
             out[(f.kind, alias)] = f
