@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,9 +25,13 @@ from collector.telemetry import ComponentTelemetry
 from . import discovery, events, loader, propagation
 from .gobinary import BinaryError, GoBinary
 from .probes import PROBES, Common, Probe, RawCollector
+from .propagation.stitch import Stitcher
 
 DISTRO = "otelgo-collector"
 VERSION = "0.1.0"
+STITCH_WINDOW_S = 2.0        # how long a stitch candidate waits for its other side and the next hop
+STITCH_MAX_PENDING = 20000   # candidates held at most (the oldest leave unchanged beyond)
+COUNTS_INTERVAL_S = 1.0      # how often the sk_msg counters are read
 
 
 # ---------------------------------------------------------------- config
@@ -145,6 +150,12 @@ class EbpfGoReceiver(Receiver):
         self.m_lost = m.counter("otelgo_ebpf_events_lost", "Records dropped in BPF: ring buffer full.")
         self.m_errors = m.counter("otelgo_ebpf_attach_errors", "Processes or probes not traced, by reason.",
                                   ["reason"])
+        self.m_tp_injected = m.counter("otelgo_ebpf_propagation_injected",
+                                       "Requests whose traceparent sk_msg inserted at the socket.")
+        self.m_tp_skipped = m.counter("otelgo_ebpf_propagation_skipped",
+                                      "Requests sk_msg left unchanged, by reason.", ["reason"])
+        self.m_stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome.",
+                                  ["outcome"])
         self.m_accepted = m.receiver_accepted.labels(receiver=str(id), transport="ebpf")
         self.m_refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
         self.binaries: dict[tuple[int, int], TracedBinary] = {}
@@ -161,6 +172,9 @@ class EbpfGoReceiver(Receiver):
         self.enabled = False
         self.common = Common(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
         self.propagation: propagation.PropagationChoice | None = None
+        self.stitcher: Stitcher | None = None
+        self._skmsg_seen: dict[str, int] = {}
+        self._scopes: dict[str, Scope] = {}
         self.probes = [p for p in PROBES if getattr(config.instrumentations, p.name, False)]
         self.scan_seconds: list[float] = []
 
@@ -180,13 +194,19 @@ class EbpfGoReceiver(Receiver):
                              include_db_statement=self.config.include_db_statement,
                              sanitize_db_statement=self.config.sanitize_db_statement,
                              db_statement_max_length=self.config.db_statement_max_length)
-        if self.config.instrumentations.net_http_client and self.config.propagation != "off":
-            try:
-                self.propagation = propagation.choose(self.config.propagation, self.log, self.telemetry.metrics,
-                                                      pin_dir=self.pin_dir)
-                self.common.skmsg = self.propagation.mode == "sk_msg"
-            except Exception as e:  # propagation is optional: spans still flow without it
-                self.log.warning("propagation off: %s", e)
+        # Without client spans nothing can propagate: report "off".
+        requested = self.config.propagation if self.config.instrumentations.net_http_client else "off"
+        try:
+            self.propagation = propagation.choose(requested, self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+        except Exception as e:  # propagation is optional: spans still flow without it
+            self.log.warning("propagation off: %s", e)
+            self.propagation = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+        self.common.skmsg = self.propagation.mode == "sk_msg"
+        if self.propagation.mode in ("sk_msg", "stitch"):
+            # In sk_msg mode the stitcher is the fallback for requests sk_msg left unchanged
+            # (TLS, h2, large headers, ...): injected client spans never wait in it.
+            self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
+                                     count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
         self.enabled = True
         self.log.info("ebpf_go receiver started: %s; tracing %s", how,
                       "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
@@ -203,11 +223,15 @@ class EbpfGoReceiver(Receiver):
         with self._lock:
             for tb in list(self.binaries.values()):
                 self._drain(tb)
+            if self.stitcher is not None:
+                self._consume(self.stitcher.flush(force=True))
+            for tb in list(self.binaries.values()):
                 self._close_binary(tb)
             self.binaries.clear()
             self.processes.clear()
         self.m_processes.set(0)
         if self.propagation is not None:
+            self._read_skmsg_counts()
             self.propagation.stop()
             self.propagation = None
         self._unpin()
@@ -389,11 +413,38 @@ class EbpfGoReceiver(Receiver):
     # -------------------------------------------------------- events
 
     def _reader_loop(self) -> None:
+        next_counts = 0.0
         while not self._stop.is_set():
             with self._lock:
                 for tb in list(self.binaries.values()):
                     self._drain(tb)
+            if self.stitcher is not None:
+                self._consume(self.stitcher.flush())
+            now = time.monotonic()
+            if now >= next_counts:
+                next_counts = now + COUNTS_INTERVAL_S
+                self._read_skmsg_counts()
             self._stop.wait(0.02)
+
+    def _read_skmsg_counts(self) -> None:
+        """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
+        sk = self.propagation.skmsg if self.propagation is not None else None
+        if sk is None:
+            return
+        try:
+            counts = sk.counts().outcomes
+        except Exception:  # our bug or a map gone at shutdown: metrics only
+            self.telemetry.warn_once_per("skmsg-counts", 60, "cannot read the sk_msg counters")
+            return
+        for name, value in counts.items():
+            delta = value - self._skmsg_seen.get(name, 0)
+            if delta <= 0:
+                continue
+            self._skmsg_seen[name] = value
+            if name == "injected":
+                self.m_tp_injected.inc(delta)
+            else:
+                self.m_tp_skipped.labels(reason=name).inc(delta)
 
     def _drain(self, tb: TracedBinary) -> None:
         """Read this binary's ring buffers and push one batch per probe. Called with self._lock held."""
@@ -416,20 +467,29 @@ class EbpfGoReceiver(Receiver):
                 self.telemetry.warn_once_per(f"decode-{pp.probe.name}", 60, "%s: cannot decode records",
                                              pp.probe.name)
                 continue
-            self._push(spans, pp.probe.scope)
+            self._push(spans, pp.probe.scope, getattr(pp.state, "injected", ()))
 
-    def _push(self, spans: list[tuple[int, Span]], scope_name: str) -> None:
+    def _push(self, spans: list[tuple[int, Span]], scope_name: str, settled: Collection[bytes] = ()) -> None:
         by_pid: dict[int, list[Span]] = {}
         for pid, span in spans:
             by_pid.setdefault(pid, []).append(span)
-        scope = Scope(f"{DISTRO}/{scope_name}", VERSION)
+        scope = self._scopes.get(scope_name)
+        if scope is None:
+            scope = self._scopes[scope_name] = Scope(f"{DISTRO}/{scope_name}", VERSION)
         rss = []
         for pid, lst in by_pid.items():
             st = self.processes.get(pid)
             res = st.resource if st is not None else Resource({"process.pid": pid, "telemetry.distro.name": DISTRO})
             rss.append(ResourceSpans(res, [ScopeSpans(scope, lst)]))
         batch = SpanBatch(rss)
-        n = len(spans)
+        if self.stitcher is not None:
+            batch = self.stitcher.process(batch, settled)
+        self._consume(batch)
+
+    def _consume(self, batch: SpanBatch) -> None:
+        n = sum(len(ss.spans) for rs in batch.resource_spans for ss in rs.scope_spans)
+        if n == 0:
+            return
         try:
             self.next_consumer.consume(batch)
             self.m_accepted.inc(n)

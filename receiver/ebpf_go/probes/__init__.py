@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +165,30 @@ class NetHttpClient(Probe):
 
     def binary_state(self, gb: GoBinary, common: Common) -> Any:
         from . import nethttp_client
-        return nethttp_client.error_types(gb)
+        return ClientState(nethttp_client.error_types(gb))
 
     def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
               common: Common) -> list[tuple[int, Span]]:
         from . import nethttp_client
         out = []
+        injected = state.injected
+        injected.clear()
+        errs = state.error_types
         for raw in records:
             ev = nethttp_client.decode(raw)
-            out.append((ev.tgid, nethttp_client.to_span(ev, mono_to_unix, state.get(ev.err_itab, ""))))
+            if ev.propagation == "injected":
+                injected.add(ev.span_id)
+            out.append((ev.tgid, nethttp_client.to_span(ev, mono_to_unix, errs.get(ev.err_itab, ""))))
         return out
+
+
+@dataclass
+class ClientState:
+    """Per binary: `error.type` names by itab; span ids whose `traceparent` sk_msg inserted, for
+    the last `spans()` call only (the receiver lets those pass the stitcher without waiting)."""
+
+    error_types: dict[int, str]
+    injected: set[bytes] = field(default_factory=set)
 
 
 class DatabaseSql(Probe):

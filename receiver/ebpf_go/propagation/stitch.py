@@ -25,7 +25,7 @@ import ipaddress
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +119,15 @@ class Stitcher:
         return None
 
     # ---- pipeline side
-    def process(self, batch: SpanBatch) -> SpanBatch:
+    def process(self, batch: SpanBatch, settled: Collection[bytes] = ()) -> SpanBatch:
         """Keep the candidates of `batch`; return the rest (rewritten where already mapped) plus
-        whatever is due to leave now."""
+        whatever is due to leave now. Client spans whose span id is in `settled` already
+        propagated their context (sk_msg inserted `traceparent`): they pass without waiting."""
         now = self._clock()
         passed: list[tuple[Resource, Scope, Span]] = []
         with self._lock:
             for rs, ss, span in batch.iter_spans():
-                c = self._candidate(span)
+                c = None if settled and span.span_id in settled else self._candidate(span)
                 if c is None:
                     passed.append((rs.resource, ss.scope, span))
                     continue
