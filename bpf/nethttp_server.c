@@ -13,6 +13,8 @@
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
+ * Benchmark switches (benchmarks/server_probe_ab.py; never set by the receiver): AB_EMPTY (both
+ * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF.
  */
 #include "go_types.h"
 
@@ -283,6 +285,9 @@ static __always_inline int parse_traceparent(struct header_scan *st, struct trac
 /* ---- probes */
 
 int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
+#ifdef AB_EMPTY
+    return 0;
+#endif
     u64 now = bpf_ktime_get_ns();
     struct goroutine_key k = goroutine_key(ctx);
     u64 req = GO_PARAM4(ctx);
@@ -300,8 +305,10 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
 
     u64 hdr = 0;
     bpf_probe_read_user(&hdr, sizeof(hdr), (void *)(req + REQ_HEADER_POS));
+#ifndef AB_NO_HEADERS
     if (hdr != 0)
         scan_headers(hdr, c);
+#endif
     int keep = 0;
     if (parse_traceparent(&c->hs, &c->tc) == 0) {
         keep = 1;
@@ -313,6 +320,10 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     bpf_probe_read_user(&rctx, sizeof(rctx), (void *)(req + REQ_CTX_POS));
     c->ctx_data = rctx.data;
     inflight.update(&k, c);
+#ifdef AB_NO_CTX_SPANS
+    c->ctx_data = 0;
+    rctx.data = 0;
+#endif
     if (rctx.data != 0) {
         struct ctx_key ck = {.ptr = rctx.data, .tgid = k.tgid};
         ctx_spans.update(&ck, &c->tc);
@@ -321,11 +332,18 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
 }
 
 int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
+#ifdef AB_EMPTY
+    return 0;
+#endif
     u64 now = bpf_ktime_get_ns();
     struct goroutine_key k = goroutine_key(ctx);
     struct server_call *c = inflight.lookup(&k);
     if (!c)
         return 0;
+#ifdef AB_NO_RINGBUF
+    inflight.delete(&k);
+    return 0;
+#endif
     struct http_server_event *e = events.ringbuf_reserve(sizeof(struct http_server_event));
     if (!e) {
         u32 z = 0;
@@ -347,6 +365,7 @@ int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
     __builtin_memcpy(e->user_agent, c->user_agent, UA_MAX);
 
     e->status = 0;
+#ifndef AB_NO_STRINGS
     u64 major = 0, minor = 0, tls = 0;
     bpf_probe_read_user(&major, sizeof(major), (void *)(req + REQ_PROTO_MAJOR_POS));
     bpf_probe_read_user(&minor, sizeof(minor), (void *)(req + REQ_PROTO_MINOR_POS));
@@ -380,6 +399,7 @@ int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
         READ_GO_STRING(e->pattern, PATTERN_MAX, pat + PATTERN_STR_POS, n);
 #endif
     e->pattern_len = n;
+#endif
 
     u64 flags = BPF_RB_NO_WAKEUP;
     u32 z = 0;
