@@ -1,0 +1,290 @@
+"""Traces across services through the real CLI: three Go services A -> B -> C over HTTP/1.1
+(tests/fixtures/go/httpchain), all traced by one `otelgo-collector` with the file exporter.
+
+One module-scoped collector per propagation mode (`auto`, `sk_msg`, `stitch`), and a fresh chain
+of processes per collector (so that no keep-alive connection outlives the sock_ops program that
+put it into the sockhash). Each request to A carries an id in its URL path (`/chain/<id>`), which
+every hop passes on: that is how the test finds the five spans a request caused and checks that
+no span joined another request's trace.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+if os.geteuid() != 0 and os.environ.get("CI") != "true":
+    pytest.skip("needs root and eBPF", allow_module_level=True)
+
+from collector.spans import KIND_CLIENT, KIND_SERVER, Span, from_json_dict  # noqa: E402
+from tests.support.collector import CollectorProcess, free_port, wait_for_port  # noqa: E402
+from tests.support.gobuild import build_go_fixture  # noqa: E402
+
+MODES = ["auto", "sk_msg", "stitch"]
+ID = re.compile(r"/chain/([A-Za-z0-9_-]+)")
+
+
+@dataclass
+class Chain:
+    """A -> B -> C, each one httpchain process."""
+
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def role_of_pid(self) -> dict[int, str]:
+        return {p.pid: name for name, p in self.procs.items()}
+
+    def start(self, binary: Path) -> None:
+        nxt = ""
+        for name in ("C", "B", "A"):
+            port = free_port()
+            args = [str(binary), "-name", name, "-listen", f"127.0.0.1:{port}"]
+            if nxt:
+                args += ["-next", nxt]
+            self.procs[name] = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+            self.ports[name] = port
+            wait_for_port(port, proc=self.procs[name])
+            nxt = f"http://127.0.0.1:{port}/chain"
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+
+    def get(self, rid: str, headers: dict[str, str] | None = None) -> bytes:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports['A']}/chain/{rid}", headers=headers or {})
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return bytes(r.read())
+
+
+class Traced:
+    """The collector, the chain it traces, and the spans it wrote."""
+
+    def __init__(self, mode: str, workdir: Path) -> None:
+        self.mode = mode
+        self.out = workdir / "spans.jsonl"
+        # A private copy of the fixture: its path selects exactly this chain's processes.
+        self.binary = workdir / "httpchain"
+        shutil.copy(build_go_fixture("httpchain", "1.26"), self.binary)
+        cfg: dict[str, Any] = {
+            "receivers": {"ebpf_go": {"targets": [{"exe_path": str(self.binary)}], "propagation": mode,
+                                      "discovery_interval": "200ms",
+                                      "instrumentations": {"database_sql": False}}},
+            "exporters": {"file": {"path": str(self.out), "flush_interval": "100ms"}},
+            "service": {"pipelines": {"traces": {"receivers": ["ebpf_go"], "exporters": ["file"]}}}}
+        self.col = CollectorProcess(cfg, workdir)
+        self.chain = Chain()
+        try:
+            self.chain.start(self.binary)
+            self.wait_metric("otelgo_ebpf_processes_instrumented", 3, timeout=90)
+        except Exception:
+            self.close()
+            raise
+        self._lines = 0
+        self._by_id: dict[str, list[tuple[str, Span]]] = {}
+
+    def close(self) -> None:
+        self.chain.stop()
+        rc = self.col.stop()
+        assert rc == 0, self.col.log()[-3000:]
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in self.col.scrape().splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.rpartition(" ")
+                out[k] = float(v)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for k, v in self.metrics().items():
+            base, _, rest = k.partition("{")
+            if base == name and all(f'{lk}="{lv}"' in rest for lk, lv in labels.items()):
+                total += v
+        return total
+
+    def wait_metric(self, name: str, value: float, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.metric(name) >= value:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} < {value} after {timeout}s:\n{self.col.log()[-3000:]}")
+
+    def _read(self) -> None:
+        """Index the new lines of the file exporter's output by request id."""
+        if not self.out.exists():
+            return
+        lines = self.out.read_text().splitlines()
+        roles = self.chain.role_of_pid
+        for line in lines[self._lines:]:
+            if not line.strip():
+                continue
+            for rs, _, span in from_json_dict(json.loads(line)).iter_spans():
+                a = span.attributes
+                m = ID.search(str(a.get("url.path") or a.get("url.full") or ""))
+                if m is None:
+                    continue
+                role = roles.get(int(rs.resource.attributes.get("process.pid", 0)), "?")
+                side = "server" if span.kind == KIND_SERVER else "client" if span.kind == KIND_CLIENT else "?"
+                self._by_id.setdefault(m.group(1), []).append((f"{role} {side}", span))
+        self._lines = len(lines)
+
+    def traces(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Span]]:
+        """Wait until every id has its five spans (and one window more for strays); by id, role -> span."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read()
+            if all(len(self._by_id.get(i, ())) >= 5 for i in ids):
+                break
+            time.sleep(0.3)
+        time.sleep(0.5)
+        self._read()
+        out = {}
+        for i in ids:
+            got = self._by_id.get(i, [])
+            roles = [r for r, _ in got]
+            assert sorted(roles) == sorted(ROLES), f"request {i}: spans {roles} ({self.mode})"
+            out[i] = dict(got)
+        return out
+
+
+ROLES = ["A server", "A client", "B server", "B client", "C server"]
+
+
+def check_trace(spans: dict[str, Span], rid: str, all_spans_by_trace: dict[bytes, int] | None = None,
+                upstream: tuple[bytes, bytes] | None = None) -> None:
+    """Five spans, one trace id, parents A server <- A client <- B server <- B client <- C server."""
+    a_srv = spans["A server"]
+    trace = a_srv.trace_id
+    assert {s.trace_id for s in spans.values()} == {trace}, (rid, {r: s.trace_id.hex() for r, s in spans.items()})
+    if upstream is None:
+        assert a_srv.parent_span_id == b"", rid
+    else:
+        assert (trace, a_srv.parent_span_id) == upstream, rid
+    chain = ["A server", "A client", "B server", "B client", "C server"]
+    for parent, child in zip(chain, chain[1:], strict=False):
+        assert spans[child].parent_span_id == spans[parent].span_id, (rid, child, parent)
+    if all_spans_by_trace is not None:
+        assert all_spans_by_trace[trace] == 5, (rid, all_spans_by_trace[trace])
+
+
+@pytest.fixture(scope="module", params=MODES)
+def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    t = Traced(request.param, tmp_path_factory.mktemp(f"chain-{request.param}"))
+    yield t
+    t.close()
+
+
+def expected_mode(t: Traced) -> str:
+    return "stitch" if t.mode == "stitch" else "sk_msg"  # auto: sk_msg on these machines
+
+
+def test_mode_chosen_and_reported(traced: Traced) -> None:
+    mode = expected_mode(traced)
+    assert traced.metric("otelgo_ebpf_propagation_mode", mode=mode) == 1
+    for other in ("probe_write", "sk_msg", "stitch", "off"):
+        if other != mode:
+            assert traced.metric("otelgo_ebpf_propagation_mode", mode=other) == 0
+    assert f"propagation mode {mode} (requested {traced.mode})" in traced.col.log()
+
+
+def test_each_request_gives_one_trace_of_five_spans(traced: Traced) -> None:
+    injected0 = traced.metric("otelgo_ebpf_propagation_injected_total")
+    joined0 = traced.metric("otelgo_ebpf_stitch_total", outcome="joined")
+    ids = [f"seq{i}" for i in range(5)]
+    for i in ids:
+        body = traced.chain.get(i)
+        # what B and C received: a traceparent only when sk_msg inserted one
+        tps = re.findall(rb"[BC] tp=(\S*)", body)
+        assert len(tps) == 2 and all(tps) == (expected_mode(traced) == "sk_msg"), body
+    got = traced.traces(ids)
+    for i in ids:
+        check_trace(got[i], i)
+    traced.wait_metric("otelgo_ebpf_propagation_injected_total", injected0 + (10 if expected_mode(traced) ==
+                                                                             "sk_msg" else 0), timeout=5)
+    injected = traced.metric("otelgo_ebpf_propagation_injected_total") - injected0
+    joined = traced.metric("otelgo_ebpf_stitch_total", outcome="joined") - joined0
+    if expected_mode(traced) == "sk_msg":
+        assert (injected, joined) == (10, 0)   # both hops injected: nothing left to stitch
+        assert traced.metric("otelgo_ebpf_propagation_skipped_total") == 0
+    else:
+        assert (injected, joined) == (0, 10)
+
+
+def test_uninstrumented_upstream_traceparent_continues(traced: Traced) -> None:
+    trace, parent = os.urandom(16), os.urandom(8)
+    tp = f"00-{trace.hex()}-{parent.hex()}-01"
+    traced.chain.get("upstream", {"traceparent": tp})
+    got = traced.traces(["upstream"])
+    check_trace(got["upstream"], "upstream", upstream=(trace, parent))
+
+
+def test_keepalive_and_100_concurrent(traced: Traced) -> None:
+    ids = [f"c{i}" for i in range(100)]
+    with concurrent.futures.ThreadPoolExecutor(100) as ex:
+        list(ex.map(traced.chain.get, ids))
+    conn = http.client.HTTPConnection("127.0.0.1", traced.chain.ports["A"], timeout=20)
+    for i in range(5):  # one keep-alive connection from the upstream too
+        conn.request("GET", f"/chain/ka{i}")
+        assert conn.getresponse().read().startswith(b"A tp=")
+        ids.append(f"ka{i}")
+    conn.close()
+    got = traced.traces(ids)
+    by_trace: dict[bytes, int] = {}
+    for spans in got.values():
+        for s in spans.values():
+            by_trace[s.trace_id] = by_trace.get(s.trace_id, 0) + 1
+    for i in ids:
+        check_trace(got[i], i, by_trace)
+
+
+def test_1000_requests_concurrency_20_no_wrong_join(traced: Traced) -> None:
+    ids = [f"k{i}" for i in range(1000)]
+    counts0 = {o: traced.metric("otelgo_ebpf_stitch_total", outcome=o) for o in ("joined", "unmatched", "evicted")}
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(20) as ex:
+        list(ex.map(traced.chain.get, ids))
+    took = time.monotonic() - t0
+    got = traced.traces(ids, timeout=60)
+    by_trace: dict[bytes, int] = {}
+    for spans in got.values():
+        for s in spans.values():
+            by_trace[s.trace_id] = by_trace.get(s.trace_id, 0) + 1
+    wrong = [i for i in ids if not _ok(got[i], i, by_trace)]
+    counts = {o: traced.metric("otelgo_ebpf_stitch_total", outcome=o) - counts0[o] for o in counts0}
+    print(f"mode {traced.mode}: 1000 requests at concurrency 20 in {took:.1f}s; stitch outcomes {counts}; "
+          f"wrong or incomplete traces {len(wrong)}; injected "
+          f"{traced.metric('otelgo_ebpf_propagation_injected_total'):.0f}, skipped "
+          f"{traced.metric('otelgo_ebpf_propagation_skipped_total'):.0f}")
+    assert wrong == []
+    # 2 local hops per request; A's server span (local upstream, no traceparent) waits and stays unmatched.
+    if expected_mode(traced) == "stitch":
+        assert counts == {"joined": 2000, "unmatched": 1000, "evicted": 0}
+    else:
+        assert counts == {"joined": 0, "unmatched": 1000, "evicted": 0}
+
+
+def _ok(spans: dict[str, Span], rid: str, by_trace: dict[bytes, int]) -> bool:
+    try:
+        check_trace(spans, rid, by_trace)
+        return True
+    except AssertionError:
+        return False
