@@ -6,7 +6,14 @@
 (tools/setup.sh installs it): no cluster has to be configured or running on the machine.
 
 PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
-`postgres` system user (made by the package), which then owns the temporary directory.
+`postgres` system user (made by the package), which then owns the temporary directory (created
+where that user can reach it: under /tmp when $TMPDIR is not traversable by others).
+
+No server outlives its test session: `stop()` runs `pg_ctl stop -m immediate` (from the fixture's
+finalizer and, as a fallback, at interpreter exit). A session killed outright (SIGKILL, OOM,
+timeout with os._exit) cannot stop its server, so each directory records its owner (pid and
+start time of the test process) and the next `PostgresServer()` stops and deletes the clusters
+whose owner is gone (`reap_stale()`); clusters of live sessions are left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 
 DEFAULT_BIN = "/usr/lib/postgresql/15/bin"
+DIR_PREFIX = "otelgo-pg-"
+OWNER_FILE = "owner"  # "<pid> <start time in clock ticks>" of the process that made the cluster
 
 
 class PostgresUnavailable(RuntimeError):
@@ -40,6 +49,58 @@ def find_bin_dir() -> Path:
     raise PostgresUnavailable("PostgreSQL binaries not found (apt-get install postgresql, or set PG_BIN)")
 
 
+def _start_ticks(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time), None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_id() -> str:
+    return f"{os.getpid()} {_start_ticks(os.getpid())}"
+
+
+def _base_dir() -> str:
+    """Where clusters are made: $TMPDIR, unless running as root and it is not traversable by the
+    `postgres` user (e.g. under /root), then /tmp."""
+    base = tempfile.gettempdir()
+    if os.geteuid() == 0:
+        p = Path(base).resolve()
+        for d in (p, *p.parents):
+            if not os.stat(d).st_mode & 0o001:
+                return "/tmp"
+    return base
+
+
+def reap_stale(bin_dir: Path | None = None) -> list[str]:
+    """Stop (pg_ctl -m immediate) and delete the clusters left by test sessions that died; the
+    directories removed. Directories without an owner file or with a live owner are kept."""
+    removed = []
+    for d in glob.glob(os.path.join(_base_dir(), DIR_PREFIX + "*")):
+        try:
+            pid_s, ticks = (Path(d) / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _start_ticks(int(pid_s)) == ticks:
+            continue  # its session is still running
+        data = Path(d) / "data"
+        if (data / "postmaster.pid").exists():
+            st = os.stat(data)
+            try:
+                subprocess.run([str((bin_dir or find_bin_dir()) / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                                "-w", "stop"], capture_output=True, timeout=60, cwd=d,
+                               user=st.st_uid if os.geteuid() == 0 else None,
+                               group=st.st_gid if os.geteuid() == 0 else None,
+                               extra_groups=[] if os.geteuid() == 0 else None)
+            except (OSError, subprocess.SubprocessError, PostgresUnavailable):
+                continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,10 +112,12 @@ class PostgresServer:
 
     def __init__(self, bin_dir: Path | None = None, start_timeout: float = 60.0) -> None:
         self.bin = bin_dir or find_bin_dir()
+        self.reaped = reap_stale(self.bin)
         self.host = "127.0.0.1"
         self.port = _free_port()
         self.user = "postgres"
-        self.dir = Path(tempfile.mkdtemp(prefix="otelgo-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=_base_dir()))
+        (self.dir / OWNER_FILE).write_text(_owner_id())
         self.data = self.dir / "data"
         self.log_path = self.dir / "postgres.log"
         self._run_as: int | None = None
