@@ -129,44 +129,85 @@ def route_of(pattern: str) -> str:
     return pattern[i:] if i >= 0 else ""
 
 
+_MEMO_MAX = 4096
+
+
+def _bounded(memo: dict[Any, Any]) -> dict[Any, Any]:
+    if len(memo) > _MEMO_MAX:
+        memo.clear()
+    return memo
+
+
+# Per-value memos of the hot path: a server sees few distinct methods, patterns, hosts, peers and
+# user agents, so each raw byte string is decoded and parsed once (bounded: cleared past _MEMO_MAX).
+_NAME_MEMO: dict[tuple[bytes, bytes], tuple[str, dict[str, Any]]] = {}
+_HOSTPORT_MEMO: dict[bytes, tuple[str, int | None]] = {}
+_TEXT_MEMO: dict[bytes, str] = {}
+
+
+def _name_attrs(method_b: bytes, pattern_b: bytes) -> tuple[str, dict[str, Any]]:
+    method = method_b.decode("utf-8", "replace")
+    route = route_of(pattern_b.decode("utf-8", "replace")) if pattern_b else ""
+    attrs: dict[str, Any] = {}
+    if method in KNOWN_METHODS:
+        attrs["http.request.method"] = method
+        name = f"{method} {route}" if route else method
+    else:
+        attrs["http.request.method"] = "_OTHER"
+        attrs["http.request.method_original"] = method
+        name = f"HTTP {route}" if route else "HTTP"
+    if route:
+        attrs["http.route"] = route
+    return name, attrs
+
+
+def _host_port(raw: bytes) -> tuple[str, int | None]:
+    hp = _HOSTPORT_MEMO.get(raw)
+    if hp is None:
+        hp = _bounded(_HOSTPORT_MEMO)[raw] = split_host_port(raw.decode("utf-8", "replace"))
+    return hp
+
+
+def _text(raw: bytes) -> str:
+    t = _TEXT_MEMO.get(raw)
+    if t is None:
+        t = _bounded(_TEXT_MEMO)[raw] = raw.decode("utf-8", "replace")
+    return t
+
+
 def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple[int, Span]]:
-    """Decoded records -> [(pid, span)]. One plain loop: this is the hot path."""
+    """Decoded records -> [(pid, span)]. One plain loop: this is the hot path (memoised per value)."""
     out: list[tuple[int, Span]] = []
     append = out.append
+    name_memo = _NAME_MEMO
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, status,
          method_len, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
          method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
-        method = method_b[:method_len].decode("utf-8", "replace")
-        route = route_of(pattern_b[:pattern_len].decode("utf-8", "replace")) if pattern_len else ""
-        attrs: dict[str, Any] = {}
-        if method in KNOWN_METHODS:
-            attrs["http.request.method"] = method
-            name = f"{method} {route}" if route else method
-        else:
-            attrs["http.request.method"] = "_OTHER"
-            attrs["http.request.method_original"] = method
-            name = f"HTTP {route}" if route else "HTTP"
-        attrs["url.path"] = path_b[:path_len].decode("utf-8", "replace")
+        nk = (method_b[:method_len], pattern_b[:pattern_len])
+        na = name_memo.get(nk)
+        if na is None:
+            na = _bounded(name_memo)[nk] = _name_attrs(*nk)
+        name = na[0]
+        attrs = dict(na[1])
+        attrs["url.path"] = _text(path_b[:path_len])
         attrs["url.scheme"] = "https" if tls else "http"
         if major == 1 and status == 0:
             status = 200  # the handler wrote nothing: net/http answers 200 after ServeHTTP returns
         if 100 <= status <= 599:
             attrs["http.response.status_code"] = status
-        if route:
-            attrs["http.route"] = route
         if host_len:
-            host, port = split_host_port(host_b[:host_len].decode("utf-8", "replace"))
+            host, port = _host_port(host_b[:host_len])
             attrs["server.address"] = host
             if port is not None:
                 attrs["server.port"] = port
         if remote_len:
-            peer, pport = split_host_port(remote_b[:remote_len].decode("utf-8", "replace"))
+            peer, pport = _host_port(remote_b[:remote_len])
             attrs["network.peer.address"] = peer
             if pport is not None:
                 attrs["network.peer.port"] = pport
-        attrs["network.protocol.version"] = f"{major}.{minor}" if major == 1 else str(major)
+        attrs["network.protocol.version"] = ("1.1" if minor == 1 else f"1.{minor}") if major == 1 else str(major)
         if ua_len:
-            attrs["user_agent.original"] = ua_b[:ua_len].decode("utf-8", "replace")
+            attrs["user_agent.original"] = _text(ua_b[:ua_len])
         span = Span(trace_id, span_id, name, parent_span_id=parent if remote else b"", kind=KIND_SERVER,
                     start_time_unix_nano=start + mono_to_unix_ns, end_time_unix_nano=end + mono_to_unix_ns,
                     attributes=attrs, flags=(flags & 0xFF) | 0x100 | (0x200 if remote else 0))
