@@ -168,3 +168,22 @@ def test_1000_requests_concurrency_20_no_wrong_joins() -> None:
     wrong = sum(1 for cl, sv in pairs if (sv.trace_id, sv.parent_span_id) != (cl.trace_id, cl.span_id))
     assert wrong == 0
     assert counts == {"joined": 1000}
+
+
+def test_settled_client_spans_pass_without_waiting() -> None:
+    """sk_msg mode: a client span whose traceparent was inserted is settled and never waits;
+    one that was not injected still waits and joins its server span (the fallback)."""
+    clock = Clock()
+    st, counts = make(clock)
+    ta, tb = rid(), rid()
+    injected = client(ta, sid(), 100, 900, lport=43000)
+    skipped = client(ta, sid(), 1000, 1900, lport=43001)
+    out = spans_of(st.process(batch("A", injected, skipped), settled={injected.span_id}))
+    assert out == [injected] and st.pending() == 1
+    b_srv = server(tb, 1100, 1800, peer_port=43001)
+    assert spans_of(st.process(batch("B", b_srv))) == []
+    clock.t = 2.5
+    left = spans_of(st.flush())
+    assert {s.span_id for s in left} == {skipped.span_id, b_srv.span_id}
+    assert b_srv.trace_id == ta and b_srv.parent_span_id == skipped.span_id
+    assert counts == {"joined": 1}
