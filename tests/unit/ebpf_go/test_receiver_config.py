@@ -40,8 +40,9 @@ def test_targets_as_a_user_writes_them() -> None:
     assert c.discovery_interval == 0.25
 
 
-def test_include_is_accepted_for_targets() -> None:
-    assert EbpfGoConfig.model_validate({"include": [{"pid": 7}]}).targets[0].pid == [7]
+def test_unknown_key_include_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        EbpfGoConfig.model_validate({"include": [{"pid": 7}]})
 
 
 @pytest.mark.parametrize("doc,words", [

@@ -141,9 +141,10 @@ def test_jcc_point_plain_calls() -> None:
     entry, jcc, ret = (_per_site(hits, s) for s in (SITE_ENTRY, SITE_JCC, SITE_RET))
     assert jcc == entry
     assert sum(ret.values()) == n
-    # The main goroutine's stack may grow during a call (then entry and jcc both fire twice).
+    # The main goroutine's stack may grow during a call (then entry and jcc both fire twice); the GC
+    # can shrink it again, so growth recurs now and then: rare, never zero-or-negative.
     extra = sum(entry.values()) - n
-    assert 0 <= extra <= 3
+    assert 0 <= extra <= n // 100
     assert {ax for (_, ax, _) in entry} == {0, 1, 2, 3}  # the one argument, x = i % 4
     print(f"\nmanyReturns: calls={n} entry_hits={sum(entry.values())} jcc_hits={sum(jcc.values())} "
           f"ret_hits={sum(ret.values())} re-entries_after_morestack={extra}")
