@@ -242,10 +242,10 @@ def test_keepalive_and_100_concurrent(traced: Traced) -> None:
     with concurrent.futures.ThreadPoolExecutor(100) as ex:
         list(ex.map(traced.chain.get, ids))
     conn = http.client.HTTPConnection("127.0.0.1", traced.chain.ports["A"], timeout=20)
-    for i in range(5):  # one keep-alive connection from the upstream too
-        conn.request("GET", f"/chain/ka{i}")
+    for k in range(5):  # one keep-alive connection from the upstream too
+        conn.request("GET", f"/chain/ka{k}")
         assert conn.getresponse().read().startswith(b"A tp=")
-        ids.append(f"ka{i}")
+        ids.append(f"ka{k}")
     conn.close()
     got = traced.traces(ids)
     by_trace: dict[bytes, int] = {}
@@ -288,3 +288,17 @@ def _ok(spans: dict[str, Span], rid: str, by_trace: dict[bytes, int]) -> bool:
         return True
     except AssertionError:
         return False
+
+
+def test_skipped_injection_falls_back_to_stitch(traced: Traced) -> None:
+    """Headers over Go's 4 KiB bufio buffer: sk_msg leaves both hops unchanged (split_request);
+    the stitcher joins them, so the trace is whole in every mode."""
+    skipped0 = traced.metric("otelgo_ebpf_propagation_skipped_total", reason="split_request")
+    joined0 = traced.metric("otelgo_ebpf_stitch_total", outcome="joined")
+    body = traced.chain.get("big?pad=5000")
+    assert re.findall(rb"[BC] tp=(\S*)", body) == [b"", b""], body  # nothing inserted
+    got = traced.traces(["big"])
+    check_trace(got["big"], "big")
+    assert traced.metric("otelgo_ebpf_stitch_total", outcome="joined") - joined0 == 2
+    if expected_mode(traced) == "sk_msg":
+        traced.wait_metric("otelgo_ebpf_propagation_skipped_total", skipped0 + 2, timeout=5)

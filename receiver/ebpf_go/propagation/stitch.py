@@ -16,6 +16,10 @@ from local peers. They wait `window_s` after arrival (so that both sides and the
 arrived), at most `max_pending` of them (the oldest leave unchanged when full: `evicted`). Other
 spans pass straight through, rewritten if their trace was already mapped. A span of a mapped trace
 that left before the join (a local child that ended early) keeps the old trace id.
+The client end (address, port) alone is not unique: Linux gives the same local port to
+connections to different servers (measured: a local upstream's connection to A and A's connection
+to B shared 127.0.0.1:P under load, and joined wrongly). So the server span's `server.port` (from
+its Host header) must also equal the client span's `network.peer.port` when both are known.
 Outcomes are counted per server candidate: `otelgo_ebpf_stitch_total{outcome=joined|unmatched|evicted}`.
 """
 
@@ -166,8 +170,10 @@ class Stitcher:
     # ---- internals (under the lock)
     def _try_join(self, server: _Held) -> None:
         st = server.span.start_time_unix_nano
+        want_port = server.span.attributes.get("server.port")
         matches = [c for c in self._clients.get(server.key, ())
-                   if c.span.start_time_unix_nano <= st <= c.span.end_time_unix_nano]
+                   if c.span.start_time_unix_nano <= st <= c.span.end_time_unix_nano
+                   and (want_port is None or c.span.attributes.get("network.peer.port") in (None, want_port))]
         if len(matches) != 1:
             return  # none yet, or ambiguous: never guess
         client = matches[0].span

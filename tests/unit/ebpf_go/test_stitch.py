@@ -187,3 +187,22 @@ def test_settled_client_spans_pass_without_waiting() -> None:
     assert {s.span_id for s in left} == {skipped.span_id, b_srv.span_id}
     assert b_srv.trace_id == ta and b_srv.parent_span_id == skipped.span_id
     assert counts == {"joined": 1}
+
+
+def test_same_local_port_to_another_server_is_not_joined() -> None:
+    """Linux reuses a local port for connections to different servers: the server's port (Host)
+    must match the client's peer port."""
+    clock = Clock()
+    st, counts = make(clock)
+    cli = client(rid(), sid(), 100, 900, lport=44000)          # to port 8080
+    other = server(rid(), 200, 800, peer_port=44000)
+    other.attributes["server.port"] = 9090                       # a request to another server
+    mine = server(rid(), 300, 700, peer_port=44000)
+    mine.attributes["server.port"] = 8080
+    st.process(batch("A", cli))
+    st.process(batch("X", other, mine))
+    clock.t = 2.5
+    st.flush()
+    assert mine.parent_span_id == cli.span_id and mine.trace_id == cli.trace_id
+    assert other.parent_span_id == b"" and other.trace_id != cli.trace_id
+    assert counts == {"joined": 1, "unmatched": 1}
