@@ -5,6 +5,7 @@ Everything that touches BCC directly lives here, so the rest of the receiver is 
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import platform
@@ -164,7 +165,17 @@ def compile_program(source: Path, cflags: list[str], kernel_source: str | None) 
                           + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
     if text.strip():
         sys.stderr.write(text)
+    _return_freed_memory()
     return Program(b, source.name, time.monotonic() - t0)
+
+
+def _return_freed_memory() -> None:
+    """clang/LLVM frees most of what a compile allocated, but glibc keeps it in its arenas: hand it
+    back to the kernel (measured: about 40 MB of resident memory after one compile)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _STDERR_LOCK = threading.Lock()

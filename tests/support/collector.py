@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -16,6 +17,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BINARY = Path(sys.executable).parent / "otelgo-collector"
+
+
+def _term_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, however it dies (no stray collectors)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -56,7 +63,8 @@ class CollectorProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(BINARY), "--config", str(self.config_path), *extra_args],
                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, cwd=workdir)
+                                     env={**os.environ, **(env or {})}, cwd=workdir,
+                                     preexec_fn=_term_with_parent)
         try:
             self.wait_ready()
         except Exception as e:
