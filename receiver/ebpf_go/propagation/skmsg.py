@@ -31,6 +31,7 @@ OUTCOMES: dict[int, str] = {
     7: "push_failed",
     8: "not_http1",
 }
+BPF_F_ALLOW_MULTI = 2  # uapi/linux/bpf.h
 COUNT_SAME_THREAD = 12
 COUNT_OTHER_THREAD = 13
 
@@ -105,7 +106,9 @@ class SkMsgPropagation:
                 raise PropagationError("sockhash `socks` has no fd")
             BPF.attach_func(self._skmsg, self._sock_fd, BPFAttachType.SK_MSG_VERDICT)
             self._cgroup_fd = os.open(self.cgroup, os.O_RDONLY)
-            BPF.attach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS)
+            # BPF_F_ALLOW_MULTI: another collector's sock_ops on the same cgroup stays attached
+            # (without it the last attach replaces the others and silently ends their injection).
+            BPF.attach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
         except PropagationError:
             self.stop()
             raise
