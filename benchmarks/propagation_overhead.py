@@ -12,6 +12,7 @@ measured in http_server_overhead.py). Reported per request: wall µs at the clie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import statistics
@@ -85,8 +86,8 @@ def main() -> None:
             proc.kill()
             proc.wait()
             if b is not None:
-                b.ring_buffer_consume()
-                b.cleanup()
+                with contextlib.suppress(Exception):  # BCC's detach of an exited pid's PMU uprobes
+                    b.cleanup()
                 sk.stop()
 
     try:
