@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collector.component import ComponentID  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
+from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 
 C_SOURCE = r"""
 #include <stdio.h>
@@ -222,11 +223,7 @@ def main() -> int:
     exp.shutdown()
     prod.stdin.close()
     prod.wait()
-    from bcc import lib
-    for name, fd in list(b.uprobe_fds.items()):
-        lib.bpf_close_perf_event_fd(fd)
-        b._del_uprobe_fd(name)
-    b.cleanup()
+    release_bpf(b)
     sink.terminate()
     if args.json:
         print(json.dumps(rows))

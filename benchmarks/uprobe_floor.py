@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from receiver.ebpf_go.loader import release_bpf  # noqa: E402
+
 C_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,16 +44,6 @@ BPF_TEXT = """
 BPF_ARRAY(hits, u64, 1);
 int on_hit(void *ctx) { int k = 0; u64 *v = hits.lookup(&k); if (v) __sync_fetch_and_add(v, 1); return 0; }
 """
-
-
-def detach_all(b: object) -> None:
-    """Close the perf-event uprobes ourselves: BCC's detach also edits tracefs, absent on hosts without it."""
-    from bcc import lib
-
-    for name, fd in list(b.uprobe_fds.items()):  # type: ignore[attr-defined]
-        lib.bpf_close_perf_event_fd(fd)
-        b._del_uprobe_fd(name)  # type: ignore[attr-defined]
-    b.cleanup()  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -86,7 +79,7 @@ def main() -> None:
         probed_cmp.append(c)
         probed_push.append(p)
         hits = b["hits"][0].value
-        detach_all(b)
+        release_bpf(b)
         assert hits == 2 * args.calls, f"expected {2 * args.calls} hits, saw {hits}"
     proc.stdin.close()
     proc.wait()

@@ -234,8 +234,14 @@ def close_program(prog: Program) -> None:
     """Detach every pid, then free maps, programs and the ring buffer."""
     for pid in list(prog.links):
         detach_pid(prog, pid)
+    release_bpf(prog.bpf)
+
+
+def release_bpf(bpf: Any) -> None:
+    """Close every uprobe of a BCC object, then free it. BCC's own cleanup() also edits tracefs
+    uprobe_events, which its PMU attach never used and which may not be mounted (it then raises)."""
     from bcc import lib
-    for ev_name, fd in list(prog.bpf.uprobe_fds.items()):
+    for ev_name, fd in list(bpf.uprobe_fds.items()):
         lib.bpf_close_perf_event_fd(fd)
-        prog.bpf._del_uprobe_fd(ev_name)
-    prog.bpf.cleanup()
+        bpf._del_uprobe_fd(ev_name)
+    bpf.cleanup()

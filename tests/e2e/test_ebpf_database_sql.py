@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, from_json_dict
 from receiver.ebpf_go.gobinary import GoBinary
+from receiver.ebpf_go.loader import release_bpf
 from receiver.ebpf_go.probes import database_sql as dbsql
 from tests.support.collector import CollectorProcess
 from tests.support.gobuild import build_go_fixture
@@ -209,15 +210,7 @@ class LoadedProbe:
         self.close()
 
 
-def close_bpf(bpf: Any) -> None:
-    from bcc import lib
-
-    # BCC attached through the uprobe PMU: closing the perf event fd detaches. Its own
-    # detach_uprobe_event also writes tracefs uprobe_events, absent here, and then fails.
-    for name, fd in list(bpf.uprobe_fds.items()):
-        lib.bpf_close_perf_event_fd(fd)
-        del bpf.uprobe_fds[name]
-    bpf.cleanup()
+close_bpf = release_bpf  # closes PMU uprobes without tracefs, then frees the BPF object
 
 
 @root

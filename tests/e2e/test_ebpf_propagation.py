@@ -28,6 +28,7 @@ if os.geteuid() != 0 and os.environ.get("CI") != "true":
     pytest.skip("needs root and eBPF", allow_module_level=True)
 
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
+from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_client as nc  # noqa: E402
 from receiver.ebpf_go.propagation.skmsg import SkMsgPropagation  # noqa: E402
 from tests.support.collector import free_port, wait_for_port  # noqa: E402
@@ -115,10 +116,7 @@ class Traced:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        try:
-            self.bpf.cleanup()
-        except Exception:
-            pass  # BCC's detach of PMU uprobes of an exited process
+        release_bpf(self.bpf)
         self.raw.close()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from receiver.ebpf_go.gobinary import GoBinary
+from receiver.ebpf_go.loader import release_bpf
 
 from .conftest import fixture_binary
 
@@ -60,15 +61,7 @@ def _bpf() -> Any:
     return BPF(text=BPF_TEXT.encode())
 
 
-def _cleanup(b: Any) -> None:
-    """Detach every probe. BCC 0.26 complains when the traced process already exited (its perf
-    events are gone with it); the probes are detached either way, so that error is ignored."""
-    for ev in list(b.uprobe_fds):
-        try:
-            b.detach_uprobe_event(ev)
-        except Exception:
-            b.uprobe_fds.pop(ev, None)
-    b.cleanup()
+_cleanup = release_bpf  # closes PMU uprobes without tracefs, then frees the BPF object
 
 
 def _run(binary: Path, args: list[str], attach: dict[str, list[int]], fn: str | None = None
