@@ -36,6 +36,21 @@ COUNT_SAME_THREAD = 12
 COUNT_OTHER_THREAD = 13
 
 
+
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+
+
+def _cgroup_link(prog_fd: int, cgroup_fd: int) -> int:
+    """Attach a sock_ops program to a cgroup through a BPF link (the fd, or -1 if links are
+    unavailable). A link is detached by the kernel when its last fd closes, so a collector that is
+    killed leaves nothing attached that would keep inspecting every connection of the host."""
+    from bcc import lib
+
+    fn = lib.bpf_link_create
+    fn.restype = ct.c_int
+    fn.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    return int(fn(prog_fd, cgroup_fd, BPF_CGROUP_SOCK_OPS, None))
+
 class PropagationError(RuntimeError):
     """sk_msg propagation could not be set up on this host (message says why)."""
 
@@ -78,6 +93,7 @@ class SkMsgPropagation:
         self.scan_max = scan_max
         self._bpf: Any = None
         self._cgroup_fd = -1
+        self._link_fd = -1
         self._sockops: Any = None
         self._skmsg: Any = None
         self._sock_fd = -1
@@ -106,9 +122,12 @@ class SkMsgPropagation:
                 raise PropagationError("sockhash `socks` has no fd")
             BPF.attach_func(self._skmsg, self._sock_fd, BPFAttachType.SK_MSG_VERDICT)
             self._cgroup_fd = os.open(self.cgroup, os.O_RDONLY)
-            # BPF_F_ALLOW_MULTI: another collector's sock_ops on the same cgroup stays attached
-            # (without it the last attach replaces the others and silently ends their injection).
-            BPF.attach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+            self._link_fd = _cgroup_link(self._sockops.fd, self._cgroup_fd)
+            if self._link_fd < 0:
+                # No BPF links (kernel < 5.7): a plain attach, which outlives a killed collector.
+                # BPF_F_ALLOW_MULTI: another collector's sock_ops on the same cgroup stays attached
+                # (without it the last attach replaces the others and silently ends their injection).
+                BPF.attach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
         except PropagationError:
             self.stop()
             raise
@@ -129,9 +148,13 @@ class SkMsgPropagation:
 
     def stop(self) -> None:
         from bcc import BPF, BPFAttachType
-        if self._cgroup_fd >= 0:
+        if self._link_fd >= 0:
+            os.close(self._link_fd)  # closing the link detaches the sock_ops program
+            self._link_fd = -1
+        elif self._cgroup_fd >= 0:
             with contextlib.suppress(Exception):
                 BPF.detach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS)
+        if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
         if self._sock_fd >= 0 and self._skmsg is not None:
