@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from receiver.ebpf_go.gobinary import BinaryError, GoBinary
+from tests.support.ci import skip_or_fail_in_ci
 
 from .conftest import (
     EXTERNAL_VERSIONS,
@@ -31,7 +32,7 @@ def _twin(version: str, variant: str) -> GoBinary:
 @pytest.mark.parametrize("version,variant", CASES)
 def test_functions_and_returns_match_objdump(version: str, variant: str) -> None:
     if "external" in variant and not have_gcc():
-        pytest.skip("gcc needed for external linking")
+        skip_or_fail_in_ci("gcc needed for external linking")
     path = fixture_binary(version, variant)
     b = GoBinary.open(path)
     assert b.stripped == (variant != "plain" and variant != "pie")
@@ -56,7 +57,7 @@ def test_functions_and_returns_match_objdump(version: str, variant: str) -> None
 def test_pclntab_equals_symtab_for_every_function(version: str, variant: str) -> None:
     """Every function of the pclntab has the start and end the symbol table of the twin gives."""
     if "external" in variant and not have_gcc():
-        pytest.skip("gcc needed for external linking")
+        skip_or_fail_in_ci("gcc needed for external linking")
     sb = GoBinary.open(fixture_binary(version, variant))
     stripped = sb.functions()
     symtab = _twin(version, variant).functions()
