@@ -57,7 +57,7 @@ def test_inspect_pid(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         time.sleep(0.2)
         if not os.access(f"/proc/{proc.pid}/exe", os.R_OK) and os.geteuid() != 0:
-            pytest.skip("cannot read /proc/pid/exe")
+            pytest.skip("cannot read /proc/pid/exe as non-root (CI runs as root)")
         assert main([str(proc.pid), "--json"]) == 0
         rep = json.loads(capsys.readouterr().out)
         assert rep["pid"] == proc.pid and rep["go_version"].startswith("go1.27")
