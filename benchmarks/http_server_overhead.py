@@ -6,7 +6,9 @@ The server (tests/fixtures/go/httpserver, GOMAXPROCS=1) is pinned to CPU 0; wrk 
 keep-alive connections, GET /hello) and the receiver run on CPU 1. Rounds alternate: without, with
 (receiver started, attached, then shut down after the round). Reports medians, µs added per request
 (1e6/rps_with - 1e6/rps_without: the server core's extra time per request) and checks that every
-request became a span. Also measures the receiver's /proc discovery scan.
+request became a span. Latency: wrk --latency p50/p99 per round (closed loop, 4 connections: the
+latency at full load, ≈ 4 / req/s plus queueing; the tail shows the probe hits' scheduling
+jitter). Also measures the receiver's /proc discovery scan.
 """
 
 from __future__ import annotations
@@ -46,12 +48,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, seconds: float) -> tuple[float, int]:
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c4", f"-d{int(seconds)}s", url],
-                         capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return rps, total
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
+
+
+class WrkResult:
+    """One wrk run: requests/s, requests counted, and latency percentiles (µs) from --latency."""
+
+    def __init__(self, out: str) -> None:
+        self.rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        self.total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        self.pct: dict[int, float] = {}
+        dist = out.split("Latency Distribution", 1)[1] if "Latency Distribution" in out else ""
+        for p, v, unit in re.findall(r"^\s*(\d+)%\s+([\d.]+)(us|ms|s|m)\s*$", dist, re.M):
+            self.pct[int(p)] = float(v) * _UNIT_US[unit]
+
+    @property
+    def p50(self) -> float:
+        return self.pct[50]
+
+    @property
+    def p99(self) -> float:
+        return self.pct[99]
+
+
+def wrk(url: str, seconds: float, connections: int = 4) -> WrkResult:
+    """wrk -t1 -c<connections> --latency on CPU 1 (closed loop: each connection sends its next
+    request when the previous answer arrives, so the percentiles are those at full load)."""
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", "--latency",
+                          f"-d{int(seconds)}s", url], capture_output=True, text=True, check=True).stdout
+    return WrkResult(out)
 
 
 def main() -> int:
@@ -69,8 +94,8 @@ def main() -> int:
     url = f"http://{addr}/hello"
     pid = srv.pid
     # taskset execs the server: same pid.
-    without: list[float] = []
-    with_: list[float] = []
+    without: list[WrkResult] = []
+    with_: list[WrkResult] = []
     spans_ok: list[tuple[int, int]] = []
     cpu_without: list[float] = []
     cpu_with: list[float] = []
@@ -78,9 +103,9 @@ def main() -> int:
         wrk(url, 1)  # warm-up
         for _ in range(args.rounds):
             c0 = cpu_seconds(pid)
-            rps, total = wrk(url, args.seconds)
-            without.append(rps)
-            cpu_without.append((cpu_seconds(pid) - c0) / total * 1e6)
+            res = wrk(url, args.seconds)
+            without.append(res)
+            cpu_without.append((cpu_seconds(pid) - c0) / res.total * 1e6)
             sink = Count()
             cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pid}], "discovery_interval": "100ms",
                                                "propagation": "off"})
@@ -91,26 +116,31 @@ def main() -> int:
             while pid not in r.processes and time.monotonic() - t0 < 30:
                 time.sleep(0.05)
             c0 = cpu_seconds(pid)
-            rps, total = wrk(url, args.seconds)
-            with_.append(rps)
-            cpu_with.append((cpu_seconds(pid) - c0) / total * 1e6)
+            res = wrk(url, args.seconds)
+            with_.append(res)
+            cpu_with.append((cpu_seconds(pid) - c0) / res.total * 1e6)
             time.sleep(0.3)
             r.shutdown()
-            spans_ok.append((total, sink.n))
+            spans_ok.append((res.total, sink.n))
     finally:
         srv.kill()
         srv.wait()
-    w0, w1 = statistics.median(without), statistics.median(with_)
-    print(f"Go {args.go}, {args.rounds} alternating rounds of {args.seconds:g}s, wrk -t1 -c4 GET /hello")
-    print("| round | without (req/s) | with (req/s) | server CPU µs/req without | with | requests | spans |")
-    print("|---|---|---|---|---|---|---|")
+    w0, w1 = statistics.median(x.rps for x in without), statistics.median(x.rps for x in with_)
+    print(f"Go {args.go}, {args.rounds} alternating rounds of {args.seconds:g}s, wrk -t1 -c4 --latency GET /hello")
+    print("| round | without (req/s) | with (req/s) | p50 µs without | with | p99 µs without | with "
+          "| server CPU µs/req without | with | requests | spans |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (a, b, ca, cb, (tot, n)) in enumerate(zip(without, with_, cpu_without, cpu_with, spans_ok,
                                                       strict=True), 1):
-        print(f"| {i} | {a:,.0f} | {b:,.0f} | {ca:.1f} | {cb:.1f} | {tot} | {n} |")
+        print(f"| {i} | {a.rps:,.0f} | {b.rps:,.0f} | {a.p50:.0f} | {b.p50:.0f} | {a.p99:.0f} | {b.p99:.0f} "
+              f"| {ca:.1f} | {cb:.1f} | {tot} | {n} |")
     c0m, c1m = statistics.median(cpu_without), statistics.median(cpu_with)
+    p50 = [statistics.median(x.p50 for x in rs) for rs in (without, with_)]
+    p99 = [statistics.median(x.p99 for x in rs) for rs in (without, with_)]
     print(f"\nmedian without {w0:,.0f} req/s, with {w1:,.0f} req/s, ratio {w1 / w0:.3f}, "
           f"added {1e6 / w1 - 1e6 / w0:.1f} µs per request (throughput); server CPU {c0m:.1f} -> {c1m:.1f} "
-          f"µs/request, added {c1m - c0m:.1f} µs")
+          f"µs/request, added {c1m - c0m:.1f} µs; latency p50 {p50[0]:.0f} -> {p50[1]:.0f} µs, "
+          f"p99 {p99[0]:.0f} -> {p99[1]:.0f} µs")
     # Discovery: one /proc scan as the receiver does it (first scan reads every process).
     w = discovery.ProcessWatcher()
     t = time.perf_counter()
