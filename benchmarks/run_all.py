@@ -23,6 +23,8 @@ RUNS: list[tuple[str, list[str]]] = [
     ("platform floor: one uprobe hit", ["uprobe_floor.py", "--calls", "100000"]),
     ("service overhead: net/http server without/with the receiver",
      ["http_server_overhead.py", "--rounds", "3", "--seconds", "3"]),
+    ("service overhead: composite service (HTTP call to a second Go service + SQLite), without/with",
+     ["service_overhead.py", "--rounds", "3", "--seconds", "3"]),
     ("where the server probe's cost goes (A/B of program variants)",
      ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,empty,empty-entry,empty-ret"]),
     ("pipeline capacity: ring buffer -> otlp on one core",
