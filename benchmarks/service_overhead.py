@@ -8,8 +8,10 @@ SQLite `QueryRowContext` (modernc.org/sqlite). Both services GOMAXPROCS=1, pinne
 core they share is the bottleneck); wrk (-t1 -c4 --latency, keep-alive) and the receiver
 (in-process: net_http_server, net_http_client, database_sql on, `propagation: auto`) on CPU 1.
 
-Rounds alternate: without, with (receiver started, both processes attached, then shut down after
-the round). Per round: requests/s, wrk's p50/p99 latency (closed loop, 4 connections), CPU µs per
+Rounds alternate: without, with; each phase starts both services afresh (the front's keep-alive
+connections to the downstream must be made while sk_msg's sock_ops program is attached to be
+in its sockhash), then, for "with", the receiver (started, both processes attached, shut down
+after the phase), a 1 s wrk warm-up and the measured wrk run. Per round: requests/s, wrk's p50/p99 latency (closed loop, 4 connections), CPU µs per
 request of the two services together (utime+stime: uprobe handlers and the sk_msg program run in
 the traced threads and count there), spans per request (4 expected: front SERVER, its CLIENT, its
 database CLIENT, the downstream SERVER) and traceparent insertions by sk_msg.
@@ -36,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from http_server_overhead import Count, WrkResult, cpu_seconds, wrk  # noqa: E402
+from http_server_overhead import Count, cpu_seconds, wrk  # noqa: E402
 
 from collector.component import ComponentID  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
@@ -95,66 +97,80 @@ def main() -> int:
     c_ss, c_emu, floor_how = floor_costs(args)
     env = {**os.environ, "GOMAXPROCS": "1"}
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        down = subprocess.Popen(["taskset", "-c", "0", str(down_bin)], stdout=subprocess.PIPE, text=True, env=env)
-        front = None
+
+    def phase(tmp: str, traced: bool) -> dict[str, Any]:
+        """Fresh services (so that their connections are made while sock_ops is, or is not,
+        attached), the receiver when traced, a 1 s warm-up, then the measured wrk run."""
+        procs: list[subprocess.Popen[str]] = []
+        r: Any = None
+        out: dict[str, Any] = {}
         try:
+            down = subprocess.Popen(["taskset", "-c", "0", str(down_bin)], stdout=subprocess.PIPE, text=True,
+                                    env=env)
+            procs.append(down)
             assert down.stdout is not None
             down_addr = down.stdout.readline().split()[1]
             front = subprocess.Popen(["taskset", "-c", "0", str(front_bin), "-sqlite", f"{tmp}/app.db",
                                       "-downstream", f"http://{down_addr}/hello"],
                                      stdout=subprocess.PIPE, text=True, env=env)
+            procs.append(front)
             assert front.stdout is not None
             url = f"http://{front.stdout.readline().split()[1]}/sqlite/composite"
             pids = [front.pid, down.pid]  # taskset execs: same pids
-
-            def measure() -> tuple[WrkResult, float, list[float]]:
-                c0 = [cpu_seconds(p) for p in pids]
-                res = wrk(url, args.seconds)
-                per = [(cpu_seconds(p) - c) / res.total * 1e6 for p, c in zip(pids, c0, strict=True)]
-                return res, sum(per), per
-
-            wrk(url, 1)  # warm-up (connections, SQLite page cache)
-            for _ in range(args.rounds):
-                off, cpu_off, per_off = measure()
-                sink = Count()
+            sink = Count()
+            if traced:
                 cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pids}], "discovery_interval": "100ms",
                                                    "propagation": "auto"})
-                r: Any = factory.create(ComponentID("ebpf_go"), cfg,
-                                        ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)
+                r = factory.create(ComponentID("ebpf_go"), cfg,
+                                   ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)
                 t0 = time.monotonic()
                 r.start(None)
-                try:
-                    mode = r.propagation.mode if r.propagation is not None else "none"
-                    while not all(p in r.processes for p in pids) and time.monotonic() - t0 < 90:
-                        time.sleep(0.05)
-                    if not all(p in r.processes for p in pids):
-                        raise RuntimeError("services not instrumented within 90 s")
-                    attach_s = time.monotonic() - t0
-                    on, cpu_on, per_on = measure()
-                    time.sleep(0.3)
-                finally:
-                    r.shutdown()
-                rows.append({"off": off, "on": on, "cpu_off": cpu_off, "cpu_on": cpu_on, "per_off": per_off,
-                             "per_on": per_on, "spans": sink.n, "injected": r._skmsg_seen.get("injected", 0),
-                             "mode": mode, "attach_s": attach_s})
+                out["mode"] = r.propagation.mode if r.propagation is not None else "none"
+                while not all(p in r.processes for p in pids) and time.monotonic() - t0 < 90:
+                    time.sleep(0.05)
+                if not all(p in r.processes for p in pids):
+                    raise RuntimeError("services not instrumented within 90 s")
+                out["attach_s"] = time.monotonic() - t0
+            warm = wrk(url, 1)  # connections (to the downstream too), SQLite page cache
+            c0 = [cpu_seconds(p) for p in pids]
+            res = wrk(url, args.seconds)
+            per = [(cpu_seconds(p) - c) / res.total * 1e6 for p, c in zip(pids, c0, strict=True)]
+            out.update(res=res, cpu=sum(per), per=per, requests=warm.total + res.total)
+            if r is not None:
+                time.sleep(0.3)
+                r.shutdown()
+                out.update(spans=sink.n, injected=r._skmsg_seen.get("injected", 0))
+                r = None
+            return out
         finally:
-            for p in (front, down):
-                if p is not None:
-                    p.kill()
-                    p.wait()
+            if r is not None:
+                r.shutdown()
+            for p in procs:
+                p.kill()
+                p.wait()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            off = phase(tmp, False)
+            on = phase(tmp, True)
+            rows.append({"off": off["res"], "on": on["res"], "cpu_off": off["cpu"], "cpu_on": on["cpu"],
+                         "per_off": off["per"], "per_on": on["per"], "spans": on["spans"],
+                         "injected": on["injected"], "requests": on["requests"], "mode": on["mode"],
+                         "attach_s": on["attach_s"]})
+            print(f"round {len(rows)}: {off['res'].rps:,.0f} -> {on['res'].rps:,.0f} req/s", file=sys.stderr,
+                  flush=True)
     floor = ss * c_ss + emu * c_emu
     print(f"composite: wrk -t1 -c4 --latency -> dbapp /sqlite/composite -> httpserver /hello + 1 SQLite SELECT; "
           f"Go {args.go}; {args.rounds} alternating rounds of {args.seconds}s; propagation {rows[0]['mode']}")
     print("| round | without (req/s) | with (req/s) | p50 µs without | with | p99 µs without | with "
-          "| CPU µs/req without (front+down) | with (front+down) | requests | spans/req | traceparent inserted |")
+          "| CPU µs/req without (front+down) | with (front+down) | requests (with) | spans/req | traceparent inserted |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, x in enumerate(rows, 1):
         off, on = x["off"], x["on"]
         po, pn = x["per_off"], x["per_on"]
         print(f"| {i} | {off.rps:,.0f} | {on.rps:,.0f} | {off.p50:.0f} | {on.p50:.0f} | {off.p99:.0f} | {on.p99:.0f} "
               f"| {x['cpu_off']:.1f} ({po[0]:.1f}+{po[1]:.1f}) | {x['cpu_on']:.1f} ({pn[0]:.1f}+{pn[1]:.1f}) "
-              f"| {on.total} | {x['spans'] / on.total:.3f} | {x['injected']} |")
+              f"| {x['requests']} | {x['spans'] / x['requests']:.3f} | {x['injected']} |")
 
     def med(key: str, attr: str | None = None) -> float:
         return statistics.median(getattr(x[key], attr) if attr else x[key] for x in rows)
@@ -169,7 +185,7 @@ def main() -> int:
     print("hits per request: " + "; ".join(hit_desc))
     print(f"attach (start -> both processes traced): {statistics.median(x['attach_s'] for x in rows):.1f} s median")
     # wrk does not count the requests in flight at its end: up to 4 more requests' spans.
-    bad = [x for x in rows if not 0 <= x["spans"] - SPANS_PER_REQUEST * x["on"].total <= SPANS_PER_REQUEST * 8]
+    bad = [x for x in rows if not 0 <= x["spans"] - SPANS_PER_REQUEST * x["requests"] <= SPANS_PER_REQUEST * 8]
     if bad:
         print(f"SPAN COUNT MISMATCH in {len(bad)} round(s): expected {SPANS_PER_REQUEST} spans per request")
     return 1 if bad else 0
