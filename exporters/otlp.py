@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind
 from collector.configtypes import Duration
 from collector.errors import UserError
-from collector.spans import SpanBatch, to_proto
+from collector.otlp_encode import OTLPEncoder
+from collector.spans import SpanBatch
 from collector.telemetry import ComponentTelemetry
 from exporters.sending_queue import ExportError, QueueConfig, QueuedRetrySender, RetryConfig
 
@@ -182,7 +183,8 @@ class OTLPExporter(Exporter):
         super().__init__(id, telemetry)
         self.config = config
         self.channel: grpc.Channel | None = None
-        self.stub: Any = None
+        self.export_call: Any = None
+        self.encoder = OTLPEncoder()
         self.metadata = tuple((k.lower(), v) for k, v in config.headers.items())
         self.sender = QueuedRetrySender(telemetry, self._send, config.sending_queue, config.retry_on_failure)
 
@@ -217,16 +219,19 @@ class OTLPExporter(Exporter):
 
     def start(self, host: Host) -> None:
         self.channel = self._make_channel()
-        self.stub = TraceServiceStub(self.channel)
+        # Requests go out as bytes written by OTLPEncoder (no protobuf objects on the hot path).
+        self.export_call = self.channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
         self.sender.start()
 
     def consume(self, batch: SpanBatch) -> None:
         self.sender.consume(batch)
 
     def _send(self, batch: SpanBatch) -> None:
-        req = to_proto(batch)
+        req = self.encoder.encode(batch)
         try:
-            resp = self.stub.Export(req, timeout=self.config.timeout or None, metadata=self.metadata)
+            resp = self.export_call(req, timeout=self.config.timeout or None, metadata=self.metadata)
         except grpc.RpcError as e:
             raise classify_rpc_error(e) from None
         ps = resp.partial_success

@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind
 from collector.configtypes import Duration
-from collector.spans import SpanBatch, to_proto
+from collector.otlp_encode import OTLPEncoder
+from collector.spans import SpanBatch
 from collector.telemetry import ComponentTelemetry
 from exporters.otlp import TLSClientConfig
 from exporters.sending_queue import ExportError, QueueConfig, QueuedRetrySender, RetryConfig
@@ -76,6 +77,7 @@ class OTLPHTTPExporter(Exporter):
     def __init__(self, id: ComponentID, telemetry: ComponentTelemetry, config: OTLPHTTPConfig) -> None:
         super().__init__(id, telemetry)
         self.config = config
+        self.encoder = OTLPEncoder()
         u = urllib.parse.urlsplit(config.url())
         self.scheme = u.scheme
         self.host = u.hostname or "localhost"
@@ -119,7 +121,7 @@ class OTLPHTTPExporter(Exporter):
         self.sender.consume(batch)
 
     def _send(self, batch: SpanBatch) -> None:
-        body = to_proto(batch).SerializeToString()
+        body = self.encoder.encode(batch)
         if self.config.compression == "gzip":
             body = gzip.compress(body, compresslevel=6)
         conn = self._conn()
