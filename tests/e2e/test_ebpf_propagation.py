@@ -225,6 +225,7 @@ def test_injection_overhead(skmsg: SkMsgPropagation) -> None:
     port = free_port()
     proc = subprocess.Popen([path, "-listen", f"127.0.0.1:{port}", "-next", f"http://127.0.0.1:{raw.port}/chain"],
                             stderr=subprocess.DEVNULL)
+    t = None
     try:
         wait_for_port(port, proc=proc)
 
@@ -248,6 +249,8 @@ def test_injection_overhead(skmsg: SkMsgPropagation) -> None:
               f"added {(traced - base) * 1e6:.1f} us")
         assert any(TP_LINE.search(r) for r in raw.requests[-10:])
     finally:
+        if t is not None and getattr(t, "bpf", None) is not None:
+            release_bpf(t.bpf)
         proc.kill()
         proc.wait()
         raw.close()
