@@ -25,27 +25,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from http_server_overhead import Count, cpu_seconds  # noqa: E402
 
 from collector.component import ComponentID  # noqa: E402
-from collector.spans import SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
-
-
-class Count:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def consume(self, batch: SpanBatch) -> None:
-        self.n += batch.span_count()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench(addr: str, pid: int, db: str, n: int) -> tuple[float, float]:

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from http_server_overhead import cpu_seconds  # noqa: E402
 
 from receiver.ebpf_go import loader  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
@@ -57,12 +60,6 @@ VARIANTS = {
     "no-ringbuf": Variant("no-ringbuf", ["-DAB_NO_RINGBUF", "-DAB_NO_STRINGS"]),
     "full-global": Variant("full-global", pid_filter=False),
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, seconds: int) -> tuple[float, int]:
