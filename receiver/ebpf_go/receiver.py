@@ -208,6 +208,10 @@ class EbpfGoReceiver(Receiver):
             self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
                                      count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
         self.enabled = True
+        inst = self.config.instrumentations
+        if inst.grpc_client or inst.grpc_server:
+            # Said once, so nobody waits for gRPC spans that cannot come yet.
+            self.log.info("gRPC instrumentation is not available yet: grpc_client and grpc_server have no effect")
         self.log.info("ebpf_go receiver started: %s; tracing %s", how,
                       "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
         for name, fn in (("discovery", self._discovery_loop), ("reader", self._reader_loop)):
