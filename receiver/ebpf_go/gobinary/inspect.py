@@ -29,40 +29,27 @@ class Instrumentation:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-_URL = tuple(("net/url.URL", f) for f in ("Scheme", "User", "Host", "Path", "RawPath", "RawQuery", "Fragment"))
 
-INSTRUMENTATIONS: tuple[Instrumentation, ...] = (
-    Instrumentation(
-        "net/http server",
-        ("net/http.serverHandler.ServeHTTP",),
-        ("net/textproto.(*Reader).readContinuedLineSlice",),
-        (
-            ("net/http.Request", "Method"), ("net/http.Request", "URL"), ("net/http.Request", "Proto"),
-            ("net/http.Request", "ProtoMajor"), ("net/http.Request", "ProtoMinor"),
-            ("net/http.Request", "Header"), ("net/http.Request", "Host"), ("net/http.Request", "RemoteAddr"),
-            ("net/http.Request", "ContentLength"), ("net/http.Request", "ctx"),
-            ("net/http.Request", "Pattern"), ("net/http.Request", "pat"), ("net/http.pattern", "str"),
-            ("net/url.URL", "Path"), ("net/http.response", "req"), ("net/http.response", "status"),
-            ("net/http.response", "wroteHeader"),
-        ),
-    ),
-    Instrumentation(
-        "net/http client",
-        ("net/http.(*Transport).roundTrip",),
-        ("net/http.Header.writeSubset",),
-        (
-            ("net/http.Request", "Method"), ("net/http.Request", "URL"), ("net/http.Request", "Host"),
-            ("net/http.Request", "Proto"), ("net/http.Request", "Header"), ("net/http.Request", "ctx"),
-            *_URL, ("net/url.Userinfo", "username"), ("net/http.Response", "StatusCode"),
-            ("bufio.Writer", "buf"), ("bufio.Writer", "n"),
-        ),
-    ),
-    Instrumentation(
-        "database/sql",
-        ("database/sql.(*DB).queryDC", "database/sql.(*DB).execDC"),
-        (),
-        (("database/sql.driverConn", "ci"),),
-    ),
+def _probe_instrumentations() -> tuple[Instrumentation, ...]:
+    """What the ebpf_go receiver really hooks, read from its probe modules (one source of truth).
+    Imported here, not at module level: the probes themselves import this package."""
+    from receiver.ebpf_go.probes import database_sql, nethttp_client, nethttp_server
+
+    def fields(offsets: list[tuple[str, str, str, int | None]] | list[tuple[str, str, str, int]]
+               ) -> tuple[tuple[str, str], ...]:
+        return tuple((struct, fld) for _, struct, fld, _ in offsets)
+
+    return (
+        Instrumentation("net/http server", (nethttp_server.SYMBOL,), (), fields(nethttp_server.OFFSETS)),
+        Instrumentation("net/http client", (nethttp_client.ROUND_TRIP,), (nethttp_client.REQUEST_WRITE,),
+                        fields(nethttp_client.OFFSETS)),
+        Instrumentation("database/sql", tuple(database_sql.SYMBOLS[:2]), tuple(database_sql.SYMBOLS[2:]),
+                        fields(database_sql.OFFSETS)),
+    )
+
+
+# gRPC: the functions and fields a probe will need; the receiver attaches none yet.
+GRPC_INSTRUMENTATIONS: tuple[Instrumentation, ...] = (
     Instrumentation(
         "grpc client",
         ("google.golang.org/grpc.(*ClientConn).Invoke",),
@@ -153,7 +140,7 @@ def collect(b: GoBinary) -> dict[str, Any]:
     }
     if b.arch != "amd64":
         out["warnings"].append(f"{b.arch}: parsed but untested; entry probes stay at function entry")
-    for inst in INSTRUMENTATIONS:
+    for inst in (*_probe_instrumentations(), *GRPC_INSTRUMENTATIONS):
         present = [n for n in inst.functions if b.function(n) is not None]
         item: dict[str, Any] = {"name": inst.name, "applies": bool(present), "functions": [], "offsets": [],
                                 "warnings": []}
