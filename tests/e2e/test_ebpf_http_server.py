@@ -154,6 +154,7 @@ MATRIX = [("1.19", "plain"), ("1.23", "plain"), ("1.24", "plain"), ("1.26", "pla
 def test_server_spans(version: str, variant: str) -> None:
     binary = fixture_binary(version, variant)
     patterns = version != "1.19"
+    n_fill = 28 if tuple(int(x) for x in version.split(".")) >= (1, 24) else 5
     srv = Server(binary, env={"OTEL_SERVICE_NAME": "shop"})
     r, sink = start_receiver({"targets": [{"pid": srv.pid}]})
     try:
@@ -171,8 +172,10 @@ def test_server_spans(version: str, variant: str) -> None:
             ("GET", "/users/7/posts", {}, b"", 200,
              "GET /users/{id}/posts" if patterns else "GET", "/users/{id}/posts" if patterns else None),
             ("GET", "/hello?x=1", {"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"}, b"", 200, "GET /hello", "/hello"),
-            # 30 headers: a classic map of several buckets, a swiss map with a table directory.
-            ("GET", "/hello", {**{f"X-Filler-{i}": "v" * i for i in range(28)}, "traceparent": good_tp}, b"",
+            # Many headers. Swiss maps (Go >= 1.24): 30, a table directory, walked whole. Classic maps:
+            # 8 keys, one full bucket; the walk does not follow overflow buckets (documented limit), and
+            # where 30 keys land depends on the process's hash seed, so 30 would make this test a lottery.
+            ("GET", "/hello", {**{f"X-Filler-{i}": "v" * i for i in range(n_fill)}, "traceparent": good_tp}, b"",
              200, "GET /hello", "/hello"),
         ]
         if not patterns:
