@@ -108,26 +108,7 @@ BPF_ARRAY(client_lost, u64, 1);
 BPF_PERCPU_ARRAY(client_submitted, u64, 1);
 
 #if SKMSG
-/* Shared with bpf/skmsg_traceparent.c (same layouts, same pins). */
-struct conn_key {
-    u32 tgid;
-    u16 lport;
-    u16 rport;
-};
-struct tp_pending {
-    u8 trace_id[16];
-    u8 span_id[8];
-    u8 flags;
-    u8 method_len;
-    u8 pad[6];
-    char method[8];
-    u64 ktime;
-    u64 tid;
-};
-struct tp_result {
-    u32 outcome;
-    u32 same_thread;
-};
+#include "traceparent_handoff.h"
 /* tp_pending: conn_key -> tp_pending; written by the write probe, consumed by the sk_msg program. */
 BPF_TABLE_PINNED("lru_hash", struct conn_key, struct tp_pending, tp_pending, 16384, PIN_DIR "/tp_pending");
 /* tp_result: span id -> tp_result; written by the sk_msg program, read and deleted at RET. */

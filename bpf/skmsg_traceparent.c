@@ -16,30 +16,7 @@
 
 #define TP_LINE_LEN 70          /* "traceparent: " 13 + value 55 + "\r\n" 2 */
 
-/* Connection of a pending request: the sending process and both TCP ports (host order). */
-struct conn_key {
-    u32 tgid;
-    u16 lport;
-    u16 rport;
-};
-
-/* Left by the uprobe at `net/http.(*Request).write` entry, consumed here (one-shot). */
-struct tp_pending {
-    u8 trace_id[16];
-    u8 span_id[8];
-    u8 flags;
-    u8 method_len;
-    u8 pad[6];
-    char method[8];
-    u64 ktime;                  /* bpf_ktime_get_ns when the uprobe stored it */
-    u64 tid;                    /* bpf_get_current_pid_tgid of the writing thread */
-};
-
-/* What happened to one client span's request; read by the client RET probe (by span id). */
-struct tp_result {
-    u32 outcome;                /* OUTCOME_* */
-    u32 same_thread;            /* 1 if the sk_msg ran on the thread that ran the uprobe */
-};
+#include "traceparent_handoff.h"
 
 #define OUTCOME_INJECTED 1
 #define OUTCOME_STALE 2         /* older than FRESH_NS */

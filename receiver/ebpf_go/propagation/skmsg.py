@@ -100,7 +100,8 @@ class SkMsgPropagation:
         self.cgroup = ""
 
     def cflags(self) -> list[str]:
-        return [f'-DPIN_DIR="{self.pin_dir}"', f"-DFRESH_NS={self.fresh_ns}ULL", f"-DSCAN_MAX={self.scan_max}"]
+        return [f"-I{BPF_DIR}", f'-DPIN_DIR="{self.pin_dir}"', f"-DFRESH_NS={self.fresh_ns}ULL",
+                f"-DSCAN_MAX={self.scan_max}"]
 
     def start(self) -> None:
         try:
