@@ -56,7 +56,9 @@ class GoBuildError(RuntimeError):
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing): one builder per cache entry, across
+    processes and parallel test sessions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -94,7 +96,7 @@ def go_toolchain(version: str) -> Path:
     go = target / "go" / "bin" / "go"
     if go.exists():
         return go
-    with _locked(CACHE / "go" / f".{v}.lock"):
+    with file_lock(CACHE / "go" / f".{v}.lock"):
         if go.exists():
             return go
         tmp = CACHE / "go" / f".{v}.tmp"
@@ -163,7 +165,7 @@ def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path
     binary = out_dir / name
     if binary.exists():
         return binary
-    with _locked(CACHE / "fixtures" / f".{key}.lock"):
+    with file_lock(CACHE / "fixtures" / f".{key}.lock"):
         if binary.exists():
             return binary
         work = CACHE / "fixtures" / f".{key}.src"

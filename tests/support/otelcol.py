@@ -8,7 +8,6 @@ binary on free loopback ports, waits until it listens, and reads back what its f
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -16,12 +15,12 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support.gobuild import file_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
@@ -31,17 +30,6 @@ SYSTEM_GO = Path("/usr/local/go/bin/go")
 
 class OtelcolBuildError(RuntimeError):
     pass
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _go() -> Path:
@@ -78,7 +66,7 @@ def build_otelcol() -> Path:
     out = CACHE / "otelcol" / content_hash() / "otelcol-test"
     if out.exists():
         return out
-    with _locked(CACHE / "otelcol" / f".{content_hash()}.lock"):
+    with file_lock(CACHE / "otelcol" / f".{content_hash()}.lock"):
         if out.exists():
             return out
         go = _go()
