@@ -10,7 +10,8 @@
  *     goroutine, just before the request bytes are flushed to the socket. Finds the client span by
  *     the request's Header map (shared by the clones roundTrip makes), reads the connection's
  *     local and remote address from Go memory (w = *bufio.Writer -> persistConnWriter{pc} ->
- *     pc.conn -> *net.TCPConn -> netFD.laddr/raddr), and, with SKMSG, leaves the trace context in
+ *     pc.conn -> *net.TCPConn, or a wrapper whose first field is that net.Conn (non-PIE: itabs
+ *     known) -> netFD.laddr/raddr), and, with SKMSG, leaves the trace context in
  *     `tp_pending` keyed by that connection for bpf/skmsg_traceparent.c.
  *
  * Constants (-D, from receiver/ebpf_go/probes/nethttp_client.py): REQ_*_POS, URL_*_POS,
@@ -205,7 +206,14 @@ int uprobe_client_Request_write(struct pt_regs *ctx) {
         u64 tlsc = conn.data;    /* *tls.Conn: its conn field (net.Conn) is the TCP connection */
         bpf_probe_read_user(&conn, sizeof(conn), (void *)(tlsc + TLSCONN_CONN_POS));
     } else if (ITAB_TCPCONN != 0 && conn.tab != ITAB_TCPCONN) {
-        return 0;                /* some other net.Conn (unix socket, a test double...) */
+        /* A wrapper (metrics, recording, rate limiting...) usually embeds the net.Conn it wraps
+         * as its first field: look one level down, and go on only if that is a *net.TCPConn.
+         * Anything else (unix socket, a test double...) is left alone. */
+        struct go_iface inner = {};
+        bpf_probe_read_user(&inner, sizeof(inner), (void *)conn.data);
+        if (inner.tab != ITAB_TCPCONN)
+            return 0;
+        conn = inner;
     }
     if (conn.data == 0)
         return 0;

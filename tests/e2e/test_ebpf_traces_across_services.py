@@ -5,7 +5,9 @@ One module-scoped collector per propagation mode (`auto`, `sk_msg`, `stitch`), a
 of processes per collector (so that no keep-alive connection outlives the sock_ops program that
 put it into the sockhash). Each request to A carries an id in its URL path (`/chain/<id>`), which
 every hop passes on: that is how the test finds the five spans a request caused and checks that
-no span joined another request's trace.
+no span joined another request's trace. The services run with `-capture`: each records the exact
+bytes its HTTP client wrote to every connection and the exact bytes its server read, so a test
+compares, per hop and per request, what B (C) received with what A (B) sent.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ ID = re.compile(r"/chain/([A-Za-z0-9_-]+)")
 class Chain:
     """A -> B -> C, each one httpchain process."""
 
+    capture: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -54,7 +57,7 @@ class Chain:
         nxt = ""
         for name in ("C", "B", "A"):
             port = free_port()
-            args = [str(binary), "-name", name, "-listen", f"127.0.0.1:{port}"]
+            args = [str(binary), "-name", name, "-listen", f"127.0.0.1:{port}", "-capture", str(self.capture)]
             if nxt:
                 args += ["-next", nxt]
             self.procs[name] = subprocess.Popen(args, stderr=subprocess.DEVNULL)
@@ -89,7 +92,8 @@ class Traced:
             "exporters": {"file": {"path": str(self.out), "flush_interval": "100ms"}},
             "service": {"pipelines": {"traces": {"receivers": ["ebpf_go"], "exporters": ["file"]}}}}
         self.col = CollectorProcess(cfg, workdir)
-        self.chain = Chain()
+        (workdir / "bytes").mkdir()
+        self.chain = Chain(workdir / "bytes")
         try:
             self.chain.start(self.binary)
             self.wait_metric("otelgo_ebpf_processes_instrumented", 3, timeout=90)
@@ -302,3 +306,102 @@ def test_skipped_injection_falls_back_to_stitch(traced: Traced) -> None:
     assert traced.metric("otelgo_ebpf_stitch_total", outcome="joined") - joined0 == 2
     if expected_mode(traced) == "sk_msg":
         traced.wait_metric("otelgo_ebpf_propagation_skipped_total", skipped0 + 2, timeout=5)
+
+
+# ---------------------------------------------------------------- the bytes on the wire, per hop
+
+
+def split_requests(stream: bytes) -> tuple[list[bytes], bytes]:
+    """The HTTP/1.1 requests of one connection's byte stream, each exactly as on the wire (head,
+    then the body by Content-Length or chunked encoding, no trailers), and what follows the last
+    complete one."""
+    out: list[bytes] = []
+    i = 0
+    while (end := stream.find(b"\r\n\r\n", i)) >= 0:
+        j = end + 4
+        head = stream[i:j].lower()
+        if b"\r\ntransfer-encoding: chunked\r\n" in head:
+            while True:
+                eol = stream.find(b"\r\n", j)
+                if eol < 0:
+                    return out, stream[i:]
+                size = int(stream[j:eol].split(b";")[0], 16)
+                j = eol + 2 + size + 2          # the chunk, its CRLF; after "0\r\n" the final CRLF
+                if j > len(stream):
+                    return out, stream[i:]
+                assert stream[j - 2:j] == b"\r\n", stream[i:j][-200:]
+                if size == 0:
+                    break
+        else:
+            m = re.search(rb"\r\ncontent-length: *(\d+)\r\n", head)
+            j += int(m.group(1)) if m else 0
+            if j > len(stream):
+                return out, stream[i:]
+        out.append(stream[i:j])
+        i = j
+    return out, stream[i:]
+
+
+def test_split_requests() -> None:
+    get = b"GET /chain/a HTTP/1.1\r\nHost: h\r\n\r\n"
+    post = b"POST /chain/b HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz"
+    chunked = b"POST /chain/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n"
+    assert split_requests(get + post + chunked + get[:10]) == ([get, post, chunked], get[:10])
+    assert split_requests(chunked[:-1]) == ([], chunked[:-1])
+
+
+@dataclass
+class Wire:
+    conn: str    # "<client address>-<server address>" of the TCP connection
+    data: bytes  # one request, exactly as recorded
+
+
+def wire_requests(capture: Path, service: str, kind: str) -> dict[str, list[Wire]]:
+    """Request id -> the requests carrying it in the byte streams `service` recorded (`kind`:
+    "sent" by its client, "recv" by its server). Every stream must be whole requests only."""
+    out: dict[str, list[Wire]] = {}
+    for f in sorted(capture.glob(f"{service}-{kind}-*.bin")):
+        conn = f.name[len(f"{service}-{kind}-"):-len(".bin")]
+        reqs, rest = split_requests(f.read_bytes())
+        assert rest == b"", (f.name, rest[:300])
+        for r in reqs:
+            m = ID.search(r[:r.index(b"\r\n")].decode())
+            if m is not None:
+                out.setdefault(m.group(1), []).append(Wire(conn, r))
+    return out
+
+
+# request id -> query: plain GETs, a chunked POST, headers near the 4 KiB bufio buffer, and headers
+# over it (sk_msg leaves those unchanged: split_request)
+WIRE_CASES = {"wire0": "", "wire1": "", "wirechunked": "?body=chunked", "wirepad": "?pad=3900",
+              "wirebig": "?pad=5000"}
+
+
+def test_each_hop_receives_exactly_the_bytes_sent_plus_one_traceparent_line(traced: Traced) -> None:
+    """Per hop (A -> B, B -> C) and per request: the bytes the server read are the bytes the client
+    wrote, with exactly one `traceparent: 00-<trace>-<client span>-01` line inserted after the
+    request line when sk_msg propagates (auto, sk_msg), and byte for byte the same otherwise
+    (stitch; and headers over 4 KiB, which sk_msg leaves alone)."""
+    for rid, query in WIRE_CASES.items():
+        traced.chain.get(rid + query)
+    got = traced.traces(list(WIRE_CASES))
+    inserted = 0
+    for client, server in (("A", "B"), ("B", "C")):
+        sent = wire_requests(traced.chain.capture, client, "sent")
+        recv = wire_requests(traced.chain.capture, server, "recv")
+        for rid, query in WIRE_CASES.items():
+            (s,) = sent[rid]
+            (r,) = recv[rid]
+            assert s.conn == r.conn, (rid, client, server)   # the same TCP connection
+            assert b"traceparent" not in s.data.lower(), (rid, client)
+            assert s.data.startswith(f"{'POST' if 'chunked' in query else 'GET'} /chain/{rid}{query} "
+                                     "HTTP/1.1\r\n".encode()), s.data[:100]
+            span = got[rid][f"{client} client"]
+            if expected_mode(traced) == "sk_msg" and "pad=5000" not in query:
+                line = f"traceparent: 00-{span.trace_id.hex()}-{span.span_id.hex()}-01\r\n".encode()
+                k = s.data.index(b"\r\n") + 2
+                assert r.data == s.data[:k] + line + s.data[k:], (rid, client, server, r.data[:300])
+                inserted += 1
+            else:
+                assert r.data == s.data, (rid, client, server, r.data[:300], s.data[:300])
+    assert inserted == (8 if expected_mode(traced) == "sk_msg" else 0)
