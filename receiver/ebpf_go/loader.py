@@ -1,26 +1,38 @@
-"""BCC: checks that it can run here, kernel headers, compiling one program per binary, attaching.
+"""BPF programs for the receiver: checks that they can run here, kernel headers, compiling one
+program per binary (in a child process, bpfcompile.py), the image cache, loading and attaching
+(bpfsys.py), without BCC or LLVM in the collector process.
 
-Everything that touches BCC directly lives here, so the rest of the receiver is testable without it.
+`import_bcc` and `release_bpf` remain for tests and benchmarks that build their own BCC objects.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
+import errno
 import glob
+import hashlib
+import importlib.util
+import json
+import logging
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collector.errors import KernelError, PrivilegeError
+
+from . import bpfsys
+from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage
+from .ringbuf import RingBuffer
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 STUB_HEADERS = Path("/tmp/otelgo-collector-kheaders")
@@ -132,71 +144,403 @@ def build_stub_headers(dest: Path = STUB_HEADERS) -> Path:
     return dest
 
 
+def check_bcc() -> None:
+    """KernelError unless BCC is importable by the compiler child (checked without importing it:
+    the collector process never loads BCC or LLVM)."""
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as e:
+        spec, why = None, str(e)
+    else:
+        why = "No module named 'bcc'"
+    if spec is None:
+        raise KernelError(
+            f"BCC is not importable ({why}): install it with `apt-get install python3-bpfcc` and make it "
+            "visible to this Python (`bash tools/setup.sh` links /usr/lib/python3/dist-packages/bcc into .venv)")
+
+
+def bcc_version() -> str:
+    """BCC's version, read from its package files (not imported)."""
+    try:
+        spec = importlib.util.find_spec("bcc")
+        if spec is not None and spec.origin:
+            text = (Path(spec.origin).parent / "version.py").read_text()
+            return text.split("=", 1)[1].strip().strip("'\"") if "=" in text else text.strip()
+    except (ImportError, ValueError, OSError):
+        pass
+    return "unknown"
+
+
+# ---------------------------------------------------------------- compiled images
+
+
+@dataclass
+class CompileResult:
+    image: ProgramImage
+    seconds: float
+    origin: str   # "compiled", "memory" (another binary's compile) or "disk" (the image cache)
+
+
+class ImageStore:
+    """Program images: compiled in child processes (at most `parallel` at once), kept in memory
+    for the collector's lifetime and on disk in `cache_dir` ("" or None: no disk cache).
+
+    The key hashes everything the image depends on: the C source and every header next to it and
+    in bpf/, the flags minus PIN_DIR (the child pins elsewhere), BCC's version, the kernel release
+    and the kernel headers used. Requests for a key being compiled wait for that one compile.
+    """
+
+    def __init__(self, cache_dir: str | None = None, parallel: int = 2,
+                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.log = log or logging.getLogger(__name__)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="bpfcompile")
+        self._lock = threading.Lock()
+        self._memory: dict[str, ProgramImage] = {}
+        self._inflight: dict[str, Future[CompileResult]] = {}
+        self._bcc_version = bcc_version()
+        self.compiles = 0   # child processes run (for tests and metrics)
+
+    def key(self, source: Path, cflags: list[str], kernel_source: str | None) -> str:
+        h = hashlib.sha256()
+        h.update(f"image{IMAGE_FORMAT}\0bcc {self._bcc_version}\0kernel {platform.release()}\0"
+                 f"headers {kernel_source or ''}\0".encode())
+        h.update(b"source\0" + source.read_bytes())
+        dirs = {source.parent.resolve(), BPF_DIR.resolve()}
+        for f in cflags:
+            if f.startswith("-I"):
+                dirs.add(Path(f[2:]).resolve())
+        for d in sorted(dirs):
+            for hdr in sorted(d.glob("*.h")):
+                h.update(f"\0{hdr.name}\0".encode() + hdr.read_bytes())
+        for f in cflags:
+            if not f.startswith("-DPIN_DIR="):
+                h.update(b"\0flag " + f.encode())
+        return h.hexdigest()[:40]
+
+    def submit(self, source: Path, cflags: list[str], kernel_source: str | None) -> Future[CompileResult]:
+        """The image for these inputs, from memory, disk, or a new compile (in the background)."""
+        key = self.key(source, cflags, kernel_source)
+        with self._lock:
+            img = self._memory.get(key)
+            if img is not None:
+                done: Future[CompileResult] = Future()
+                done.set_result(CompileResult(img, 0.0, "memory"))
+                return done
+            fut = self._inflight.get(key)
+            if fut is None:
+                fut = self._inflight[key] = self._pool.submit(self._build, key, source, cflags, kernel_source)
+            return fut
+
+    def get(self, source: Path, cflags: list[str], kernel_source: str | None) -> CompileResult:
+        return self.submit(source, cflags, kernel_source).result()
+
+    def _build(self, key: str, source: Path, cflags: list[str], kernel_source: str | None) -> CompileResult:
+        try:
+            t0 = time.monotonic()
+            img = self._read_disk(key)
+            origin = "disk"
+            if img is None:
+                img = run_compiler(source, cflags, kernel_source)
+                origin = "compiled"
+                with self._lock:
+                    self.compiles += 1
+                self._write_disk(key, img)
+            with self._lock:
+                self._memory[key] = img
+            return CompileResult(img, time.monotonic() - t0, origin)
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _read_disk(self, key: str) -> ProgramImage | None:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{key}.json"
+        try:
+            with open(path, "rb") as f:
+                return ProgramImage.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # corrupt, truncated, another format: compile again and overwrite it
+            self.log.warning("BPF image cache: ignoring unreadable %s (%s); compiling again", path,
+                             str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return None
+
+    def _write_disk(self, key: str, img: ProgramImage) -> None:
+        if self.cache_dir is None:
+            return
+        path = self.cache_dir / f"{key}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(tmp, "w") as f:
+                json.dump(img.to_json(), f)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.log.warning("BPF image cache: cannot write %s: %s", path, e)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+COMPILER_MODULE = "receiver.ebpf_go.bpfcompile"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]   # the directory holding `receiver`
+COMPILE_TIMEOUT_S = 300.0
+
+
+def run_compiler(source: Path, cflags: list[str], kernel_source: str | None) -> ProgramImage:
+    """Compile in a child process (bpfcompile.py). KernelError with the compiler's one line on
+    failure, a crash of BCC included: the collector itself never runs BCC."""
+    req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", *cflags], "kernel_source": kernel_source}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        proc = subprocess.run([sys.executable, "-m", COMPILER_MODULE], input=json.dumps(req), capture_output=True,
+                              text=True, env=env, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"BPF compile of {source.name} failed: no answer from the compiler in "
+                          f"{COMPILE_TIMEOUT_S:.0f}s") from None
+    except OSError as e:
+        raise KernelError(f"BPF compile of {source.name} failed: cannot run the compiler: {e}") from None
+    answer: dict[str, Any] = {}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            answer = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if "image" in answer and proc.returncode == 0:
+        if proc.stderr.strip():
+            sys.stderr.write(proc.stderr)   # warnings, as BCC printed them in-process before
+        return ProgramImage.from_json(answer["image"])
+    if answer.get("kind") == "import":
+        check_bcc()  # the same message as the start-up check, if it fails here too
+        raise KernelError(f"{answer['error']}: install it with `apt-get install python3-bpfcc`")
+    errors = [ln.strip() for ln in proc.stderr.splitlines() if "error:" in ln]
+    if errors:
+        why = errors[0] + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+    elif proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        why = f"the BCC compiler crashed ({sig})" + (f": {last[-1]}" if last else "")
+    else:
+        why = str(answer.get("error") or (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+    raise KernelError(f"BPF compile of {source.name} failed: {why}")
+
+
+# ---------------------------------------------------------------- loaded programs
+
+
+class BpfMap:
+    """One map of a loaded program: raw bytes in and out. `Key`/`Leaf` may be set to ctypes
+    types by whoever knows the C structs (then `tab[Key()] = Leaf()` works, as with BCC)."""
+
+    def __init__(self, name: str, fd: int, spec: MapImage) -> None:
+        self.name, self.fd, self.spec = name, fd, spec
+        self.Key: Any = None
+        self.Leaf: Any = None
+        self._vsize = spec.value_size
+        if spec.type in bpfsys.PERCPU_MAPS:
+            self._vsize = ((spec.value_size + 7) & ~7) * bpfsys.possible_cpus()
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return bpfsys.map_lookup(self.fd, key, self._vsize)
+
+    def update(self, key: bytes, value: bytes, flags: int = bpfsys.BPF_ANY) -> None:
+        bpfsys.map_update(self.fd, key, value, flags)
+
+    def delete(self, key: bytes) -> bool:
+        return bpfsys.map_delete(self.fd, key)
+
+    def keys(self) -> Iterator[bytes]:
+        k: bytes | None = None
+        while True:
+            k = bpfsys.map_next_key(self.fd, k, self.spec.key_size)
+            if k is None:
+                return
+            yield k
+
+    def read_u64(self, index: int) -> int:
+        """Entry `index` of an array of u64 (per-CPU values summed)."""
+        raw = self.lookup(index.to_bytes(4, "little"))
+        if raw is None:
+            return 0
+        step = (self.spec.value_size + 7) & ~7
+        return sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), step))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.update(bytes(key), bytes(value))
+
+    def __getitem__(self, key: Any) -> bytes:
+        v = self.lookup(bytes(key))
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def __delitem__(self, key: Any) -> None:
+        if not self.delete(bytes(key)):
+            raise KeyError(key)
+
+
+class LoadedProgram:
+    """A program image loaded into the kernel: its maps (pinned ones under `pin_dir`), its
+    functions (verified on first use) and its uprobes. Offers what the probe modules called on a
+    BCC object: `attach_uprobe(name=, addr=, fn_name=, pid=)`, `uprobe_fds`."""
+
+    def __init__(self, image: ProgramImage, pin_dir: str | None) -> None:
+        self.image = image
+        self.maps: dict[str, BpfMap] = {}
+        self.prog_fds: dict[str, int] = {}
+        self.uprobe_fds: dict[tuple[str, int, int, str], int] = {}
+        self._ringbufs: dict[str, RingBuffer] = {}
+        try:
+            for m in image.maps:
+                self.maps[m.name] = BpfMap(m.name, self._open_map(m, pin_dir), m)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_map(self, m: MapImage, pin_dir: str | None) -> int:
+        spec = bpfsys.MapSpec(m.name, m.type, m.key_size, m.value_size, m.max_entries, m.flags)
+        if m.pin is None:
+            return bpfsys.map_create(spec)
+        if not pin_dir:
+            raise KernelError(f"{self.image.source}: map {m.name} is pinned but no pin directory is set")
+        path = os.path.join(pin_dir, m.pin)
+        for _ in range(2):
+            try:
+                fd = bpfsys.obj_get(path)
+            except bpfsys.BpfError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            else:
+                got = bpfsys.map_info(fd)
+                if (got.type, got.key_size, got.value_size) != (m.type, m.key_size, m.value_size):
+                    os.close(fd)
+                    raise KernelError(f"{path} is pinned with another layout (type {got.type}, key {got.key_size} "
+                                      f"B, value {got.value_size} B) than {self.image.source} expects")
+                return fd
+            fd = bpfsys.map_create(spec)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                bpfsys.obj_pin(fd, path)
+                return fd
+            except bpfsys.BpfError as e:
+                os.close(fd)
+                if e.errno != errno.EEXIST:   # else pinned meanwhile by another program: use that one
+                    raise
+        raise KernelError(f"cannot open or pin {path}")
+
+    def __getitem__(self, name: str | bytes) -> BpfMap:
+        return self.maps[name.decode() if isinstance(name, bytes) else name]
+
+    def load_func(self, name: str | bytes, prog_type: int = bpfsys.PROG_KPROBE) -> int:
+        """The fd of function `name`, loaded (and verified) on first use."""
+        fn = name.decode() if isinstance(name, bytes) else name
+        fd = self.prog_fds.get(fn)
+        if fd is not None:
+            return fd
+        code = self.image.functions.get(fn)
+        if code is None:
+            raise KernelError(f"{self.image.source}: no BPF function {fn}")
+        insns = bytearray(code)
+        for idx, map_name in self.image.relocations.get(fn, ()):
+            bpfsys.patch_imm(insns, idx, self.maps[map_name].fd)
+        try:
+            fd = bpfsys.prog_load(prog_type, bytes(insns), self.image.license, fn)
+        except bpfsys.BpfError as e:
+            raise KernelError(f"{self.image.source}: {e.strerror} {e.what}") from None
+        self.prog_fds[fn] = fd
+        return fd
+
+    def attach_uprobe(self, name: str | bytes, addr: int, fn_name: str | bytes, pid: int = -1,
+                      sym_off: int = 0) -> int:
+        """Attach `fn_name` at the ELF virtual address `addr` (+ sym_off) of file `name`."""
+        path = name.decode() if isinstance(name, bytes) else name
+        fn = fn_name.decode() if isinstance(fn_name, bytes) else fn_name
+        prog_fd = self.load_func(fn)
+        offset = bpfsys.vaddr_to_offset(path, addr + sym_off)
+        key = (path, offset, pid, fn)
+        if key in self.uprobe_fds:
+            raise KernelError(f"uprobe {fn} at {path}:{offset:#x} is already attached for pid {pid}")
+        self.uprobe_fds[key] = bpfsys.attach_uprobe(prog_fd, path, offset, pid)
+        return self.uprobe_fds[key]
+
+    def detach(self, key: tuple[str, int, int, str]) -> None:
+        fd = self.uprobe_fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)   # closing the perf event detaches the uprobe
+
+    def ring_buffer(self, name: str) -> RingBuffer:
+        rb = self._ringbufs.get(name)
+        if rb is None:
+            m = self.maps[name]
+            if m.spec.type != bpfsys.MAP_RINGBUF:
+                raise KernelError(f"{self.image.source}: map {name} is not a ring buffer")
+            rb = self._ringbufs[name] = RingBuffer(m.fd, m.spec.max_entries)
+        return rb
+
+    def close(self) -> None:
+        for key in list(self.uprobe_fds):
+            self.detach(key)
+        for rb in self._ringbufs.values():
+            rb.close()
+        self._ringbufs.clear()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.prog_fds.clear()
+        for m in self.maps.values():
+            os.close(m.fd)
+        self.maps.clear()
+
+
 @dataclass
 class Program:
     """One compiled BPF program (one probe module, one binary) and its perf-event links."""
 
-    bpf: Any
+    bpf: LoadedProgram
     source: str
     compile_seconds: float
-    # pid -> BCC event names of the uprobes attached for that pid
-    links: dict[int, list[bytes]] = field(default_factory=dict)
+    origin: str = "compiled"
+    # pid -> uprobe keys attached for that pid
+    links: dict[int, list[Any]] = field(default_factory=dict)
 
     def link_count(self) -> int:
         return sum(len(v) for v in self.links.values())
 
 
-def compile_program(source: Path, cflags: list[str], kernel_source: str | None) -> Program:
-    """Compile with BCC; KernelError with the compiler's or verifier's message on failure."""
-    bcc = import_bcc()
-    if kernel_source:
-        os.environ["BCC_KERNEL_SOURCE"] = kernel_source
-    t0 = time.monotonic()
-    with _stderr_captured() as captured:
-        try:
-            b = bcc.BPF(src_file=str(source).encode(), cflags=[f"-I{BPF_DIR}", *cflags])
-            failure = None
-        except Exception as e:  # BCC raises plain Exception; clang's diagnostics went to stderr
-            failure = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    text = captured()
-    if failure is not None:
-        errors = [ln.strip() for ln in text.splitlines() if "error:" in ln]
-        raise KernelError(f"BPF compile of {source.name} failed: {errors[0] if errors else failure}"
-                          + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
-    if text.strip():
-        sys.stderr.write(text)
-    _return_freed_memory()
-    return Program(b, source.name, time.monotonic() - t0)
-
-
-def _return_freed_memory() -> None:
-    """clang/LLVM frees most of what a compile allocated, but glibc keeps it in its arenas: hand it
-    back to the kernel (measured: about 40 MB of resident memory after one compile)."""
+def load_program(result: CompileResult, pin_dir: str | None) -> Program:
+    """Create the maps of an image (opening or pinning the pinned ones under `pin_dir`)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        loaded = LoadedProgram(result.image, pin_dir)
+    except bpfsys.BpfError as e:
+        raise KernelError(f"loading {result.image.source} failed: {e.strerror}: {e.what}") from None
+    return Program(loaded, result.image.source, result.seconds, result.origin)
 
 
-_STDERR_LOCK = threading.Lock()
+def pin_dir_of(cflags: list[str]) -> str | None:
+    for f in cflags:
+        if f.startswith("-DPIN_DIR="):
+            return f.split("=", 1)[1].strip('"')
+    return None
 
 
-@contextmanager
-def _stderr_captured() -> Iterator[Callable[[], str]]:
-    """Capture what C code writes to fd 2 (clang's diagnostics) while BCC compiles. Anything else
-    written meanwhile is captured too and replayed by the caller, so nothing is lost."""
-    with _STDERR_LOCK, tempfile.TemporaryFile(mode="w+b") as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        result: list[str] = []
-        try:
-            yield lambda: result[0] if result else ""
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            result.append(tmp.read().decode("utf-8", "replace"))
+def compile_program(source: Path, cflags: list[str], kernel_source: str | None,
+                    store: ImageStore | None = None) -> Program:
+    """Compile (in a child) and load; KernelError with the compiler's or loader's message on failure."""
+    if store is not None:
+        result = store.get(source, cflags, kernel_source)
+    else:
+        t0 = time.monotonic()
+        result = CompileResult(run_compiler(source, cflags, kernel_source), 0.0, "compiled")
+        result.seconds = time.monotonic() - t0
+    return load_program(result, pin_dir_of(cflags))
 
 
 def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any:
@@ -206,7 +550,7 @@ def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any
     try:
         return attach_fn(prog.bpf, pid)
     except Exception as e:
-        if type(e).__name__ == "ProbeUnavailable":
+        if type(e).__name__ in ("ProbeUnavailable", "KernelError"):
             raise
         raise KernelError(f"attaching {prog.source} failed: {str(e).strip().splitlines()[-1] if str(e) else e!r}") \
             from None
@@ -217,24 +561,18 @@ def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any
 
 
 def detach_pid(prog: Program, pid: int) -> int:
-    """Close this pid's uprobe perf events. BCC's detach_uprobe also writes tracefs uprobe_events,
-    which its PMU attach never used (and which may not be mounted): we close the fds ourselves."""
-    from bcc import lib  # type: ignore[import-not-found]
-    n = 0
-    for ev_name in prog.links.pop(pid, []):
-        fd = prog.bpf.uprobe_fds.get(ev_name)
-        if fd is not None:
-            lib.bpf_close_perf_event_fd(fd)
-            prog.bpf._del_uprobe_fd(ev_name)
-            n += 1
-    return n
+    """Close this pid's uprobe perf events (closing the fd detaches)."""
+    keys = prog.links.pop(pid, [])
+    for key in keys:
+        prog.bpf.detach(key)
+    return len(keys)
 
 
 def close_program(prog: Program) -> None:
     """Detach every pid, then free maps, programs and the ring buffer."""
     for pid in list(prog.links):
         detach_pid(prog, pid)
-    release_bpf(prog.bpf)
+    prog.bpf.close()
 
 
 def release_bpf(bpf: Any) -> None:

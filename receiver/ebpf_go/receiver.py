@@ -32,6 +32,7 @@ VERSION = "0.1.0"
 STITCH_WINDOW_S = 2.0        # how long a stitch candidate waits for its other side and the next hop
 STITCH_MAX_PENDING = 20000   # candidates held at most (the oldest leave unchanged beyond)
 COUNTS_INTERVAL_S = 1.0      # how often the sk_msg counters are read
+COMPILE_PARALLEL = 2         # BPF compiler children at once (each ~1.5 s of one core)
 
 
 # ---------------------------------------------------------------- config
@@ -85,6 +86,8 @@ class EbpfGoConfig(ComponentConfig):
     include_db_statement: bool = False  # database_sql options (probes/database_sql.py)
     sanitize_db_statement: bool = True
     db_statement_max_length: int = 1024
+    # Compiled BPF program images, reused across restarts ("" disables the disk cache).
+    bpf_cache_dir: str = "/var/cache/otelgo-collector/bpf"
 
     @model_validator(mode="after")
     def _check(self) -> EbpfGoConfig:
@@ -156,6 +159,9 @@ class EbpfGoReceiver(Receiver):
                                       "Requests sk_msg left unchanged, by reason.", ["reason"])
         self.m_stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome.",
                                   ["outcome"])
+        self.m_compiles = m.counter("otelgo_ebpf_bpf_programs",
+                                    "BPF programs prepared, by origin: compiled (a compiler child ran), "
+                                    "memory or disk (image cache), error.", ["origin"])
         self.m_accepted = m.receiver_accepted.labels(receiver=str(id), transport="ebpf")
         self.m_refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
         self.binaries: dict[tuple[int, int], TracedBinary] = {}
@@ -177,12 +183,13 @@ class EbpfGoReceiver(Receiver):
         self._scopes: dict[str, Scope] = {}
         self.probes = [p for p in PROBES if getattr(config.instrumentations, p.name, False)]
         self.scan_seconds: list[float] = []
+        self.images: loader.ImageStore | None = None
 
     # -------------------------------------------------------- lifecycle
 
     def start(self, host: Host) -> None:
         try:
-            loader.import_bcc()
+            loader.check_bcc()
             loader.check_privileges()
             self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
             os.makedirs(self.pin_dir, exist_ok=True)
@@ -207,6 +214,7 @@ class EbpfGoReceiver(Receiver):
             # (TLS, h2, large headers, ...): injected client spans never wait in it.
             self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
                                      count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
+        self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL, log=self.log)
         self.enabled = True
         inst = self.config.instrumentations
         if inst.grpc_client or inst.grpc_server:
@@ -238,6 +246,8 @@ class EbpfGoReceiver(Receiver):
             self._read_skmsg_counts()
             self.propagation.stop()
             self.propagation = None
+        if self.images is not None:
+            self.images.close()
         self._unpin()
 
     def _unpin(self) -> None:
@@ -310,17 +320,29 @@ class EbpfGoReceiver(Receiver):
             self._reject(key, p, "no instrumented library in it (or all disabled)", "no_probes", debug=True)
             return None
         tb = TracedBinary(key, gb, p.exe)
+        assert self.images is not None
+        # Every probe's image is asked for first, so that compiles (child processes) run in parallel.
+        pending: list[tuple[Probe, Any, list[str]]] = []
         for pr in wanted:
             try:
-                prog = loader.compile_program(pr.source, pr.cflags(gb, self.common), self.kernel_source)
-            except Exception as e:  # ProbeUnavailable of the module, KernelError: this probe is off
-                self.m_errors.labels(reason="compile" if isinstance(e, UserError) else "unsupported").inc()
-                self.log.warning("%s probe off for %s: %s", pr.name, p.exe, e, extra={"pid": p.pid, "exe": p.exe})
+                flags = pr.cflags(gb, self.common)
+                pending.append((pr, self.images.submit(pr.source, flags, self.kernel_source), flags))
+            except Exception as e:  # ProbeUnavailable of the module (offsets): this probe is off
+                self._probe_off(pr, p, e)
+        for pr, fut, flags in pending:
+            try:
+                result = fut.result()
+                prog = loader.load_program(result, loader.pin_dir_of(flags))
+                col = pr.collector()
+                col.bind(prog.bpf.ring_buffer(pr.ringbuf))
+            except Exception as e:  # KernelError (compile, map creation): this probe is off
+                self._probe_off(pr, p, e)
                 continue
-            col = pr.collector()
-            prog.bpf[pr.ringbuf.encode()].open_ring_buffer(col.callback())
+            self.m_compiles.labels(origin=result.origin).inc()
             tb.programs.append(ProbeProgram(pr, prog, col, pr.binary_state(gb, self.common)))
-            self.log.info("compiled %s for %s (%s) in %.2fs", pr.name, p.exe, gb.go_version, prog.compile_seconds,
+            how = {"compiled": "compiled", "memory": "reused the image of another binary",
+                   "disk": "loaded from the image cache"}[result.origin]
+            self.log.info("%s %s for %s (%s) in %.2fs", how, pr.name, p.exe, gb.go_version, prog.compile_seconds,
                           extra={"pid": p.pid, "exe": p.exe})
         if not tb.programs:
             self.rejected[key] = "every probe failed"
@@ -328,6 +350,12 @@ class EbpfGoReceiver(Receiver):
         with self._lock:
             self.binaries[key] = tb
         return tb
+
+    def _probe_off(self, pr: Probe, p: discovery.ProcInfo, e: Exception) -> None:
+        self.m_errors.labels(reason="compile" if isinstance(e, UserError) else "unsupported").inc()
+        if isinstance(e, UserError):
+            self.m_compiles.labels(origin="error").inc()
+        self.log.warning("%s probe off for %s: %s", pr.name, p.exe, e, extra={"pid": p.pid, "exe": p.exe})
 
     def _reject(self, key: tuple[int, int], p: discovery.ProcInfo, why: str, reason: str,
                 debug: bool = False) -> None:
@@ -453,10 +481,8 @@ class EbpfGoReceiver(Receiver):
     def _drain(self, tb: TracedBinary) -> None:
         """Read this binary's ring buffers and push one batch per probe. Called with self._lock held."""
         for pp in tb.programs:
-            bpf = pp.program.bpf
-            bpf.ring_buffer_consume()
             records = pp.collector.take()
-            lost = bpf[pp.probe.lost_map.encode()][0].value
+            lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
             if lost != pp.lost_seen:
                 self.m_lost.inc(lost - pp.lost_seen)
                 self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d %s records lost so far "

@@ -11,9 +11,7 @@ one compiled program per (binary, probe), attached per pid, read through one rin
 
 from __future__ import annotations
 
-import ctypes as ct
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from collector.spans import Span
 
 from ..gobinary import GoBinary
+from ..ringbuf import RingBuffer
 
 
 @dataclass
@@ -37,45 +36,33 @@ class Common:
 
 
 class RawCollector:
-    """Ring-buffer callback keeping each record's bytes (for modules whose decode takes bytes)."""
+    """Reads one ring buffer and keeps each record's bytes (for modules whose decode takes bytes)."""
 
     def __init__(self) -> None:
-        self.records: list[Any] = []
+        self.ring: RingBuffer | None = None
 
-    def callback(self) -> Callable[[Any, int, int], int]:
-        records = self.records
-        string_at = ct.string_at
-
-        def on_record(_ctx: Any, data: int, n: int) -> int:
-            records.append(string_at(data, n))
-            return 0
-        return on_record
+    def bind(self, ring: RingBuffer) -> None:
+        self.ring = ring
 
     def take(self) -> list[Any]:
-        out = self.records[:]
-        self.records.clear()
-        return out
+        """The records committed since the last call, as one batch."""
+        return self.ring.read() if self.ring is not None else []
 
 
 class StructCollector(RawCollector):
-    """Ring-buffer callback decoding each record in place with one precompiled Struct."""
+    """Decodes each record in place with one precompiled Struct (no copy of the record)."""
 
     def __init__(self, layout: struct.Struct) -> None:
         super().__init__()
         self.layout = layout
         self.short = 0
 
-    def callback(self) -> Callable[[Any, int, int], int]:
-        unpack, size, records = self.layout.unpack_from, self.layout.size, self.records
-        buf_t = ct.c_char * size
-
-        def on_record(_ctx: Any, data: int, n: int) -> int:
-            if n < size:
-                self.short += 1
-            else:
-                records.append(unpack(buf_t.from_address(data)))
-            return 0
-        return on_record
+    def take(self) -> list[Any]:
+        if self.ring is None:
+            return []
+        records, short = self.ring.read_unpacked(self.layout)
+        self.short += short
+        return records
 
 
 class Probe:

@@ -4,7 +4,8 @@ Loads bpf/skmsg_traceparent.c once per collector: a sock_ops program on the cgro
 every client socket into a sockhash, and an sk_msg program on that sockhash rewrites the first
 send of a request for which the uprobe side (bpf/nethttp_client.c) left a pending trace context.
 The maps the two sides share are pinned under `pin_dir` (bpffs); this module owns them: it
-creates them at start and unlinks them at stop.
+creates them at start and unlinks them at stop. Compiled in a child process (loader.run_compiler)
+and loaded with bpfsys: no BCC in the collector process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .. import bpfsys, loader
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/otelgo"
@@ -31,25 +34,42 @@ OUTCOMES: dict[int, str] = {
     7: "push_failed",
     8: "not_http1",
 }
-BPF_F_ALLOW_MULTI = 2  # uapi/linux/bpf.h
+BPF_F_ALLOW_MULTI = bpfsys.BPF_F_ALLOW_MULTI
 COUNT_SAME_THREAD = 12
 COUNT_OTHER_THREAD = 13
-
-
-
-BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 
 
 def _cgroup_link(prog_fd: int, cgroup_fd: int) -> int:
     """Attach a sock_ops program to a cgroup through a BPF link (the fd, or -1 if links are
     unavailable). A link is detached by the kernel when its last fd closes, so a collector that is
     killed leaves nothing attached that would keep inspecting every connection of the host."""
-    from bcc import lib
+    try:
+        return bpfsys.link_create(prog_fd, cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+    except bpfsys.BpfError:
+        return -1
 
-    fn = lib.bpf_link_create
-    fn.restype = ct.c_int
-    fn.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
-    return int(fn(prog_fd, cgroup_fd, BPF_CGROUP_SOCK_OPS, None))
+
+class ConnKey(ct.Structure):
+    """struct conn_key (bpf/traceparent_handoff.h)."""
+
+    _fields_ = [("tgid", ct.c_uint32), ("lport", ct.c_uint16), ("rport", ct.c_uint16)]
+
+
+class TpPending(ct.Structure):
+    """struct tp_pending (bpf/traceparent_handoff.h)."""
+
+    _fields_ = [("trace_id", ct.c_uint8 * 16), ("span_id", ct.c_uint8 * 8), ("flags", ct.c_uint8),
+                ("method_len", ct.c_uint8), ("pad", ct.c_uint8 * 6), ("method", ct.c_char * 8),
+                ("ktime", ct.c_uint64), ("tid", ct.c_uint64)]
+
+
+class TpResult(ct.Structure):
+    """struct tp_result (bpf/traceparent_handoff.h)."""
+
+    _fields_ = [("outcome", ct.c_uint32), ("same_thread", ct.c_uint32)]
+
+
+_TYPES: dict[str, tuple[Any, Any]] = {"tp_pending": (ConnKey, TpPending), "tp_result": (ct.c_uint64, TpResult)}
 
 class PropagationError(RuntimeError):
     """sk_msg propagation could not be set up on this host (message says why)."""
@@ -85,17 +105,19 @@ class SkMsgCounts:
 class SkMsgPropagation:
     """The sock_ops + sk_msg pair; `start()` loads and attaches, `stop()` detaches and unpins."""
 
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, fresh_ms: float = 50.0, scan_max: int = 4096) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, fresh_ms: float = 50.0, scan_max: int = 4096,
+                 images: loader.ImageStore | None = None) -> None:
         if scan_max & (scan_max - 1) or not 256 <= scan_max <= 8192:
             raise ValueError("scan_max must be a power of two in [256, 8192]")
         self.pin_dir = pin_dir
         self.fresh_ns = int(fresh_ms * 1e6)
         self.scan_max = scan_max
-        self._bpf: Any = None
+        self.images = images      # compiled images (cache); None: compile in a child each start
+        self._bpf: loader.LoadedProgram | None = None
         self._cgroup_fd = -1
         self._link_fd = -1
-        self._sockops: Any = None
-        self._skmsg: Any = None
+        self._sockops = -1
+        self._skmsg = -1
         self._sock_fd = -1
         self.cgroup = ""
 
@@ -105,30 +127,33 @@ class SkMsgPropagation:
 
     def start(self) -> None:
         try:
-            from bcc import BPF, BPFAttachType, libbcc
-        except ImportError as e:
-            raise PropagationError(f"bcc not importable: {e}") from None
+            loader.check_bcc()
+        except Exception as e:
+            raise PropagationError(str(e)) from None
         ensure_bpffs(str(Path(self.pin_dir).parent))
         self._clear_pins()
         os.makedirs(self.pin_dir, exist_ok=True)
         self.cgroup = cgroup2_root()
+        source = BPF_DIR / "skmsg_traceparent.c"
         try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "skmsg_traceparent.c").encode(), cflags=self.cflags())
-            self._sockops = self._bpf.load_func("sockops_track", BPF.SOCK_OPS)
-            self._skmsg = self._bpf.load_func("skmsg_traceparent", BPF.SK_MSG)
-            more = self._bpf.load_func("skmsg_scan_more", BPF.SK_MSG)
-            self._bpf[b"scan_progs"][ct.c_int(1)] = ct.c_int(more.fd)
-            self._sock_fd = libbcc.lib.bpf_table_fd(self._bpf.module, b"socks")
-            if self._sock_fd < 0:
-                raise PropagationError("sockhash `socks` has no fd")
-            BPF.attach_func(self._skmsg, self._sock_fd, BPFAttachType.SK_MSG_VERDICT)
+            if self.images is not None:
+                image = self.images.get(source, self.cflags(), None).image
+            else:
+                image = loader.run_compiler(source, self.cflags(), None)
+            self._bpf = bpf = loader.LoadedProgram(image, self.pin_dir)
+            self._sockops = bpf.load_func("sockops_track", bpfsys.PROG_SOCK_OPS)
+            self._skmsg = bpf.load_func("skmsg_traceparent", bpfsys.PROG_SK_MSG)
+            more = bpf.load_func("skmsg_scan_more", bpfsys.PROG_SK_MSG)
+            bpf["scan_progs"].update((1).to_bytes(4, "little"), more.to_bytes(4, "little"))
+            self._sock_fd = bpf["socks"].fd
+            bpfsys.prog_attach(self._skmsg, self._sock_fd, bpfsys.BPF_SK_MSG_VERDICT)
             self._cgroup_fd = os.open(self.cgroup, os.O_RDONLY)
-            self._link_fd = _cgroup_link(self._sockops.fd, self._cgroup_fd)
+            self._link_fd = _cgroup_link(self._sockops, self._cgroup_fd)
             if self._link_fd < 0:
                 # No BPF links (kernel < 5.7): a plain attach, which outlives a killed collector.
                 # BPF_F_ALLOW_MULTI: another collector's sock_ops on the same cgroup stays attached
                 # (without it the last attach replaces the others and silently ends their injection).
-                BPF.attach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+                bpfsys.prog_attach(self._sockops, self._cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
         except PropagationError:
             self.stop()
             raise
@@ -139,33 +164,38 @@ class SkMsgPropagation:
     def counts(self) -> SkMsgCounts:
         if self._bpf is None:
             return SkMsgCounts({}, 0, 0)
-        tab = self._bpf[b"counts"]
-        vals = {int(k.value): int(v.value) for k, v in tab.items()}
+        tab = self._bpf["counts"]
+        vals = {i: tab.read_u64(i) for i in range(tab.spec.max_entries)}
         return SkMsgCounts({name: vals.get(i, 0) for i, name in OUTCOMES.items()},
                            vals.get(COUNT_SAME_THREAD, 0), vals.get(COUNT_OTHER_THREAD, 0))
 
     def table(self, name: str) -> Any:
-        return self._bpf[name.encode()]
+        """A map of the program (loader.BpfMap); the maps shared with the client probe have their
+        C structs as `Key`/`Leaf`, so `tab[tab.Key(...)] = tab.Leaf(...)` works."""
+        if self._bpf is None:
+            raise PropagationError("sk_msg propagation is not started")
+        tab = self._bpf[name]
+        tab.Key, tab.Leaf = _TYPES.get(name, (None, None))
+        return tab
 
     def stop(self) -> None:
-        from bcc import BPF, BPFAttachType
         if self._link_fd >= 0:
             os.close(self._link_fd)  # closing the link detaches the sock_ops program
             self._link_fd = -1
-        elif self._cgroup_fd >= 0:
-            with contextlib.suppress(Exception):
-                BPF.detach_func(self._sockops, self._cgroup_fd, BPFAttachType.CGROUP_SOCK_OPS)
+        elif self._cgroup_fd >= 0 and self._sockops >= 0:
+            with contextlib.suppress(bpfsys.BpfError):
+                bpfsys.prog_detach(self._sockops, self._cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS)
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        if self._sock_fd >= 0 and self._skmsg is not None:
-            with contextlib.suppress(Exception):
-                BPF.detach_func(self._skmsg, self._sock_fd, BPFAttachType.SK_MSG_VERDICT)
+        if self._sock_fd >= 0 and self._skmsg >= 0:
+            with contextlib.suppress(bpfsys.BpfError):
+                bpfsys.prog_detach(self._skmsg, self._sock_fd, bpfsys.BPF_SK_MSG_VERDICT)
         self._sock_fd = -1
         if self._bpf is not None:
-            with contextlib.suppress(Exception):
-                self._bpf.cleanup()
+            self._bpf.close()   # closes the program and map fds (the sockhash with them)
             self._bpf = None
+        self._sockops = self._skmsg = -1
         self._clear_pins()
 
     def _clear_pins(self) -> None:
@@ -176,6 +206,4 @@ class SkMsgPropagation:
 
 def conn_key(tgid: int, lport: int, rport: int) -> Any:
     """The `struct conn_key` of bpf/skmsg_traceparent.c (for tests and tools)."""
-    class ConnKey(ct.Structure):
-        _fields_ = [("tgid", ct.c_uint32), ("lport", ct.c_uint16), ("rport", ct.c_uint16)]
     return ConnKey(tgid, lport, rport)

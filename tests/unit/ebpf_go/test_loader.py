@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,131 @@ def test_compile_failure_names_the_compiler_error(tmp_path: Path) -> None:
         loader.compile_program(src, [], loader.find_kernel_headers("auto")[0])
     msg = str(e.value)
     assert "BPF compile of bad.c failed" in msg and "undefined_thing" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- compiler child, images, cache
+
+def _server_flags(pin_dir: str) -> tuple[Path, list[str]]:
+    from receiver.ebpf_go.gobinary import GoBinary
+    from receiver.ebpf_go.probes import nethttp_server
+    from tests.support.gobuild import build_go_fixture
+    gb = GoBinary.open(str(build_go_fixture("httpserver", "1.27", "plain")))
+    return nethttp_server.BPF_SOURCE, nethttp_server.cflags(gb, pin_dir=pin_dir, max_inflight=1024, ringbuf_pages=16)
+
+
+@pytest.fixture(scope="module")
+def server_image() -> tuple[Path, list[str], loader.ProgramImage]:
+    if os.geteuid() != 0:
+        skip_or_fail_in_ci("needs root and BCC")
+    src, flags = _server_flags("/sys/fs/bpf/otelgo-test-a")
+    return src, flags, loader.run_compiler(src, flags, loader.find_kernel_headers("auto")[0])
+
+
+@pytest.mark.root
+def test_image_extraction(server_image: tuple[Path, list[str], loader.ProgramImage]) -> None:
+    _src, _flags, img = server_image
+    assert img.license == "GPL"
+    assert set(img.functions) == {"uprobe_server_ServeHTTP", "uprobe_server_ServeHTTP_return"}
+    maps = {m.name: m for m in img.maps}
+    assert maps["events"].type == 27 and maps["events"].max_entries == 16 * 4096 and maps["events"].pin is None
+    assert maps["ctx_spans"].pin == "ctx_spans" and maps["ctx_spans"].type == 9
+    assert maps["inflight"].max_entries == 1024
+    for fn, relocs in img.relocations.items():
+        code = img.functions[fn]
+        assert relocs, fn
+        for idx, name in relocs:
+            assert name in maps
+            op, regs, _off, imm = struct.unpack_from("<BBhi", code, idx * 8)
+            assert (op, regs >> 4, imm) == (0x18, 1, 0)  # ld_imm64 of a map fd, fd cleared
+    # a JSON round trip gives the same image
+    assert loader.ProgramImage.from_json(json.loads(json.dumps(img.to_json()))) == img
+
+
+@pytest.mark.root
+def test_image_does_not_depend_on_pin_dir(server_image: tuple[Path, list[str], loader.ProgramImage],
+                                          tmp_path: Path) -> None:
+    src, flags, img = server_image
+    _, other = _server_flags("/sys/fs/bpf/otelgo-test-b")
+    store = loader.ImageStore(str(tmp_path))
+    assert store.key(src, flags, None) == store.key(src, other, None)
+    assert loader.run_compiler(src, other, loader.find_kernel_headers("auto")[0]).to_json() == img.to_json()
+
+
+@pytest.mark.root
+def test_cache_memory_disk_and_corrupt(server_image: tuple[Path, list[str], loader.ProgramImage],
+                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src, flags, img = server_image
+    ksrc = loader.find_kernel_headers("auto")[0]
+    a = loader.ImageStore(str(tmp_path / "cache"))
+    # 20 binaries of one Go version ask at once: one compile (a child process), one answer.
+    first = [a.submit(src, flags, ksrc) for _ in range(20)]
+    r1 = first[0].result()
+    assert all(f is first[0] for f in first)
+    assert (r1.origin, a.compiles) == ("compiled", 1) and r1.image.to_json() == img.to_json()
+    assert a.get(src, flags, ksrc).origin == "memory" and a.compiles == 1
+    (cached,) = (tmp_path / "cache").glob("*.json")
+    assert not list((tmp_path / "cache").glob(".*tmp"))
+    b = loader.ImageStore(str(tmp_path / "cache"))
+    r2 = b.get(src, flags, ksrc)
+    assert (r2.origin, b.compiles) == ("disk", 0) and r2.image == r1.image
+    cached.write_text(cached.read_text()[:200])     # truncated: ignored, compiled again, rewritten
+    c = loader.ImageStore(str(tmp_path / "cache"))
+    caplog.set_level("WARNING")
+    r3 = c.get(src, flags, ksrc)
+    assert (r3.origin, c.compiles) == ("compiled", 1)
+    assert any("ignoring unreadable" in rec.getMessage() for rec in caplog.records)
+    assert loader.ProgramImage.from_json(json.loads(cached.read_text())) == img
+
+
+def test_cache_key_changes_with_inputs(tmp_path: Path) -> None:
+    src = tmp_path / "p.c"
+    src.write_text("int f(void *c) { return 0; }\n")
+    (tmp_path / "h.h").write_text("#define X 1\n")
+    s = loader.ImageStore(None)
+    k = s.key(src, ["-DA=1", '-DPIN_DIR="/x"'], None)
+    assert k == s.key(src, ["-DA=1", '-DPIN_DIR="/y"'], None)
+    assert k != s.key(src, ["-DA=2", '-DPIN_DIR="/x"'], None)
+    assert k != s.key(src, ["-DA=1", '-DPIN_DIR="/x"'], "/usr/src/other")
+    (tmp_path / "h.h").write_text("#define X 2\n")
+    assert k != s.key(src, ["-DA=1", '-DPIN_DIR="/x"'], None)
+
+
+def test_compiler_crash_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(loader, "COMPILER_MODULE", "tests.unit.ebpf_go.segv_compiler")
+    src = tmp_path / "x.c"
+    src.write_text("")
+    with pytest.raises(KernelError) as e:
+        loader.run_compiler(src, [], None)
+    msg = str(e.value)
+    assert msg == "BPF compile of x.c failed: the BCC compiler crashed (SIGSEGV): LLVM ERROR: something went very wrong"
+
+
+def test_check_bcc_does_not_import_it() -> None:
+    code = "import sys; from receiver.ebpf_go import loader; loader.check_bcc(); print('bcc' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(loader.PACKAGE_ROOT))
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.root
+def test_loaded_program_maps_and_pins(server_image: tuple[Path, list[str], loader.ProgramImage]) -> None:
+    _src, _flags, img = server_image
+    pin = "/sys/fs/bpf/otelgo-test-loader"
+    os.makedirs(pin, exist_ok=True)
+    try:
+        a = loader.LoadedProgram(img, pin)
+        b = loader.LoadedProgram(img, pin)      # a second program opens the same pinned map
+        assert os.path.exists(f"{pin}/ctx_spans")
+        from receiver.ebpf_go import bpfsys
+        assert bpfsys.map_id(a["ctx_spans"].fd) == bpfsys.map_id(b["ctx_spans"].fd)
+        assert bpfsys.map_id(a["events"].fd) != bpfsys.map_id(b["events"].fd)
+        assert a["lost"].read_u64(0) == 0
+        a["lost"].update((0).to_bytes(4, "little"), (5).to_bytes(8, "little"))
+        assert a["lost"].read_u64(0) == 5 and b["lost"].read_u64(0) == 0
+        assert a.load_func("uprobe_server_ServeHTTP") > 0
+        a.close()
+        b.close()
+    finally:
+        for f in os.listdir(pin):
+            os.unlink(os.path.join(pin, f))
+        os.rmdir(pin)
