@@ -274,8 +274,19 @@ class GoBinary:
         return ProbePoint(ep.addr, ep.kind, ep.reason)
 
     def caller_return_points(self, name: str) -> list[ReturnPoint] | None:
-        """Not provably exact (see README: "Return points in callers"): always None for now."""
+        """Not provably exact for every caller (see README: "Return points in callers"): always
+        None. For one known caller use `point_after_call`."""
         return None
+
+    def point_after_call(self, caller: str, callee: str) -> ReturnPoint:
+        """The first kernel-emulated instruction after the single direct call of `callee` in
+        `caller`, reached by straight-line code (README: "Return points in callers"). `addr` is 0
+        and `kind` "none" when there is none; `reason` says why or what was found."""
+        f, g = self.function(caller), self.function(callee)
+        if f is None or g is None:
+            return ReturnPoint(0, caller, "none", f"{caller if f is None else callee} not in the binary")
+        p = disasm.point_after_call(self.arch, self._sweep(f), self._img.read, g.start)
+        return ReturnPoint(p.addr, caller, "emulated-after-call" if p.addr else "none", p.reason)
 
     # ---- struct offsets -----------------------------------------------------------------
     def _dwarf_structs(self) -> DwarfStructs | None:

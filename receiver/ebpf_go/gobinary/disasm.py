@@ -21,6 +21,7 @@ entry; anything else falls back to the entry itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import capstone
 
@@ -153,3 +154,63 @@ def entry_point(arch: str, sw: Sweep, start: int, end: int, morestack: set[int] 
     if not (call_ok and jmp_back):
         return EntryPoint(start, "entry", "stack-check jump target is not a morestack tail")
     return EntryPoint(jcc.address, "jcc-after-stack-check", f"{shape} at +{jcc.address - start}")
+
+
+# ---- return points in callers ---------------------------------------------------------------
+#
+# x86 instructions the kernel emulates at a uprobe instead of single-stepping them out of line
+# (arch/x86/kernel/uprobes.c: branch_setup_xol_ops, push_setup_xol_ops), by their bytes: call
+# rel32, jmp rel8/rel32, jcc rel8/rel32, push r64. NOPs are emulated only by recent kernels: left out.
+def is_emulated(code: bytes) -> bool:
+    if not code:
+        return False
+    b0 = code[0]
+    b1 = code[1] if len(code) > 1 else -1
+    return (b0 in (0xE8, 0xE9, 0xEB) or 0x70 <= b0 <= 0x7F or (b0 == 0x0F and 0x80 <= b1 <= 0x8F)
+            or 0x50 <= b0 <= 0x57 or (b0 == 0x41 and 0x50 <= b1 <= 0x57))
+
+
+# Instructions that end the straight line after a call: control leaves or the program stops.
+_LEAVES = frozenset({"ret", "retf", "retq", "jmp", "int3", "ud2", "hlt", "syscall", "iretq", "int"})
+
+
+@dataclass(frozen=True)
+class AfterCall:
+    addr: int  # 0 when there is no usable point (reason says why)
+    call_site: int
+    reason: str
+
+
+def point_after_call(arch: str, sw: Sweep, code_at: Any, callee: int, max_insns: int = 24) -> AfterCall:
+    """The first instruction after the one direct `call callee` of a swept function that the kernel
+    emulates, reached from the call by straight-line code only.
+
+    Between the call and the point only non-branching instructions and indirect calls (which return
+    to the next instruction or unwind by panic, like the callee itself) are allowed, and no branch
+    of the function may land in that stretch, so the point runs exactly once after every normal
+    return of the callee from that call site and never otherwise. `code_at(addr, n)` reads bytes."""
+    if arch != "amd64":
+        return AfterCall(0, 0, f"{arch}: not implemented")
+    ins = sw.insns
+    sites = [k for k, i in enumerate(ins) if i.mnemonic == "call" and _target(i) == callee]
+    if len(sites) != 1:
+        return AfterCall(0, 0, f"{len(sites)} direct calls of the callee (need exactly one)")
+    k = sites[0]
+    call = ins[k]
+    for j in range(k + 1, min(k + 1 + max_insns, len(ins))):
+        i = ins[j]
+        if is_emulated(code_at(i.address, min(i.size, 2))):
+            if i.mnemonic == "call" and _target(i) is None:
+                continue  # defensive: an indirect call never has an emulated opcode
+            lo, hi = call.address, i.address
+            for other in ins:
+                t = _target(other) if other.mnemonic.startswith("j") or other.mnemonic == "call" else None
+                if t is not None and lo < t <= hi and other is not i:
+                    return AfterCall(0, call.address, f"a branch at {other.address:#x} lands between the call "
+                                                      f"and {hi:#x}")
+            return AfterCall(i.address, call.address,
+                             f"{i.mnemonic} {i.op_str} at +{i.address - call.address} after the call "
+                             f"({j - k - 1} instructions between)")
+        if i.mnemonic in _LEAVES or i.mnemonic.startswith("j") or i.mnemonic.startswith("loop"):
+            return AfterCall(0, call.address, f"{i.mnemonic} at {i.address:#x} before any emulated instruction")
+    return AfterCall(0, call.address, f"no emulated instruction within {max_insns} instructions after the call")

@@ -13,6 +13,11 @@ STD_FIELDS: dict[str, tuple[str, ...]] = {
     "net/http.Response": ("Status", "StatusCode", "Proto", "Header", "Request"),
     "net/http.response": ("conn", "req", "status", "wroteHeader", "handlerHeader", "contentLength", "w"),
     "net/http.conn": ("server", "rwc", "remoteAddr", "tlsState"),
+    # HTTP/2 server (bundled in net/http up to Go 1.26, net/http/internal/http2 from 1.27)
+    "net/http.http2responseWriter": ("rws",),
+    "net/http.http2responseWriterState": ("status",),
+    "net/http/internal/http2.responseWriter": ("rws",),
+    "net/http/internal/http2.responseWriterState": ("status",),
     "net/http.persistConn": ("conn", "bw", "br"),
     "net/http.Server": ("Addr", "Handler"),
     "net/url.URL": (
