@@ -3,12 +3,21 @@
  * Hooks `net/http.serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`:
  *   entry (the jcc after the stack check, registers still hold the arguments): remember the call
  *     by goroutine, choose trace/span ids (parent from an incoming `traceparent` header);
- *   every RET: read the request fields and the response status, emit one record.
- * Arguments (amd64 regabi): word 1 = sh.srv, words 2-3 = rw (itab, data = *http.response),
- * word 4 = req.
+ *   end: read the request fields and the response status, emit one record. Where the binary
+ *     allows it (probes/nethttp_server.py `end_plan`), at points the kernel emulates:
+ *     - HTTP/1.x: uprobe_server_end_h1 at the first emulated instruction after the call of
+ *       ServeHTTP in `(*conn).serve` (the direct `call (*conn).hijacked`, run after every normal
+ *       return, hijacked or not);
+ *     - HTTP/2: uprobe_server_end_h2 at the entry (jcc) of the h2 server's
+ *       `(*responseWriter).handlerDone(rw)`, run by the handler goroutine once the handler
+ *       returned without panicking; it ends the call only if rw is the call's ResponseWriter;
+ *     otherwise at every RET of ServeHTTP (uprobe_server_ServeHTTP_return, single-stepped).
+ * Arguments (amd64 regabi): word 1 = sh.srv, words 2-3 = rw (itab, data = *http.response for
+ * HTTP/1.x, the h2 server's *responseWriter for HTTP/2), word 4 = req.
  *
  * Compiled by BCC once per binary with that binary's layout as -D constants (loader.py):
  *   REQ_*_POS, URL_PATH_POS, RESP_STATUS_POS  struct field offsets
+ *   H2_RWS_POS, H2_STATUS_POS  h2 responseWriter.rws and responseWriterState.status (-1: unknown)
  *   PATTERN_MODE  0 none, 1 req.pat->str (Go 1.22), 2 req.Pattern (Go >= 1.23)
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
@@ -79,8 +88,8 @@ struct http_server_event {
     char user_agent[UA_MAX]; /* 560, size 688 */
 };
 
-/* inflight: goroutine_key -> server_call; written at entry, read and deleted at RET. LRU: a
- * handler that panics never reaches RET, its entry ages out. */
+/* inflight: goroutine_key -> server_call; written at entry, read and deleted at the end (RET or
+ * end point). LRU: a handler that panics never reaches the end, its entry ages out. */
 BPF_TABLE("lru_hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
 /* ctx_spans: {context data pointer, tgid} -> trace_ctx of the server span; written here at
  * ServeHTTP entry, deleted at RET; read by the client probes (nethttp_client.c, database_sql.c),
@@ -331,15 +340,9 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     return 0;
 }
 
-int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
-#ifdef AB_EMPTY
-    return 0;
-#endif
-    u64 now = bpf_ktime_get_ns();
-    struct goroutine_key k = goroutine_key(ctx);
-    struct server_call *c = inflight.lookup(&k);
-    if (!c)
-        return 0;
+/* The call `c` of goroutine `k` has ended at `now`: emit its record and forget it. */
+static __always_inline int finish_call(struct goroutine_key *kp, struct server_call *c, u64 now) {
+    struct goroutine_key k = *kp;
 #ifdef AB_NO_RINGBUF
     inflight.delete(&k);
     return 0;
@@ -374,8 +377,19 @@ int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
     e->proto_minor = minor;
     e->tls = tls != 0;
     e->pad = 0;
-    if (major == 1)              /* rw is *http.response only for HTTP/1.x */
+    if (major == 1) {            /* rw is *http.response only for HTTP/1.x */
         bpf_probe_read_user(&e->status, sizeof(e->status), (void *)(c->resp + RESP_STATUS_POS));
+    }
+#if H2_RWS_POS >= 0 && H2_STATUS_POS >= 0
+    else if (major == 2) {       /* rw is the h2 server's *responseWriter: rws.status */
+        u64 rws = 0;
+        bpf_probe_read_user(&rws, sizeof(rws), (void *)(c->resp + H2_RWS_POS));
+        if (rws != 0)
+            bpf_probe_read_user(&e->status, sizeof(e->status), (void *)(rws + H2_STATUS_POS));
+        if (e->status == 0)
+            e->status = 200;     /* nothing written: handlerDone's Flush sends 200 */
+    }
+#endif
 
     READ_GO_STRING(e->method, METHOD_MAX, req + REQ_METHOD_POS, n);
     e->method_len = n;
@@ -413,4 +427,43 @@ int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
     }
     inflight.delete(&k);
     return 0;
+}
+
+/* Every RET of ServeHTTP (single-stepped: the fallback). */
+int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
+#ifdef AB_EMPTY
+    return 0;
+#endif
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c)
+        return 0;
+    return finish_call(&k, c, now);
+}
+
+/* HTTP/1.x end point in (*conn).serve, right after ServeHTTP returned on this goroutine. */
+int uprobe_server_end_h1(struct pt_regs *ctx) {
+#ifdef AB_EMPTY
+    return 0;
+#endif
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c)
+        return 0;
+    return finish_call(&k, c, now);
+}
+
+/* HTTP/2 end point: entry of (*responseWriter).handlerDone(rw) on the handler goroutine. */
+int uprobe_server_end_h2(struct pt_regs *ctx) {
+#ifdef AB_EMPTY
+    return 0;
+#endif
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c || c->resp != GO_PARAM1(ctx))
+        return 0;                /* not the ResponseWriter of the call on this goroutine */
+    return finish_call(&k, c, now);
 }

@@ -230,6 +230,131 @@ def test_server_spans(version: str, variant: str) -> None:
     assert our_uprobes(os.getpid()) == []
 
 
+# ---------------------------------------------------------------- where the request ends: h2, hijack, panic
+
+
+class H2Server:
+    """The httpserver_h2 fixture: one handler on a plain HTTP/1.x and a TLS (h2, http/1.1) listener."""
+
+    def __init__(self, binary: Path) -> None:
+        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        assert line.startswith("LISTENING "), line
+        self.plain, self.tls = line.split()[1:3]
+        self.pid = self.proc.pid
+
+    def raw(self, request: bytes) -> bytes:
+        host, port = self.plain.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(request)
+            chunks = []
+            while b := s.recv(65536):
+                chunks.append(b)
+        return b"".join(chunks)
+
+    def keepalive(self, paths: list[str]) -> list[bytes]:
+        """HTTP/1.1 requests on one keep-alive connection (http.client); the answers' first lines."""
+        import http.client
+        host, port = self.plain.rsplit(":", 1)
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        out = []
+        for p in paths:
+            c.request("GET", p)
+            r = c.getresponse()
+            r.read()
+            out.append(f"{r.version} {r.status}".encode())
+        c.close()
+        return out
+
+    def curl(self, paths: list[str], http: str = "--http2") -> list[str]:
+        """One curl process, one TLS connection (reused), `<http_version> <code>` per URL."""
+        args = ["curl", "-sk", http, "--max-time", "20"]
+        for p in paths:
+            args += ["-o", "/dev/null", "-w", "%{http_version} %{http_code}\\n", f"https://{self.tls}{p}"]
+        return subprocess.run(args, capture_output=True, text=True).stdout.split()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def _drive_h2(srv: H2Server, n: int) -> tuple[int, list[tuple[str, str, int | None]]]:
+    """The same mix of requests every time: (number of requests that end normally, the span
+    identities (protocol version, path, status) they should produce, in any order)."""
+    want: list[tuple[str, str, int | None]] = []
+    # HTTP/2 over TLS: n on one connection, then the status cases.
+    h2_paths = ["/hello"] * n + ["/status/404", "/status/503", "/status/201", "/empty"]
+    got = srv.curl(h2_paths)
+    assert got == [x for p in h2_paths for x in ("2", "404" if p.endswith("404") else "503" if p.endswith("503")
+                                                   else "201" if p.endswith("201") else "200")], got[:12]
+    want += [("2", p, 200 if p in ("/hello", "/empty") else int(p.rsplit("/", 1)[1])) for p in h2_paths]
+    # HTTP/1.1 keep-alive, plain: n requests.
+    assert srv.keepalive(["/hello"] * n) == [b"11 200"] * n
+    want += [("1.1", "/hello", 200)] * n
+    # HTTP/1.1 over TLS.
+    assert srv.curl(["/status/202"], "--http1.1") == ["1.1", "202"]
+    want.append(("1.1", "/status/202", 202))
+    # Hijacked connections: the handler returns after answering on the raw connection.
+    for _ in range(3):
+        assert srv.raw(b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\n").endswith(b"hijack\n")
+        want.append(("1.1", "/hijack", 200))
+    # Handlers that panic (HTTP/1.x and HTTP/2, plain panic and ErrAbortHandler): no normal return.
+    for path in ("/panic", "/abort"):
+        assert srv.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()) == b""
+        assert srv.curl([path])[-1] == "000"
+    # The target still serves, on both protocols, after the panics.
+    assert srv.keepalive(["/hello"]) == [b"11 200"]
+    assert srv.curl(["/hello"]) == ["2", "200"]
+    want += [("1.1", "/hello", 200), ("2", "/hello", 200)]
+    return len(want), want
+
+
+H2_MATRIX = [("1.19", "plain"), ("1.24", "stripped-pie"), ("1.26", "plain"), ("1.27", "plain")]
+
+
+@pytest.mark.parametrize("version,variant", H2_MATRIX, ids=[f"go{v}-{x}" for v, x in H2_MATRIX])
+def test_end_points_h2_hijack_panic_exact_counts(version: str, variant: str) -> None:
+    """Every request that returns from its handler is one span, ended where the handler returned,
+    with its status, over HTTP/2 (TLS), HTTP/1.1 (plain and TLS) and hijacked connections; handlers
+    that panic yield no span and leave the target serving: the same as with RET probes, which the
+    second half checks by running the same requests with the end forced to every RET."""
+    from receiver.ebpf_go.gobinary import GoBinary
+    from receiver.ebpf_go.probes import nethttp_server
+    binary = build_go_fixture("httpserver_h2", version, variant)
+    assert nethttp_server.end_plan(GoBinary.open(str(binary))).mode == "emulated"
+    results = {}
+    for mode in ("auto", "ret"):
+        nethttp_server.END_MODE = mode
+        srv = H2Server(binary)
+        r, sink = start_receiver({"targets": [{"pid": srv.pid}]})
+        try:
+            wait_for(lambda: srv.pid in r.processes, 30, "attach")  # noqa: B023
+            held = len(our_uprobes(os.getpid()))
+            n, want = _drive_h2(srv, 50)
+            spans = wait_spans(sink, n)
+            assert srv.proc.poll() is None
+        finally:
+            nethttp_server.END_MODE = "auto"
+            r.shutdown()
+            srv.stop()
+        assert len(spans) == n, (mode, len(spans), n)
+        got = sorted((s.attributes["network.protocol.version"], s.attributes["url.path"],
+                      s.attributes.get("http.response.status_code")) for _, _, s in spans)
+        assert got == sorted(want), mode
+        for _, _, s in spans:
+            tls = s.attributes["network.protocol.version"] == "2" or s.attributes["url.path"] == "/status/202"
+            assert s.attributes["url.scheme"] == ("https" if tls else "http")
+            assert s.start_time_unix_nano <= s.end_time_unix_nano
+            assert s.status_code == (STATUS_ERROR if s.attributes["http.response.status_code"] >= 500
+                                     else STATUS_UNSET)
+        results[mode] = (held, got)
+    assert results["auto"][1] == results["ret"][1]
+    assert results["auto"][0] == 3  # entry, HTTP/1.x end, HTTP/2 end: no RET probe
+
+
 # ---------------------------------------------------------------- no change to the service, clean detach
 
 
@@ -249,7 +374,7 @@ def test_byte_identical_and_clean_detach() -> None:
         r, sink = start_receiver({"targets": [{"exe_path": str(binary)}]})
         try:
             wait_for(lambda: srv.pid in r.processes, 30, "attach")
-            assert len(our_uprobes(os.getpid())) == 2  # entry + one RET
+            assert len(our_uprobes(os.getpid())) == 3  # entry + the HTTP/1.x and the HTTP/2 end points
             during = answers()
             wait_spans(sink, len(reqs))
         finally:
@@ -311,7 +436,7 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
     try:
         wait_for(lambda: set(r.processes) == set(chosen), 30, "attach to the five")
         assert len(r.binaries) == 1  # one program for the binary
-        assert len(our_uprobes(os.getpid())) == 5 * 2
+        assert len(our_uprobes(os.getpid())) == 5 * 3
         for s in servers:
             s.request("GET", "/hello")
         spans = wait_spans(sink, 5)

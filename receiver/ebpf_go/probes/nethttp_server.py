@@ -5,12 +5,19 @@ BPF side: bpf/nethttp_server.c. This module says which symbol to probe, which co
 
 Hooked: `net/http.serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`, every HTTP/1.x
 and HTTP/2 request of every `http.Server` goes through it once. Entry at the jcc after the stack
-check (emulated, ~0.6 µs), plus every RET (single-stepped, ~9 µs on the test VMs).
+check (emulated, ~0.6 µs). The end, per binary (`end_plan`): where every HTTP server path linked in
+has one, at points the kernel emulates ("emulated": the first emulated instruction after the call
+of ServeHTTP in `(*conn).serve`, and the entry jcc of each HTTP/2 server's
+`(*responseWriter).handlerDone`); otherwise at every RET of ServeHTTP ("ret": single-stepped,
+~9 µs on the test VMs).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,14 @@ from ..gobinary import GoBinary
 
 BPF_SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "nethttp_server.c"
 SYMBOL = "net/http.serverHandler.ServeHTTP"
+CONN_SERVE = "net/http.(*conn).serve"
+# HTTP/2 servers: bundled in net/http (Go <= 1.26), net/http/internal/http2 (Go >= 1.27),
+# golang.org/x/net/http2 (http2.ConfigureServer); the handler goroutine runs runHandler.
+H2_RUN_HANDLER = re.compile(r"^(?P<pkg>.*)\.\(\*(?P<pfx>http2)?serverConn\)\.runHandler$")
+END_MODES = ("auto", "emulated", "ret")
+END_MODE = "auto"  # what attach() uses unless told; tests and benchmarks set "ret" to compare
+
+log = logging.getLogger(__name__)
 EVENT_KIND_HTTP_SERVER = 1
 SCOPE_NAME = "net/http"
 
@@ -37,6 +52,11 @@ OFFSETS: list[tuple[str, str, str, int | None]] = [
     ("URL_PATH_POS", "net/url.URL", "Path", 56),
     ("RESP_STATUS_POS", "net/http.response", "status", None),
 ]
+# HTTP/2 status (rw.rws.status), optional: -1 when unknown (no status on HTTP/2 spans then).
+H2_OFFSETS_BUNDLED = [("H2_RWS_POS", "net/http.http2responseWriter", "rws"),
+                      ("H2_STATUS_POS", "net/http.http2responseWriterState", "status")]
+H2_OFFSETS_INTERNAL = [("H2_RWS_POS", "net/http/internal/http2.responseWriter", "rws"),
+                       ("H2_STATUS_POS", "net/http/internal/http2.responseWriterState", "status")]
 # Swiss-map layout (internal/runtime/maps, identical in Go 1.24-1.27) and the classic hmap.
 SWISS = {"SWISS_DIRPTR_POS": 16, "SWISS_DIRLEN_POS": 24, "SWISS_TABLE_GROUPS_POS": 16, "SWISS_TABLE_MASK_POS": 24}
 CLASSIC = {"HMAP_B_POS": 9, "HMAP_BUCKETS_POS": 16, "HMAP_OLDBUCKETS_POS": 24}
@@ -77,6 +97,11 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
                   f"-DPATTERN_STR_POS={pat_str.value if pat_str is not None else 0}"]
     else:
         flags += ["-DPATTERN_MODE=0"]
+    h2 = H2_OFFSETS_INTERNAL if binary.function("net/http/internal/http2.(*serverConn).runHandler") else \
+        H2_OFFSETS_BUNDLED
+    h2_values = [binary.struct_offset(st, field) for _, st, field in h2]
+    for (const, _, _), off in zip(h2, h2_values, strict=True):
+        flags.append(f"-D{const}={off.value if off is not None and None not in h2_values else -1}")
     layout = SWISS if swiss_maps(binary) else CLASSIC
     flags.append(f"-DSWISS_MAPS={1 if layout is SWISS else 0}")
     flags += [f"-D{k}={v}" for k, v in layout.items()]
@@ -89,15 +114,78 @@ def present(binary: GoBinary) -> bool:
     return binary.function(SYMBOL) is not None
 
 
-def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[tuple[int, str]]:
-    """Attach the entry probe and one probe per RET; returns [(address, BPF function)]."""
+@dataclass(frozen=True)
+class EndPlan:
+    """Where the server span ends in one binary: mode "emulated" or "ret", the points, and why."""
+    mode: str
+    points: list[tuple[int, str]]  # (address, BPF function)
+    reason: str
+
+
+_PLAN_LOGGED: set[tuple[str, str]] = set()
+
+
+def end_plan(binary: GoBinary, mode: str = "auto") -> EndPlan:
+    """Choose the end points for this binary. "emulated" needs, for HTTP/1.x, an emulated
+    instruction reached straight after the call of ServeHTTP in `(*conn).serve`, and for every
+    HTTP/2 server linked in, its `(*responseWriter).handlerDone` as a function with a cheap (jcc)
+    entry that runHandler's deferred function calls. Otherwise every RET of ServeHTTP ("ret").
+    `mode` "ret" forces the RETs (benchmarks, comparisons); "emulated" fails if impossible."""
+    if mode not in END_MODES:
+        raise ValueError(f"end mode {mode!r}: one of {END_MODES}")
     if binary.function(SYMBOL) is None:
         raise ProbeUnavailable(f"{SYMBOL} not in the binary (no net/http server)")
     rets = binary.return_sites(SYMBOL)
+    ret_plan = EndPlan("ret", [(a, "uprobe_server_ServeHTTP_return") for a in rets], "")
+    why = _emulated_points(binary) if mode != "ret" else "forced"
+    if isinstance(why, list):
+        return EndPlan("emulated", why, "HTTP/1.x after the call in (*conn).serve; HTTP/2 at handlerDone")
+    if mode == "emulated":
+        raise ProbeUnavailable(f"no emulated end point: {why}")
     if not rets:
-        raise ProbeUnavailable(f"no RET found in {SYMBOL}: not attaching")
+        raise ProbeUnavailable(f"no RET found in {SYMBOL} and no emulated end point ({why}): not attaching")
+    return EndPlan("ret", ret_plan.points, why)
+
+
+def _emulated_points(binary: GoBinary) -> list[tuple[int, str]] | str:
+    """The emulated end points, or why there are none."""
+    if binary.arch != "amd64":
+        return f"{binary.arch}: not implemented"
+    h1 = binary.point_after_call(CONN_SERVE, SYMBOL)
+    if not h1.addr:
+        return f"HTTP/1.x: {h1.reason}"
+    points = [(h1.addr, "uprobe_server_end_h1")]
+    for name in sorted(binary.functions()):
+        m = H2_RUN_HANDLER.match(name)
+        if m is None:
+            continue
+        done = f"{m['pkg']}.(*{'http2' if m['pfx'] else ''}responseWriter).handlerDone"
+        done_fn = binary.function(done)
+        if done_fn is None:
+            return f"HTTP/2 server {m['pkg']}: no function {done} (inlined?)"
+        callers = [c for c in (f"{name}.func{k}" for k in range(1, 4)) if binary.function(c) is not None]
+        if not any(i.mnemonic == "call" and i.op_str == hex(done_fn.start)
+                   for c in callers for i in binary.instructions(c)):
+            return f"HTTP/2 server {m['pkg']}: handlerDone is not called from runHandler's deferred function"
+        ep = binary.entry_probe(done)
+        if ep.kind != "jcc-after-stack-check":
+            return f"HTTP/2 server {m['pkg']}: handlerDone has no cheap entry ({ep.reason})"
+        points.append((ep.addr, "uprobe_server_end_h2"))
+    return points
+
+
+def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, end: str | None = None) -> list[tuple[int, str]]:
+    """Attach the entry probe and the end points (`end_plan`); returns [(address, BPF function)]."""
+    plan = end_plan(binary, end or END_MODE)
+    key = (binary.path, plan.mode)
+    if key not in _PLAN_LOGGED:
+        _PLAN_LOGGED.add(key)
+        if plan.mode == "ret":
+            log.info("net/http server: %s: span end at every RET of ServeHTTP (%s)", binary.path, plan.reason)
+        else:
+            log.info("net/http server: %s: span end at emulated points (%d)", binary.path, len(plan.points))
     ep = binary.entry_probe(SYMBOL)
-    points = [(ep.addr, "uprobe_server_ServeHTTP")] + [(a, "uprobe_server_ServeHTTP_return") for a in rets]
+    points = [(ep.addr, "uprobe_server_ServeHTTP")] + plan.points
     for addr, fn in points:
         bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
     return points
