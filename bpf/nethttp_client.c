@@ -12,15 +12,26 @@
  *     local and remote address from Go memory (w = *bufio.Writer -> persistConnWriter{pc} ->
  *     pc.conn -> *net.TCPConn, or a wrapper whose first field is that net.Conn (non-PIE: itabs
  *     known) -> netFD.laddr/raddr), and, with SKMSG, leaves the trace context in
- *     `tp_pending` keyed by that connection for bpf/skmsg_traceparent.c.
+ *     `tp_pending` keyed by that connection for bpf/skmsg_traceparent.c; with PROBE_WRITE, arms
+ *     the writer for this goroutine.
+ *   `net/http.Header.writeSubset` entry, only with PROBE_WRITE (traceparent_probe_write.h): writes
+ *     the traceparent line into the request's bufio buffer.
  *
  * Constants (-D, from receiver/ebpf_go/probes/nethttp_client.py): REQ_*_POS, URL_*_POS,
  * USERINFO_PASSWORDSET_POS, RESP_*_POS, BUFIO_WR_POS, PCONN_CONN_POS, NETFD_LADDR_POS,
  * NETFD_RADDR_POS, TCPADDR_IP_POS, TCPADDR_PORT_POS, ITAB_TCPCONN, ITAB_TLSCONN, ITAB_PCONNWRITER
- * (0: unknown, not checked), SKMSG (0/1), PIN_DIR, MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY,
+ * (0: unknown, not checked), SKMSG (0/1), PROBE_WRITE (0/1, and the constants listed in
+ * traceparent_probe_write.h), PIN_DIR, MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY,
  * CTX_WALK_MAX.
  */
 #include "go_types.h"
+
+#ifndef PROBE_WRITE
+#define PROBE_WRITE 0
+#endif
+#if PROBE_WRITE && SKMSG
+#error "PROBE_WRITE and SKMSG are two propagation modes: one at a time"
+#endif
 
 #define METHOD_MAX 16
 #define SCHEME_MAX 8
@@ -58,7 +69,7 @@ struct client_conn {
     u8 write_seen;      /* (*Request).write ran for this request */
     u8 laddr_len;
     u8 raddr_len;
-    u8 pad;
+    u8 pw_outcome;      /* PROBE_WRITE: PW_* of the writer (traceparent_line.h); 0: it did not run */
     u16 lport;
     u16 rport;
     u8 laddr[16];
@@ -114,6 +125,24 @@ BPF_PERCPU_ARRAY(client_submitted, u64, 1);
 BPF_TABLE_PINNED("lru_hash", struct conn_key, struct tp_pending, tp_pending, 16384, PIN_DIR "/tp_pending");
 /* tp_result: span id -> tp_result; written by the sk_msg program, read and deleted at RET. */
 BPF_TABLE_PINNED("lru_hash", u64, struct tp_result, tp_result, 16384, PIN_DIR "/tp_result");
+#endif
+
+#if PROBE_WRITE
+#include "traceparent_probe_write.h"
+
+struct pw_arm {
+    u64 hdr;    /* the request's Header map */
+    u64 bw;     /* the *bufio.Writer (Request.write's w data word) */
+};
+
+/* pw_armed: goroutine_key -> pw_arm; written at (*Request).write entry, consumed (deleted) by the
+ * first writeSubset call of that goroutine for that Header. */
+BPF_TABLE("lru_hash", struct goroutine_key, struct pw_arm, pw_armed, MAX_INFLIGHT);
+
+static __always_inline void pw_arm_request(struct goroutine_key *k, u64 hdr, u64 bw) {
+    struct pw_arm a = {.hdr = hdr, .bw = bw};
+    pw_armed.update(k, &a);
+}
 #endif
 
 /* ---- probes */
@@ -194,6 +223,10 @@ int uprobe_client_Request_write(struct pt_regs *ctx) {
     if (!cc)
         return 0;                /* not a request of a tracked roundTrip */
     cc->write_seen = 1;
+#if PROBE_WRITE
+    struct goroutine_key gk = goroutine_key(ctx);
+    pw_arm_request(&gk, hk.hdr, bw);
+#endif
 
     /* bw.wr = persistConnWriter{pc} (an interface holding the pointer-shaped struct directly) */
     struct go_iface wr = {};
@@ -249,6 +282,60 @@ int uprobe_client_Request_write(struct pt_regs *ctx) {
 #endif
     return 0;
 }
+
+#if PROBE_WRITE
+int uprobe_client_writeSubset(struct pt_regs *ctx) {
+    struct goroutine_key k = goroutine_key(ctx);
+    struct pw_arm *a = pw_armed.lookup(&k);
+    if (!a)
+        return 0;                                  /* not a tracked request's write on this goroutine */
+    u64 h = GO_PARAM1(ctx);
+    u64 wtab = GO_PARAM2(ctx), bw = GO_PARAM3(ctx);
+    if (h != a->hdr || bw != a->bw)
+        return 0;                                  /* another Header (extraHeaders...) or writer */
+    pw_armed.delete(&k);                           /* one shot: a morestack re-entry writes nothing */
+    struct hdr_key hk = {.hdr = h, .tgid = k.tgid};
+    struct client_conn *cc = client_by_hdr.lookup(&hk);
+    if (!cc)
+        return 0;
+    if (ITAB_BUFIOWRITER != 0 && wtab != ITAB_BUFIOWRITER) {
+        cc->pw_outcome = PW_WRITER_STATE;
+        return 0;
+    }
+    int why = pw_check_header(h);
+    if (why != 0) {
+        cc->pw_outcome = why;
+        return 0;
+    }
+    struct go_iface err = {};
+    struct go_slice buf = {};
+    s64 n = 0;
+    if (bpf_probe_read_user(&err, sizeof(err), (void *)(bw + BUFIO_ERR_POS)) != 0 ||
+        bpf_probe_read_user(&buf, sizeof(buf), (void *)(bw + BUFIO_BUF_POS)) != 0 ||
+        bpf_probe_read_user(&n, sizeof(n), (void *)(bw + BUFIO_N_POS)) != 0) {
+        cc->pw_outcome = PW_WRITER_STATE;
+        return 0;
+    }
+    why = pw_room(buf.ptr, buf.len, buf.cap, n, err.tab);
+    if (why != 0) {
+        cc->pw_outcome = why;
+        return 0;
+    }
+    char line[TP_LINE_LEN];
+    tp_format_line(&cc->tc, line);
+    if (PW_WRITE_USER(buf.ptr + n, line, TP_LINE_LEN) != 0) {
+        cc->pw_outcome = PW_WRITE_FAILED;
+        return 0;
+    }
+    s64 n2 = n + TP_LINE_LEN;
+    if (PW_WRITE_USER(bw + BUFIO_N_POS, &n2, sizeof(n2)) != 0) {
+        cc->pw_outcome = PW_WRITE_FAILED;          /* the line lies past n: never sent */
+        return 0;
+    }
+    cc->pw_outcome = PW_INJECTED;
+    return 0;
+}
+#endif
 
 int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
     u64 now = bpf_ktime_get_ns();
@@ -322,7 +409,9 @@ int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
     e->write_seen = 0;
     e->lport = e->rport = 0;
     e->laddr_len = e->raddr_len = 0;
+    u8 pw_outcome = 0;
     if (cc) {
+        pw_outcome = cc->pw_outcome;
         e->write_seen = cc->write_seen;
         e->lport = cc->lport;
         e->rport = cc->rport;
@@ -332,7 +421,7 @@ int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
         __builtin_memcpy(e->raddr, cc->raddr, 16);
         client_by_hdr.delete(&hk);
     }
-    e->prop_outcome = 0;
+    e->prop_outcome = pw_outcome;   /* 0 unless PROBE_WRITE */
     e->same_thread = 0;
 #if SKMSG
     u64 sid = 0;

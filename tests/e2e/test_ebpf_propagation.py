@@ -13,6 +13,7 @@ import ctypes as ct
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -253,4 +254,135 @@ def test_injection_overhead(skmsg: SkMsgPropagation) -> None:
             release_bpf(t.bpf)
         proc.kill()
         proc.wait()
+        raw.close()
+
+
+# ---------------------------------------------------------------- probe_write: the writer program
+#
+# This kernel refuses bpf_probe_write_user (integrity lockdown), so the writer never runs here.
+# What can be shown: it compiles and calls helper 36 (and no other mode's program does); this
+# kernel refuses exactly that program; with each write turned into a read of the same address
+# (PW_VERIFY_ONLY, tests only) the whole program passes this kernel's verifier, and, attached to a
+# real Go client, takes the decisions it would take (outcome per span) while writing nothing.
+
+PW_PIN = "/sys/fs/bpf/otelgo_test_pw"
+
+
+def _calls(code: bytes) -> set[int]:
+    """Helper ids called by a program's bytecode (BPF_JMP|BPF_CALL with src_reg 0)."""
+    out = set()
+    for i in range(0, len(code), 8):
+        op, regs, _off, imm = struct.unpack_from("<BBhi", code, i)
+        if op == 0x85 and regs >> 4 == 0:
+            out.add(imm)
+    return out
+
+
+@pytest.fixture
+def pw_pin() -> Iterator[str]:
+    os.makedirs(PW_PIN, exist_ok=True)
+    yield PW_PIN
+    for f in os.listdir(PW_PIN):
+        os.unlink(os.path.join(PW_PIN, f))
+    os.rmdir(PW_PIN)
+
+
+def _compile(gb: GoBinary, pin: str, *extra: str, **kw: Any) -> Any:
+    from bcc import BPF
+    return BPF(src_file=str(nc.BPF_SOURCE).encode(),
+               cflags=[*nc.cflags(gb, pin_dir=pin, **kw), *extra, f"-I{nc.BPF_SOURCE.parent}"])
+
+
+@pytest.mark.parametrize("go", ["1.26", "1.23"])  # swiss maps, classic maps
+def test_writer_compiles_calls_helper_36_and_only_in_probe_write_mode(pw_pin: str, go: str) -> None:
+    gb = GoBinary.open(str(build_go_fixture("httpchain", go)))
+    b = _compile(gb, pw_pin, skmsg=False, probe_write=True)
+    try:
+        assert 36 in _calls(b.dump_func(b"uprobe_client_writeSubset"))
+        assert 36 not in _calls(b.dump_func(b"uprobe_client_Request_write"))
+    finally:
+        release_bpf(b)
+    for skmsg in (True, False):  # the sk_msg and stitch/off builds: no writer, no helper 36 anywhere
+        b = _compile(gb, pw_pin, skmsg=skmsg)
+        try:
+            with pytest.raises(Exception, match="Unknown program"):
+                b.dump_func(b"uprobe_client_writeSubset")
+            for fn in (b"uprobe_client_roundTrip", b"uprobe_client_Request_write", b"uprobe_client_roundTrip_return"):
+                assert 36 not in _calls(b.dump_func(fn))
+        finally:
+            release_bpf(b)
+
+
+def test_this_kernel_refuses_the_writer_but_verifies_the_rest(pw_pin: str) -> None:
+    from bcc import BPF
+    gb = GoBinary.open(str(build_go_fixture("httpchain", "1.26")))
+    b = _compile(gb, pw_pin, skmsg=False, probe_write=True)
+    try:
+        with pytest.raises(Exception, match="uprobe_client_writeSubset"):
+            b.load_func(b"uprobe_client_writeSubset", BPF.KPROBE)
+    finally:
+        release_bpf(b)
+    b = _compile(gb, pw_pin, "-DPW_VERIFY_ONLY", skmsg=False, probe_write=True)
+    try:
+        assert 36 not in _calls(b.dump_func(b"uprobe_client_writeSubset"))
+        assert b.load_func(b"uprobe_client_writeSubset", BPF.KPROBE).fd >= 0
+    finally:
+        release_bpf(b)
+
+
+def test_writer_dry_run_decides_on_a_real_go_client(pw_pin: str) -> None:
+    """PW_VERIFY_ONLY attached to service A (-> RawHTTP): the outcome of each request is the one the
+    writer would reach, and the request goes out unchanged (a dry run writes nothing)."""
+    path = str(build_go_fixture("httpchain", "1.26"))
+    gb = GoBinary.open(path)
+    raw = RawHTTP()
+    port = free_port()
+    proc = subprocess.Popen([path, "-name", "A", "-listen", f"127.0.0.1:{port}", "-next",
+                             f"http://127.0.0.1:{raw.port}/chain"], stderr=subprocess.DEVNULL)
+    b = None
+    try:
+        wait_for_port(port, proc=proc)
+        b = _compile(gb, pw_pin, "-DPW_VERIFY_ONLY", skmsg=False, probe_write=True)
+        done = nc.attach(b, gb, path, proc.pid, probe_write=True)
+        assert any("writeSubset" in d for d in done)
+        events: list[nc.ClientEvent] = []
+        b[b"client_events"].open_ring_buffer(lambda _c, d, n: events.append(nc.decode(ct.string_at(d, n))))
+
+        def get(query: str, headers: dict[str, str] | None = None) -> nc.ClientEvent:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/chain{query}", headers=headers or {})
+            urllib.request.urlopen(req, timeout=10).read()
+            time.sleep(0.1)
+            b.ring_buffer_consume()
+            (ev,) = events
+            events.clear()
+            return ev
+
+        tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        # request line + Host + User-Agent = 4060 bytes: 36 of the 4 KiB buffer left at writeSubset
+        long_query = "?x=" + "q" * (3986 - len(str(raw.port)))
+        cases = [("", None, "injected"), ("?pad=5000", None, "injected"), ("?body=chunked", None, "injected"),
+                 ("?fwd_tp=1", {"traceparent": tp}, "existing_traceparent"), (long_query, None, "no_room")]
+        for query, headers, want in cases:
+            ev = get(query, headers)
+            assert (ev.propagation, ev.write_seen) == (want, True), (query[:20], ev.propagation)
+        # dry run: nothing was written, each request is exactly what Go produced
+        assert len(raw.requests) == len(cases)
+        assert [r.lower().count(b"traceparent") for r in raw.requests] == [0, 0, 0, 1, 0]
+        line_end = raw.requests[4].index(b"\r\n") + 2
+        assert raw.requests[4][:line_end] == f"GET /chain{long_query} HTTP/1.1\r\n".encode()
+        head = raw.requests[4][:raw.requests[4].index(b"\r\n\r\n") + 4]
+        free = 4096 - (len(head) - len(b"Accept-Encoding: gzip\r\n\r\n"))  # what writeSubset found free
+        assert 0 <= free < 70, free
+        # 20 concurrent requests: each one decided on its own connection's writer
+        with concurrent.futures.ThreadPoolExecutor(20) as ex:
+            list(ex.map(lambda _: urllib.request.urlopen(f"http://127.0.0.1:{port}/chain", timeout=10).read(),
+                        range(20)))
+        time.sleep(0.2)
+        b.ring_buffer_consume()
+        assert sorted(e.propagation for e in events) == ["injected"] * 20
+    finally:
+        proc.kill()
+        proc.wait()
+        if b is not None:
+            release_bpf(b)
         raw.close()

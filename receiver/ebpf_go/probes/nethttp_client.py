@@ -8,6 +8,11 @@ needs (`cflags`), attaches the probes (`attach`), and turns ring-buffer records 
 `network.local.address`/`network.local.port` and `network.peer.address`/`network.peer.port` of
 the TCP connection (read from Go memory at `(*Request).write`), status Error on 4xx/5xx and on
 transport errors (`error.type`).
+
+With `probe_write=True` (propagation mode probe_write, decided by propagation.choose) the program
+also contains the writer of bpf/traceparent_probe_write.h and `attach` hooks
+`net/http.Header.writeSubset`; otherwise neither is there: a program calling
+bpf_probe_write_user does not load at all on a locked-down kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..gobinary import GoBinary
 BPF_SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "nethttp_client.c"
 ROUND_TRIP = "net/http.(*Transport).roundTrip"
 REQUEST_WRITE = "net/http.(*Request).write"
+WRITE_SUBSET = "net/http.Header.writeSubset"
 EVENT_KIND_HTTP_CLIENT = 2
 
 # (constant, struct, field, fallback offset used when neither DWARF nor the table knows it)
@@ -56,6 +62,13 @@ ITABS = {
     "ITAB_TLSCONN": "go:itab.*crypto/tls.Conn,net.Conn",
     "ITAB_PCONNWRITER": "go:itab.net/http.persistConnWriter,io.Writer",
 }
+# The writer's (probe_write only): the bufio.Writer it appends to, and how it checks the Header map.
+WRITER_OFFSETS: list[tuple[str, str, str, int | None]] = [
+    ("BUFIO_ERR_POS", "bufio.Writer", "err", 0),
+    ("BUFIO_BUF_POS", "bufio.Writer", "buf", 16),
+    ("BUFIO_N_POS", "bufio.Writer", "n", 40),
+]
+WRITER_ITABS = {"ITAB_BUFIOWRITER": "go:itab.*bufio.Writer,io.Writer"}
 
 
 class ProbeUnavailable(RuntimeError):
@@ -63,22 +76,48 @@ class ProbeUnavailable(RuntimeError):
 
 
 def cflags(binary: GoBinary, *, skmsg: bool, pin_dir: str, max_inflight: int = 4096, ringbuf_pages: int = 64,
-           wakeup_every: int = 32, ctx_walk_max: int = 16) -> list[str]:
-    """The -D constants of bpf/nethttp_client.c for this binary."""
-    flags = []
-    for const, st, field, fallback in OFFSETS:
-        off = binary.struct_offset(st, field)
-        value = off.value if off is not None else fallback
-        if value is None:
-            raise ProbeUnavailable(f"no offset for {st}.{field} (no DWARF and not in the offsets table)")
-        flags.append(f"-D{const}={value}")
+           wakeup_every: int = 32, ctx_walk_max: int = 16, probe_write: bool = False) -> list[str]:
+    """The -D constants of bpf/nethttp_client.c for this binary. `probe_write` compiles the writer
+    in (mode probe_write; never together with `skmsg`)."""
+    if skmsg and probe_write:
+        raise ValueError("skmsg and probe_write are two propagation modes: one at a time")
+    flags = [f"-D{const}={value}" for const, value in _offsets(binary, OFFSETS)]
     itabs = _itab_addresses(binary)
     for const, sym in ITABS.items():
         flags.append(f"-D{const}={itabs.get(sym, 0)}ULL")
     flags += [f"-DSKMSG={1 if skmsg else 0}", f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}",
               f"-DRINGBUF_PAGES={ringbuf_pages}", f"-DWAKEUP_EVERY={wakeup_every}",
               f"-DCTX_WALK_MAX={ctx_walk_max}"]
+    if probe_write:
+        flags += writer_cflags(binary, itabs)
     return flags
+
+
+def writer_cflags(binary: GoBinary, itabs: dict[str, int] | None = None) -> list[str]:
+    """The writer's constants (bpf/traceparent_probe_write.h), PROBE_WRITE=1 included."""
+    from .nethttp_server import CLASSIC, SWISS, swiss_maps
+
+    for fn in (REQUEST_WRITE, WRITE_SUBSET):
+        if binary.function(fn) is None:
+            raise ProbeUnavailable(f"{fn} not in the binary: the traceparent writer cannot run")
+    itabs = _itab_addresses(binary) if itabs is None else itabs
+    flags = ["-DPROBE_WRITE=1", *(f"-D{c}={v}" for c, v in _offsets(binary, WRITER_OFFSETS))]
+    flags += [f"-D{c}={itabs.get(sym, 0)}ULL" for c, sym in WRITER_ITABS.items()]
+    swiss = swiss_maps(binary)
+    flags.append(f"-DSWISS_MAPS={1 if swiss else 0}")
+    flags += [f"-D{c}={v}" for c, v in (SWISS if swiss else CLASSIC).items()]
+    return flags
+
+
+def _offsets(binary: GoBinary, table: list[tuple[str, str, str, int | None]]) -> list[tuple[str, int]]:
+    out = []
+    for const, st, field, fallback in table:
+        off = binary.struct_offset(st, field)
+        value = off.value if off is not None else fallback
+        if value is None:
+            raise ProbeUnavailable(f"no offset for {st}.{field} (no DWARF and not in the offsets table)")
+        out.append((const, value))
+    return out
 
 
 def _itab_addresses(binary: GoBinary) -> dict[str, int]:
@@ -86,12 +125,13 @@ def _itab_addresses(binary: GoBinary) -> dict[str, int]:
     if binary.is_pie:
         return {}
     syms = binary.elf.symbols() or []
-    wanted = set(ITABS.values())
+    wanted = set(ITABS.values()) | set(WRITER_ITABS.values())
     return {s.name: s.value for s in syms if s.name in wanted}
 
 
-def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[str]:
-    """Attach the three probe kinds; returns a description of each attached probe."""
+def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, probe_write: bool = False) -> list[str]:
+    """Attach the probes (with `probe_write`, the writer's too: the program must have been compiled
+    with `cflags(..., probe_write=True)`); returns a description of each attached probe."""
     done = []
     if binary.function(ROUND_TRIP) is None:
         raise ProbeUnavailable(f"{ROUND_TRIP} not in the binary")
@@ -106,6 +146,12 @@ def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[str]:
         wp = binary.entry_probe(REQUEST_WRITE)
         bpf.attach_uprobe(name=path, addr=wp.addr, fn_name=b"uprobe_client_Request_write", pid=pid)
         done.append(f"{REQUEST_WRITE} entry at {wp.addr:#x} ({wp.kind})")
+        if probe_write:
+            sp = binary.entry_probe(WRITE_SUBSET)
+            bpf.attach_uprobe(name=path, addr=sp.addr, fn_name=b"uprobe_client_writeSubset", pid=pid)
+            done.append(f"{WRITE_SUBSET} entry at {sp.addr:#x} ({sp.kind}): traceparent writer")
+    elif probe_write:
+        raise ProbeUnavailable(f"{REQUEST_WRITE} not in the binary: the traceparent writer cannot be armed")
     return done
 
 
@@ -114,8 +160,11 @@ def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[str]:
 EVENT = struct.Struct("<IIQQQ16s8s8sBB6xQQHHHHHHHBBBBBBBB2x16s16s16s8s128s128s128s")
 assert EVENT.size == 552, EVENT.size
 
+# prop_outcome: 1-8 from the sk_msg program (skmsg_traceparent.c OUTCOME_*), 1, 4 and 9-12 from the
+# probe_write writer (traceparent_line.h PW_*); 0: neither changed nor looked at the request.
 PROPAGATION_OUTCOMES = {0: "not_seen", 1: "injected", 2: "stale", 3: "not_http", 4: "existing_traceparent",
-                        5: "split_request", 6: "pull_failed", 7: "push_failed", 8: "not_http1"}
+                        5: "split_request", 6: "pull_failed", 7: "push_failed", 8: "not_http1",
+                        9: "no_room", 10: "not_checked", 11: "write_failed", 12: "writer_state"}
 
 
 @dataclass
