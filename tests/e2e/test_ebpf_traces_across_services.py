@@ -1,7 +1,8 @@
 """Traces across services through the real CLI: three Go services A -> B -> C over HTTP/1.1
 (tests/fixtures/go/httpchain), all traced by one `otelgo-collector` with the file exporter.
 
-One module-scoped collector per propagation mode (`auto`, `sk_msg`, `stitch`), and a fresh chain
+One module-scoped collector per propagation mode (`auto`, `sk_msg`, `stitch`, and `probe_write`,
+which this locked-down kernel refuses: it falls back to sk_msg), and a fresh chain
 of processes per collector (so that no keep-alive connection outlives the sock_ops program that
 put it into the sockhash). Each request to A carries an id in its URL path (`/chain/<id>`), which
 every hop passes on: that is how the test finds the five spans a request caused and checks that
@@ -37,7 +38,10 @@ from collector.spans import KIND_CLIENT, KIND_SERVER, Span, from_json_dict  # no
 from tests.support.collector import CollectorProcess, free_port, wait_for_port  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
-MODES = ["auto", "sk_msg", "stitch"]
+# probe_write: this kernel refuses bpf_probe_write_user (lockdown), so it falls back to sk_msg
+MODES = ["auto", "sk_msg", "stitch", "probe_write"]
+REFUSED = ("the kernel refuses bpf_probe_write_user (verifier: program of this type cannot use helper "
+           "bpf_probe_write_user#36); kernel lockdown likely")
 ID = re.compile(r"/chain/([A-Za-z0-9_-]+)")
 
 
@@ -198,7 +202,7 @@ def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def expected_mode(t: Traced) -> str:
-    return "stitch" if t.mode == "stitch" else "sk_msg"  # auto: sk_msg on these machines
+    return "stitch" if t.mode == "stitch" else "sk_msg"  # auto, probe_write: sk_msg on these machines
 
 
 def test_mode_chosen_and_reported(traced: Traced) -> None:
@@ -207,7 +211,13 @@ def test_mode_chosen_and_reported(traced: Traced) -> None:
     for other in ("probe_write", "sk_msg", "stitch", "off"):
         if other != mode:
             assert traced.metric("otelgo_ebpf_propagation_mode", mode=other) == 0
-    assert f"propagation mode {mode} (requested {traced.mode})" in traced.col.log()
+    log = traced.col.log()
+    assert f"propagation mode {mode} (requested {traced.mode})" in log
+    fallback = f"propagation: probe_write unavailable, {REFUSED}: falling back to sk_msg"
+    assert log.count(fallback) == (1 if traced.mode == "probe_write" else 0), log[-3000:]
+    if traced.mode in ("auto", "probe_write"):  # the test load's refusal is in the mode line
+        assert f"propagation mode sk_msg (requested {traced.mode}): sock_ops on " in log
+        assert f"[probe_write: {REFUSED}]" in log
 
 
 def test_each_request_gives_one_trace_of_five_spans(traced: Traced) -> None:

@@ -1,8 +1,9 @@
 """Cross-process trace propagation for the eBPF receiver, chosen once at start.
 
 Modes (config `propagation:`):
-  probe_write  write `traceparent` into the outgoing request from the uprobe (needs a kernel that
-               allows bpf_probe_write_user; lockdown refuses it);
+  probe_write  write `traceparent` into the outgoing request's bufio buffer from the uprobe
+               (bpf/traceparent_probe_write.h; needs a kernel that allows bpf_probe_write_user,
+               which lockdown refuses: probe_write.py test-loads a tiny program to know);
   sk_msg       insert the header into the HTTP/1.x request bytes at the socket (skmsg.py);
   stitch       join client and server spans of processes on this host in user space (stitch.py);
   off          nothing crosses process boundaries;
@@ -14,10 +15,11 @@ the mode in use, 0 for the others).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .probe_write import probe_write_supported
+from . import probe_write
 from .skmsg import PropagationError, SkMsgPropagation
 
 MODES = ("auto", "probe_write", "sk_msg", "stitch", "off")
@@ -38,24 +40,33 @@ class PropagationChoice:
 
 
 def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], metrics: Any = None,
-           pin_dir: str = "/sys/fs/bpf/otelgo") -> PropagationChoice:
-    """Pick and start the propagation mode. `requested` is one of MODES. An explicit mode that
-    cannot work here falls back to stitch (which needs nothing from the kernel), with a warning."""
+           pin_dir: str = "/sys/fs/bpf/otelgo",
+           probe_write_check: Callable[[], probe_write.Capability] = probe_write.check,
+           make_skmsg: Callable[[str], Any] = SkMsgPropagation) -> PropagationChoice:
+    """Pick and start the propagation mode. `requested` is one of MODES.
+
+    auto: probe_write if this kernel loads a program calling bpf_probe_write_user, else sk_msg if
+    sock_ops + sk_msg attach, else stitch (which needs nothing from the kernel). An explicit mode
+    that cannot work here falls back the same way (probe_write -> sk_msg -> stitch; sk_msg ->
+    stitch) with one warning line naming the reason and the mode used instead.
+    In probe_write mode the client probe must be compiled with the writer
+    (probes.nethttp_client.cflags(probe_write=True)) and attached with it."""
     if requested not in MODES:
         raise ValueError(f"propagation: unknown mode {requested!r}; one of {', '.join(MODES)}")
     tried: list[str] = []
+    refused = ""
     choice: PropagationChoice | None = None
     if requested == "off":
         choice = PropagationChoice("off", "configured")
     if choice is None and requested in ("auto", "probe_write"):
-        ok, why = probe_write_supported(log)
-        tried.append(f"probe_write: {why}")
-        if ok:
-            # The uprobe writer is not built yet: record that the kernel allows it, then go on to
-            # sk_msg, which covers the same HTTP/1.x requests without writing process memory.
-            tried.append("probe_write: writer not implemented, using the next mode")
+        cap = probe_write_check()
+        if cap.supported:
+            choice = PropagationChoice("probe_write", cap.reason)
+        else:
+            refused = cap.reason
+            tried.append(f"probe_write: {cap.reason}")
     if choice is None and requested in ("auto", "probe_write", "sk_msg"):
-        sk = SkMsgPropagation(pin_dir=pin_dir)
+        sk = make_skmsg(pin_dir)
         try:
             sk.start()
             choice = PropagationChoice("sk_msg", f"sock_ops on {sk.cgroup} and sk_msg attached", sk)
@@ -65,7 +76,9 @@ def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], met
         why = "configured" if requested == "stitch" else "fallback"
         choice = PropagationChoice("stitch", why)
     choice.tried = tried
-    if requested not in ("auto", choice.mode):
+    if requested == "probe_write" and choice.mode != "probe_write":
+        log.warning("propagation: probe_write unavailable, %s: falling back to %s", refused, choice.mode)
+    elif requested not in ("auto", choice.mode):
         log.warning("propagation: %s requested but unavailable, using %s (%s)", requested, choice.mode,
                     "; ".join(tried))
     log.info("propagation mode %s (requested %s): %s%s", choice.mode, requested, choice.reason,
