@@ -191,12 +191,12 @@ class OTLPEncoder:
                     parts.append(self._attributes(T9_LEN, attrs))
             if s.dropped_attributes_count:
                 parts.append(T10_VARINT + varint(s.dropped_attributes_count))
-            if s.events:
-                parts += [_len_field(T11_LEN, self._event(e)) for e in s.events]
+            if s._events:
+                parts += [_len_field(T11_LEN, self._event(e)) for e in s._events]
             if s.dropped_events_count:
                 parts.append(T12_VARINT + varint(s.dropped_events_count))
-            if s.links:
-                parts += [_len_field(T13_LEN, self._link(lk)) for lk in s.links]
+            if s._links:
+                parts += [_len_field(T13_LEN, self._link(lk)) for lk in s._links]
             if s.dropped_links_count:
                 parts.append(T14_VARINT + varint(s.dropped_links_count))
             tk = (s.status_code, s.status_message, s.flags)

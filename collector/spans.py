@@ -51,9 +51,12 @@ class Link:
 
 
 class Span:
+    """One span. `events` and `links` are lists, made on first use: most spans have neither, and
+    two empty lists per span would double the objects the garbage collector has to walk."""
+
     __slots__ = (
         "trace_id", "span_id", "parent_span_id", "trace_state", "flags", "name", "kind",
-        "start_time_unix_nano", "end_time_unix_nano", "attributes", "events", "links",
+        "start_time_unix_nano", "end_time_unix_nano", "attributes", "_events", "_links",
         "status_code", "status_message", "dropped_attributes_count", "dropped_events_count",
         "dropped_links_count",
     )
@@ -75,21 +78,41 @@ class Span:
         self.start_time_unix_nano = start_time_unix_nano
         self.end_time_unix_nano = end_time_unix_nano
         self.attributes = attributes if attributes is not None else {}
-        self.events = events if events is not None else []
-        self.links = links if links is not None else []
+        self._events = events  # None: no list made yet (the same as an empty one)
+        self._links = links
         self.status_code = status_code
         self.status_message = status_message
         self.dropped_attributes_count = dropped_attributes_count
         self.dropped_events_count = dropped_events_count
         self.dropped_links_count = dropped_links_count
 
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            self._events = []
+        return self._events
+
+    @events.setter
+    def events(self, value: list[Event]) -> None:
+        self._events = value
+
+    @property
+    def links(self) -> list[Link]:
+        if self._links is None:
+            self._links = []
+        return self._links
+
+    @links.setter
+    def links(self, value: list[Link]) -> None:
+        self._links = value
+
     def copy(self) -> Span:
         s = Span.__new__(Span)
         for k in Span.__slots__:
             setattr(s, k, getattr(self, k))
         s.attributes = dict(self.attributes)
-        s.events = list(self.events)
-        s.links = list(self.links)
+        s._events = list(self._events) if self._events else None
+        s._links = list(self._links) if self._links else None
         return s
 
 

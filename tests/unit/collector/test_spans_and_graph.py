@@ -162,3 +162,19 @@ def test_graph_counts_each_processor_once(tmp_path) -> None:  # type: ignore[no-
     assert get("otelcol_processor_outgoing_items_total", {"processor": "filter/drop", "otel_signal": "traces"}) == 3
     assert get("otelcol_processor_incoming_items_total", {"processor": "attributes", "otel_signal": "traces"}) == 3
     assert get("otelcol_processor_outgoing_items_total", {"processor": "attributes", "otel_signal": "traces"}) == 3
+
+
+def test_span_events_and_links_are_lists_made_on_first_use() -> None:
+    s = Span(b"\x01" * 16, b"\x02" * 8, "s")
+    assert s.events == [] and s.links == []
+    s.events.append(Event("e", 1))
+    s.links.append(Link(b"\x03" * 16, b"\x04" * 8))
+    assert [e.name for e in s.events] == ["e"] and len(s.links) == 1
+    c = s.copy()
+    c.events.append(Event("f", 2))
+    assert [e.name for e in s.events] == ["e"] and [e.name for e in c.events] == ["e", "f"]
+    empty = Span(b"\x01" * 16, b"\x02" * 8, "t").copy()
+    empty.links.append(Link(b"\x03" * 16, b"\x04" * 8))
+    assert len(empty.links) == 1
+    s.events = []
+    assert s.events == [] and snapshot(SpanBatch([ResourceSpans(Resource(), [ScopeSpans(Scope(), [s])])]))
