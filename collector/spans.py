@@ -116,6 +116,34 @@ class Span:
         return s
 
 
+def make_span(trace_id: bytes, span_id: bytes, name: str, parent_span_id: bytes, kind: int,
+              start_time_unix_nano: int, end_time_unix_nano: int, attributes: dict[str, AttrValue],
+              status_code: int, flags: int) -> Span:
+    """Span(...) for receivers' per-event loops: positional, the rest at defaults (~2x cheaper)."""
+    s = _new_span(Span)
+    s.trace_id = trace_id
+    s.span_id = span_id
+    s.parent_span_id = parent_span_id
+    s.trace_state = ""
+    s.flags = flags
+    s.name = name
+    s.kind = kind
+    s.start_time_unix_nano = start_time_unix_nano
+    s.end_time_unix_nano = end_time_unix_nano
+    s.attributes = attributes
+    s._events = None
+    s._links = None
+    s.status_code = status_code
+    s.status_message = ""
+    s.dropped_attributes_count = 0
+    s.dropped_events_count = 0
+    s.dropped_links_count = 0
+    return s
+
+
+_new_span = Span.__new__
+
+
 class Scope:
     __slots__ = ("name", "version", "attributes", "dropped_attributes_count")
 

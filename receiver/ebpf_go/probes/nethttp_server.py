@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collector.spans import KIND_SERVER, STATUS_ERROR, Span
+from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, make_span
 
 from ..gobinary import GoBinary
 
@@ -228,7 +228,9 @@ def _bounded(memo: dict[Any, Any]) -> dict[Any, Any]:
 
 # Per-value memos of the hot path: a server sees few distinct methods, patterns, hosts, peers and
 # user agents, so each raw byte string is decoded and parsed once (bounded: cleared past _MEMO_MAX).
-_NAME_MEMO: dict[tuple[bytes, bytes], tuple[str, dict[str, Any]]] = {}
+# _SHAPE_MEMO holds, per request "shape" (status, protocol, TLS, method, host, pattern, user agent),
+# the name, the status and the attributes in three parts around the per-request url.path and peer.
+_SHAPE_MEMO: dict[tuple[Any, ...], tuple[str, int, dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 _HOSTPORT_MEMO: dict[bytes, tuple[str, int | None]] = {}
 _TEXT_MEMO: dict[bytes, str] = {}
 
@@ -249,6 +251,27 @@ def _name_attrs(method_b: bytes, pattern_b: bytes) -> tuple[str, dict[str, Any]]
     return name, attrs
 
 
+def _shape(status: int, major: int, minor: int, tls: int, method_b: bytes, host_b: bytes, pattern_b: bytes,
+           ua_b: bytes) -> tuple[str, int, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(name, span status code, attributes before url.path, between url.path and the peer, after)."""
+    name, head = _name_attrs(method_b, pattern_b)
+    mid: dict[str, Any] = {"url.scheme": "https" if tls else "http"}
+    if major == 1 and status == 0:
+        status = 200  # the handler wrote nothing: net/http answers 200 after ServeHTTP returns
+    if 100 <= status <= 599:
+        mid["http.response.status_code"] = status
+    if host_b:
+        host, port = _host_port(host_b)
+        mid["server.address"] = host
+        if port is not None:
+            mid["server.port"] = port
+    tail: dict[str, Any] = {
+        "network.protocol.version": ("1.1" if minor == 1 else f"1.{minor}") if major == 1 else str(major)}
+    if ua_b:
+        tail["user_agent.original"] = _text(ua_b)
+    return name, STATUS_ERROR if 500 <= status <= 599 else STATUS_UNSET, head, mid, tail
+
+
 def _host_port(raw: bytes) -> tuple[str, int | None]:
     hp = _HOSTPORT_MEMO.get(raw)
     if hp is None:
@@ -267,39 +290,31 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple
     """Decoded records -> [(pid, span)]. One plain loop: this is the hot path (memoised per value)."""
     out: list[tuple[int, Span]] = []
     append = out.append
-    name_memo = _NAME_MEMO
+    shapes, texts, peers = _SHAPE_MEMO, _TEXT_MEMO, _HOSTPORT_MEMO
+    new_span = make_span
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, status,
          method_len, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
          method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
-        nk = (method_b[:method_len], pattern_b[:pattern_len])
-        na = name_memo.get(nk)
-        if na is None:
-            na = _bounded(name_memo)[nk] = _name_attrs(*nk)
-        name = na[0]
-        attrs = dict(na[1])
-        attrs["url.path"] = _text(path_b[:path_len])
-        attrs["url.scheme"] = "https" if tls else "http"
-        if major == 1 and status == 0:
-            status = 200  # the handler wrote nothing: net/http answers 200 after ServeHTTP returns
-        if 100 <= status <= 599:
-            attrs["http.response.status_code"] = status
-        if host_len:
-            host, port = _host_port(host_b[:host_len])
-            attrs["server.address"] = host
-            if port is not None:
-                attrs["server.port"] = port
+        key = (status, major, minor, tls, method_b[:method_len], host_b[:host_len], pattern_b[:pattern_len],
+               ua_b[:ua_len])
+        shape = shapes.get(key)
+        if shape is None:
+            shape = _bounded(shapes)[key] = _shape(*key)
+        name, status_code, head, mid, tail = shape
+        attrs = head.copy()
+        raw = path_b[:path_len]
+        text = texts.get(raw)
+        attrs["url.path"] = text if text is not None else _text(raw)
+        attrs.update(mid)
         if remote_len:
-            peer, pport = _host_port(remote_b[:remote_len])
+            raw = remote_b[:remote_len]
+            hp = peers.get(raw)
+            peer, pport = hp if hp is not None else _host_port(raw)
             attrs["network.peer.address"] = peer
             if pport is not None:
                 attrs["network.peer.port"] = pport
-        attrs["network.protocol.version"] = ("1.1" if minor == 1 else f"1.{minor}") if major == 1 else str(major)
-        if ua_len:
-            attrs["user_agent.original"] = _text(ua_b[:ua_len])
-        span = Span(trace_id, span_id, name, parent_span_id=parent if remote else b"", kind=KIND_SERVER,
-                    start_time_unix_nano=start + mono_to_unix_ns, end_time_unix_nano=end + mono_to_unix_ns,
-                    attributes=attrs, flags=(flags & 0xFF) | 0x100 | (0x200 if remote else 0))
-        if 500 <= status <= 599:
-            span.status_code = STATUS_ERROR
-        append((tgid, span))
+        attrs.update(tail)
+        append((tgid, new_span(trace_id, span_id, name, parent if remote else b"", KIND_SERVER,
+                               start + mono_to_unix_ns, end + mono_to_unix_ns, attrs, status_code,
+                               (flags & 0xFF) | 0x100 | (0x200 if remote else 0))))
     return out

@@ -178,3 +178,11 @@ def test_span_events_and_links_are_lists_made_on_first_use() -> None:
     assert len(empty.links) == 1
     s.events = []
     assert s.events == [] and snapshot(SpanBatch([ResourceSpans(Resource(), [ScopeSpans(Scope(), [s])])]))
+
+
+def test_make_span_sets_every_slot_like_the_constructor() -> None:
+    from collector.spans import make_span
+    want = Span(b"\x01" * 16, b"\x02" * 8, "n", parent_span_id=b"\x03" * 8, kind=2, start_time_unix_nano=1,
+                end_time_unix_nano=2, attributes={"a": 1}, status_code=2, flags=0x301)
+    got = make_span(b"\x01" * 16, b"\x02" * 8, "n", b"\x03" * 8, 2, 1, 2, {"a": 1}, 2, 0x301)
+    assert [getattr(got, k) for k in Span.__slots__] == [getattr(want, k) for k in Span.__slots__]

@@ -96,3 +96,29 @@ def test_struct_collector_decodes_from_memory() -> None:
     (rec,) = col.take()
     assert rec == EVENT.unpack(raw) and col.short == 1 and col.take() == []
     ring.close()
+
+
+def test_same_request_shape_shares_nothing_mutable_and_keeps_attribute_order() -> None:
+    (_, a), (_, b), (_, c) = spans_of(record(path="/items/1", remote="10.0.0.2:5555"),
+                                      record(path="/items/2", remote="10.0.0.3:6666"),
+                                      record(path="/items/3", remote="10.0.0.3"))
+    assert list(a.attributes) == [
+        "http.request.method", "http.route", "url.path", "url.scheme", "http.response.status_code",
+        "server.address", "server.port", "network.peer.address", "network.peer.port",
+        "network.protocol.version", "user_agent.original"]
+    assert (b.attributes["url.path"], b.attributes["network.peer.port"]) == ("/items/2", 6666)
+    assert c.attributes["network.peer.address"] == "10.0.0.3" and "network.peer.port" not in c.attributes
+    a.attributes["http.route"] = "changed"
+    a.attributes["url.scheme"] = "changed"
+    a.attributes["network.protocol.version"] = "changed"
+    ((_, d),) = spans_of(record(path="/items/4"))
+    assert (d.attributes["http.route"], d.attributes["url.scheme"], d.attributes["network.protocol.version"]) == \
+        ("/items/{id}", "http", "1.1")
+
+
+def test_many_distinct_shapes_past_the_memo_bound() -> None:
+    raws = [record(pattern=f"GET /p{i}/{{id}}", status=200 + i % 300, ua=f"ua/{i}") for i in range(5000)]
+    for (_, s), i in zip(spans_of(*raws), range(5000), strict=True):
+        assert s.name == f"GET /p{i}/{{id}}" and s.attributes["user_agent.original"] == f"ua/{i}"
+        assert s.attributes["http.response.status_code"] == 200 + i % 300
+        assert s.status_code == (STATUS_ERROR if 500 <= 200 + i % 300 <= 599 else STATUS_UNSET)
