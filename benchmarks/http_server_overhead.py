@@ -1,6 +1,7 @@
 """Requests/s of a Go net/http server with and without the ebpf_go receiver, side by side.
 
-    .venv/bin/python benchmarks/http_server_overhead.py [--go 1.27] [--rounds 3] [--seconds 4]   (root)
+    .venv/bin/python benchmarks/http_server_overhead.py [--go 1.27] [--rounds 3] [--seconds 4]
+        [--end auto|ret|ret,auto]   (root)
 
 The server (tests/fixtures/go/httpserver, GOMAXPROCS=1) is pinned to CPU 0; wrk (1 thread, 4
 keep-alive connections, GET /hello) and the receiver run on CPU 1. Rounds alternate: without, with
@@ -9,6 +10,9 @@ keep-alive connections, GET /hello) and the receiver run on CPU 1. Rounds altern
 request became a span. Latency: wrk --latency p50/p99 per round (closed loop, 4 connections: the
 latency at full load, ≈ 4 / req/s plus queueing; the tail shows the probe hits' scheduling
 jitter). Also measures the receiver's /proc discovery scan.
+`--end` chooses where the server span ends (probes/nethttp_server.py END_MODE): "auto" (what the
+receiver does: emulated end points where the binary allows), "ret" (every RET of ServeHTTP, the
+probe before issue 8), or both, comma-separated: each round then runs without and once per mode.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collector.component import ComponentID  # noqa: E402
 from collector.spans import SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go import discovery  # noqa: E402
+from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
@@ -84,7 +89,12 @@ def main() -> int:
     ap.add_argument("--go", default="1.27")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--end", default="auto", help="auto, ret, or several comma-separated (e.g. ret,auto)")
     args = ap.parse_args()
+    ends = args.end.split(",")
+    for e in ends:
+        if e not in nethttp_server.END_MODES:
+            ap.error(f"--end {e}: one of {nethttp_server.END_MODES}")
     os.sched_setaffinity(0, {1})
     binary = build_go_fixture("httpserver", args.go, "plain")
     srv = subprocess.Popen(["taskset", "-c", "0", str(binary)], stdout=subprocess.PIPE, text=True,
@@ -95,10 +105,10 @@ def main() -> int:
     pid = srv.pid
     # taskset execs the server: same pid.
     without: list[WrkResult] = []
-    with_: list[WrkResult] = []
-    spans_ok: list[tuple[int, int]] = []
+    with_: dict[str, list[WrkResult]] = {e: [] for e in ends}
+    spans_ok: dict[str, list[tuple[int, int]]] = {e: [] for e in ends}
     cpu_without: list[float] = []
-    cpu_with: list[float] = []
+    cpu_with: dict[str, list[float]] = {e: [] for e in ends}
     try:
         wrk(url, 1)  # warm-up
         for _ in range(args.rounds):
@@ -106,41 +116,50 @@ def main() -> int:
             res = wrk(url, args.seconds)
             without.append(res)
             cpu_without.append((cpu_seconds(pid) - c0) / res.total * 1e6)
-            sink = Count()
-            cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pid}], "discovery_interval": "100ms",
-                                               "propagation": "off"})
-            r: Any = factory.create(ComponentID("ebpf_go"), cfg,
-                                    ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)
-            r.start(None)
-            t0 = time.monotonic()
-            while pid not in r.processes and time.monotonic() - t0 < 30:
-                time.sleep(0.05)
-            c0 = cpu_seconds(pid)
-            res = wrk(url, args.seconds)
-            with_.append(res)
-            cpu_with.append((cpu_seconds(pid) - c0) / res.total * 1e6)
-            time.sleep(0.3)
-            r.shutdown()
-            spans_ok.append((res.total, sink.n))
+            for end in ends:
+                nethttp_server.END_MODE = end
+                sink = Count()
+                cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pid}], "discovery_interval": "100ms",
+                                                   "propagation": "off"})
+                r: Any = factory.create(ComponentID("ebpf_go"), cfg,
+                                        ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)
+                r.start(None)
+                t0 = time.monotonic()
+                while pid not in r.processes and time.monotonic() - t0 < 30:
+                    time.sleep(0.05)
+                c0 = cpu_seconds(pid)
+                res = wrk(url, args.seconds)
+                with_[end].append(res)
+                cpu_with[end].append((cpu_seconds(pid) - c0) / res.total * 1e6)
+                time.sleep(0.3)
+                r.shutdown()
+                spans_ok[end].append((res.total, sink.n))
     finally:
+        nethttp_server.END_MODE = "auto"
         srv.kill()
         srv.wait()
-    w0, w1 = statistics.median(x.rps for x in without), statistics.median(x.rps for x in with_)
+    w0 = statistics.median(x.rps for x in without)
+    c0m = statistics.median(cpu_without)
     print(f"Go {args.go}, {args.rounds} alternating rounds of {args.seconds:g}s, wrk -t1 -c4 --latency GET /hello")
-    print("| round | without (req/s) | with (req/s) | p50 µs without | with | p99 µs without | with "
-          "| server CPU µs/req without | with | requests | spans |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, (a, b, ca, cb, (tot, n)) in enumerate(zip(without, with_, cpu_without, cpu_with, spans_ok,
-                                                      strict=True), 1):
-        print(f"| {i} | {a.rps:,.0f} | {b.rps:,.0f} | {a.p50:.0f} | {b.p50:.0f} | {a.p99:.0f} | {b.p99:.0f} "
-              f"| {ca:.1f} | {cb:.1f} | {tot} | {n} |")
-    c0m, c1m = statistics.median(cpu_without), statistics.median(cpu_with)
-    p50 = [statistics.median(x.p50 for x in rs) for rs in (without, with_)]
-    p99 = [statistics.median(x.p99 for x in rs) for rs in (without, with_)]
-    print(f"\nmedian without {w0:,.0f} req/s, with {w1:,.0f} req/s, ratio {w1 / w0:.3f}, "
-          f"added {1e6 / w1 - 1e6 / w0:.1f} µs per request (throughput); server CPU {c0m:.1f} -> {c1m:.1f} "
-          f"µs/request, added {c1m - c0m:.1f} µs; latency p50 {p50[0]:.0f} -> {p50[1]:.0f} µs, "
-          f"p99 {p99[0]:.0f} -> {p99[1]:.0f} µs")
+    for end in ends:
+        if len(ends) > 1:
+            print(f"\nend = {end}")
+        print("| round | without (req/s) | with (req/s) | p50 µs without | with | p99 µs without | with "
+              "| server CPU µs/req without | with | requests | spans |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, (a, b, ca, cb, (tot, n)) in enumerate(zip(without, with_[end], cpu_without, cpu_with[end],
+                                                          spans_ok[end], strict=True), 1):
+            print(f"| {i} | {a.rps:,.0f} | {b.rps:,.0f} | {a.p50:.0f} | {b.p50:.0f} | {a.p99:.0f} | {b.p99:.0f} "
+                  f"| {ca:.1f} | {cb:.1f} | {tot} | {n} |")
+    for end in ends:
+        w1 = statistics.median(x.rps for x in with_[end])
+        c1m = statistics.median(cpu_with[end])
+        p50 = [statistics.median(x.p50 for x in rs) for rs in (without, with_[end])]
+        p99 = [statistics.median(x.p99 for x in rs) for rs in (without, with_[end])]
+        print(f"\nend={end}: median without {w0:,.0f} req/s, with {w1:,.0f} req/s, ratio {w1 / w0:.3f}, "
+              f"added {1e6 / w1 - 1e6 / w0:.1f} µs per request (throughput); server CPU {c0m:.1f} -> {c1m:.1f} "
+              f"µs/request, added {c1m - c0m:.1f} µs; latency p50 {p50[0]:.0f} -> {p50[1]:.0f} µs, "
+              f"p99 {p99[0]:.0f} -> {p99[1]:.0f} µs")
     # Discovery: one /proc scan as the receiver does it (first scan reads every process).
     w = discovery.ProcessWatcher()
     t = time.perf_counter()

@@ -7,6 +7,10 @@ or attached differently, then measures the server's CPU per request under `wrk -
 in rotating order within every round (the first variant of round r is variant r mod n), all against
 the one server process (Go 1.27 httpserver fixture, GOMAXPROCS=1, pinned to CPU 0; wrk on CPU 1).
 Reports per variant the median server CPU µs/request and what it adds to "none" (no probes).
+Where the span ends: "full" and the AB switches = entry + every RET of ServeHTTP (the probe before
+issue 8); "end" = entry + the emulated end points (probes/nethttp_server.py end_plan, what the
+receiver attaches now); "empty-*" = programs that only return 0 at the same points (the in-situ
+floor of those points). The ring buffer is drained by a thread during each run, as the receiver does.
 The VM's 2 cores may be shared with other work: only the side-by-side differences mean anything.
 """
 
@@ -19,6 +23,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +39,16 @@ from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
-EMPTY_BPF = "int uprobe_server_ServeHTTP(void *ctx) { return 0; }\n" \
-            "int uprobe_server_ServeHTTP_return(void *ctx) { return 0; }\n"
+EMPTY_BPF = "".join(f"int {fn}(void *ctx) {{ return 0; }}\n" for fn in (
+    "uprobe_server_ServeHTTP", "uprobe_server_ServeHTTP_return", "uprobe_server_end_h1", "uprobe_server_end_h2"))
 
 
 @dataclass
 class Variant:
     name: str
     defines: list[str] = field(default_factory=list)
-    where: str = "both"          # both | entry | ret
+    entry: bool = True           # the entry probe (jcc after the stack check)
+    end: str = "ret"             # "ret": every RET of ServeHTTP; "emulated": end_plan's points; "": none
     pid_filter: bool = True      # attach per pid (as the receiver does) or pid=-1
     empty_text: bool = False     # a trivial program instead of nethttp_server.c
     bpf: Any = None
@@ -50,15 +57,23 @@ class Variant:
 VARIANTS = {
     "none": Variant("none"),
     "full": Variant("full"),
+    "end": Variant("end", end="emulated"),
     "empty": Variant("empty", empty_text=True),
-    "empty-entry": Variant("empty-entry", empty_text=True, where="entry"),
-    "empty-ret": Variant("empty-ret", empty_text=True, where="ret"),
+    "empty-entry": Variant("empty-entry", empty_text=True, end=""),
+    "empty-ret": Variant("empty-ret", empty_text=True, entry=False),
+    "empty-end": Variant("empty-end", empty_text=True, end="emulated"),
+    "empty-endonly": Variant("empty-endonly", empty_text=True, entry=False, end="emulated"),
     "empty-global": Variant("empty-global", empty_text=True, pid_filter=False),
     "no-headers": Variant("no-headers", ["-DAB_NO_HEADERS"]),
     "no-ctx-spans": Variant("no-ctx-spans", ["-DAB_NO_CTX_SPANS"]),
     "no-strings": Variant("no-strings", ["-DAB_NO_STRINGS"]),
     "no-ringbuf": Variant("no-ringbuf", ["-DAB_NO_RINGBUF", "-DAB_NO_STRINGS"]),
     "full-global": Variant("full-global", pid_filter=False),
+    "end-no-headers": Variant("end-no-headers", ["-DAB_NO_HEADERS"], end="emulated"),
+    "end-no-ctx-spans": Variant("end-no-ctx-spans", ["-DAB_NO_CTX_SPANS"], end="emulated"),
+    "end-no-strings": Variant("end-no-strings", ["-DAB_NO_STRINGS"], end="emulated"),
+    "end-no-ringbuf": Variant("end-no-ringbuf", ["-DAB_NO_RINGBUF", "-DAB_NO_STRINGS"], end="emulated"),
+    "end-empty-body": Variant("end-empty-body", ["-DAB_EMPTY"], end="emulated"),
 }
 
 
@@ -75,11 +90,9 @@ def main() -> int:
     ap.add_argument("--go", default="1.27")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=3)
-    ap.add_argument("--variants", default="none,full,empty,empty-entry,empty-ret,no-headers,no-ctx-spans,"
-                                          "no-strings,no-ringbuf")
+    ap.add_argument("--variants", default="none,full,end,empty,empty-end,empty-entry,empty-ret,empty-endonly")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1})
-    bcc = loader.import_bcc()
     ksrc, _ = loader.find_kernel_headers("auto")
     exe = build_go_fixture("httpserver", args.go, "plain")
     gb = GoBinary.open(str(exe))
@@ -87,17 +100,20 @@ def main() -> int:
     os.makedirs(pin_dir, exist_ok=True)
     base = nethttp_server.cflags(gb, pin_dir=pin_dir, max_inflight=16384, ringbuf_pages=1024)
     variants = [VARIANTS[v] for v in args.variants.split(",")]
-    for v in variants:
-        if v.name == "none":
-            continue
-        if v.empty_text:
-            v.bpf = bcc.BPF(text=EMPTY_BPF.encode())
-        else:
-            v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, base + v.defines, ksrc).bpf
-            v.bpf["events"].open_ring_buffer(lambda _c, _d, _n: 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty_src = Path(tmp) / "empty.c"
+        empty_src.write_text(EMPTY_BPF)
+        for v in variants:
+            if v.name == "none":
+                continue
+            if v.empty_text:
+                v.bpf = loader.compile_program(empty_src, [], ksrc).bpf
+            else:
+                v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, base + v.defines, ksrc).bpf
     sym = nethttp_server.SYMBOL
     entry = gb.entry_probe(sym).addr
-    rets = gb.return_sites(sym)
+    ends = {"ret": nethttp_server.end_plan(gb, "ret").points, "emulated": nethttp_server.end_plan(gb, "emulated").points,
+            "": []}
     srv = subprocess.Popen(["taskset", "-c", "0", str(exe)], stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "GOMAXPROCS": "1"})
     assert srv.stdout is not None
@@ -105,41 +121,55 @@ def main() -> int:
     pid = srv.pid
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     rps_: dict[str, list[float]] = {v.name: [] for v in variants}
+    records: dict[str, int] = {v.name: 0 for v in variants}
     try:
         wrk(url, 1)
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
+                stop = threading.Event()
+                drain: threading.Thread | None = None
                 if v.bpf is not None:
-                    points = ([(entry, "uprobe_server_ServeHTTP")] if v.where in ("both", "entry") else []) + \
-                             ([(a, "uprobe_server_ServeHTTP_return") for a in rets] if v.where in ("both", "ret")
-                              else [])
+                    points = ([(entry, "uprobe_server_ServeHTTP")] if v.entry else []) + ends[v.end]
                     for addr, fn in points:
                         v.bpf.attach_uprobe(name=f"/proc/{pid}/exe".encode(), addr=addr, fn_name=fn.encode(),
                                             pid=pid if v.pid_filter else -1)
+                    if not v.empty_text:
+                        rb = v.bpf.ring_buffer("events")
+
+                        def run(rb: Any = rb, name: str = v.name, stop: threading.Event = stop) -> None:
+                            while not stop.is_set():
+                                rb.wait(0.05)
+                                records[name] += len(rb.read())
+                        drain = threading.Thread(target=run, daemon=True)
+                        drain.start()
                 c0 = cpu_seconds(pid)
                 rps, total = wrk(url, args.seconds)
                 cpu[v.name].append((cpu_seconds(pid) - c0) / total * 1e6)
                 rps_[v.name].append(rps)
                 if v.bpf is not None:
-                    v.bpf.ring_buffer_consume() if not v.empty_text else None
-                    for ev, fd in list(v.bpf.uprobe_fds.items()):
-                        bcc.lib.bpf_close_perf_event_fd(fd)
-                        v.bpf._del_uprobe_fd(ev)
+                    stop.set()
+                    if drain is not None:
+                        drain.join()
+                    for key in list(v.bpf.uprobe_fds):
+                        v.bpf.detach(key)
     finally:
         srv.kill()
         srv.wait()
         for v in variants:
             if v.bpf is not None:
-                v.bpf.cleanup()
+                v.bpf.close()
         shutil.rmtree(pin_dir, ignore_errors=True)
     none = statistics.median(cpu["none"]) if cpu.get("none") else 0.0
     print(f"Go {args.go} httpserver, {args.rounds} rotating rounds of {args.seconds}s per variant, wrk -t1 -c4")
-    print("| variant | req/s (median) | server CPU µs/req (median) | added vs none | rounds (µs/req) |")
-    print("|---|---|---|---|---|")
+    print("| variant | end at | req/s (median) | server CPU µs/req (median) | added vs none | records | "
+          "rounds (µs/req) |")
+    print("|---|---|---|---|---|---|---|")
     for v in variants:
         m = statistics.median(cpu[v.name])
-        print(f"| {v.name} | {statistics.median(rps_[v.name]):,.0f} | {m:.1f} | {m - none:+.1f} | "
+        where = "-" if v.bpf is None else ("entry + " if v.entry else "") + (v.end or "no end")
+        print(f"| {v.name} | {where} | {statistics.median(rps_[v.name]):,.0f} | {m:.1f} | {m - none:+.1f} | "
+              f"{records[v.name] if not v.empty_text and v.bpf is not None else '-'} | "
               f"{' '.join(f'{x:.1f}' for x in cpu[v.name])} |")
     return 0
 
