@@ -116,8 +116,3 @@ def check() -> Capability:
     return Capability(False, f"the kernel refuses bpf_probe_write_user (verifier: {test.reason}); "
                              "kernel lockdown likely", test.reason)
 
-
-def probe_write_supported() -> tuple[bool, str]:
-    """(supported, reason): `check()` for callers that want a pair."""
-    c = check()
-    return c.supported, c.reason
