@@ -1,13 +1,17 @@
 """Start-up and memory of the ebpf_go receiver: seconds to the first (and last) probe attached for 1
 and for N distinct binaries, and RSS at rest and under load.
 
-    .venv/bin/python benchmarks/startup_memory.py [--binaries 1,20] [--load-seconds 3]   (root)
+    .venv/bin/python benchmarks/startup_memory.py [--binaries 1,20] [--load-seconds 3] [--cache cold,warm]  (root)
+
+Cache: "cold" starts with an empty `bpf_cache_dir` (every distinct program is compiled, in child
+processes), "warm" reuses the directory the cold run filled (no compile at all).
 
 Binaries: the Go 1.27 httpserver fixture, copied N times with one distinct byte appended to each (a
 different file and inode, so the receiver treats each as its own binary and compiles its programs,
 exactly as for 20 distinct builds; the appended byte changes nothing Go or the ELF loader reads).
 The receiver runs in a child process (config: targets by pid, propagation off, the three probes on)
-so that RSS is the receiver's own: Python + BCC/LLVM + compiled programs + ring buffers.
+so that RSS is the receiver's own: Python + loaded programs + ring buffers (BCC/LLVM run in
+short-lived compiler children since the loader rewrite, and are not counted).
 "Attached" = the `otelgo_ebpf_probes_attached` gauge is non-zero for that process's binary; times
 are from creating the receiver (config parsed, before any BCC work) to that moment.
 """
@@ -35,7 +39,7 @@ def rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
-def child(pids: list[int], out: Any, go: Any) -> None:
+def child(pids: list[int], cache_dir: str, out: Any, go: Any) -> None:
     from collector.component import ComponentID
     from collector.spans import SpanBatch
     from collector.telemetry import ComponentTelemetry, SelfMetrics
@@ -50,7 +54,7 @@ def child(pids: list[int], out: Any, go: Any) -> None:
     rss_import = rss_mb()
     t0 = time.monotonic()
     cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pids}], "discovery_interval": "100ms",
-                                       "propagation": "off"})
+                                       "propagation": "off", "bpf_cache_dir": cache_dir})
     r: Any = factory.create(ComponentID("ebpf_go"), cfg, ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()),
                             Count())
     r.start(None)
@@ -61,10 +65,16 @@ def child(pids: list[int], out: Any, go: Any) -> None:
                 for pid in tb.pids:
                     seen.setdefault(pid, time.monotonic() - t0)
         time.sleep(0.005)
-    compiles = [round(pp.program.compile_seconds, 2) for tb in r.binaries.values() for pp in tb.programs]
+    compiles = [round(pp.program.compile_seconds, 2) for tb in r.binaries.values() for pp in tb.programs
+                if pp.program.origin == "compiled"]
+    origins: dict[str, int] = {}
+    for tb in r.binaries.values():
+        for pp in tb.programs:
+            origins[pp.program.origin] = origins.get(pp.program.origin, 0) + 1
     time.sleep(1.0)
     out.put({"first": min(seen.values()), "last": max(seen.values()), "attached": len(seen),
-             "rss_import_mb": rss_import, "rss_rest_mb": rss_mb(), "compiles": compiles})
+             "rss_import_mb": rss_import, "rss_rest_mb": rss_mb(), "compiles": compiles, "origins": origins,
+             "bcc_mapped": any("bcc" in line for line in Path("/proc/self/maps").read_text().splitlines())})
     go.get()                        # parent runs the load now
     peak = 0.0
     while go.empty():
@@ -79,6 +89,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--binaries", default="1,20")
     ap.add_argument("--load-seconds", type=int, default=3)
+    ap.add_argument("--cache", default="cold,warm", help="cold, warm or both (cold,warm)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from tests.support.gobuild import build_go_fixture
@@ -86,7 +97,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     rows = []
     try:
-        for n in (int(x) for x in args.binaries.split(",")):
+        for n, mode in ((int(x), m) for x in args.binaries.split(",") for m in args.cache.split(",")):
+            cache_dir = work / f"cache-{n}"
+            if mode == "cold":
+                shutil.rmtree(cache_dir, ignore_errors=True)
             exes = []
             for i in range(n):
                 exe = work / f"httpserver-{n}-{i}"
@@ -99,7 +113,7 @@ def main() -> int:
             addrs = [p.stdout.readline().split()[1] for p in procs]  # type: ignore[union-attr]
             out: Any = mp.Queue()
             go: Any = mp.Queue()
-            ch = mp.Process(target=child, args=([p.pid for p in procs], out, go))
+            ch = mp.Process(target=child, args=([p.pid for p in procs], str(cache_dir), out, go))
             ch.start()
             row = out.get(timeout=600)
             go.put(1)
@@ -113,20 +127,24 @@ def main() -> int:
                 p.kill()
                 p.wait()
             row["binaries"] = n
+            row["cache"] = mode
             rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("| binaries | first probe attached (s) | all attached (s) | compile s per program (median) | "
-          "RSS after imports (MB) | RSS at rest (MB) | RSS peak under load (MB) | spans |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| binaries | image cache | first probe attached (s) | all attached (s) | compile s per program (median) | "
+          "programs by origin | RSS after imports (MB) | RSS at rest (MB) | RSS peak under load (MB) | spans |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = sorted(r["compiles"])
-        print(f"| {r['binaries']} | {r['first']:.2f} | {r['last']:.2f} | {c[len(c) // 2] if c else 0} "
-              f"({len(c)} programs) | {r['rss_import_mb']:.0f} | {r['rss_rest_mb']:.0f} | {r['rss_load_mb']:.0f} | "
-              f"{r['spans']} |")
+        origins = ", ".join(f"{k} {v}" for k, v in sorted(r["origins"].items()))
+        print(f"| {r['binaries']} | {r['cache']} | {r['first']:.2f} | {r['last']:.2f} | "
+              f"{c[len(c) // 2] if c else '-'} ({len(c)} compiled) | {origins} | {r['rss_import_mb']:.0f} | "
+              f"{r['rss_rest_mb']:.0f} | {r['rss_load_mb']:.0f} | {r['spans']} |")
+        if r["bcc_mapped"]:
+            print(f"WARNING: BCC mapped in the receiver process ({r['binaries']} binaries, {r['cache']})")
     return 0
 
 

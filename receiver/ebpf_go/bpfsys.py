@@ -330,29 +330,6 @@ def attach_uprobe(prog_fd: int, path: str, offset: int, pid: int = -1) -> int:
     return fd
 
 
-# ---------------------------------------------------------------- probes of the kernel
-
-
-def probe_write_user_allowed() -> tuple[bool, str]:
-    """Can a kprobe-type program call bpf_probe_write_user here? Test-loads five instructions."""
-    insns = b"".join([
-        struct.pack("<BBhi", 0x7A, 0x0A, -8, 0),    # *(u64 *)(r10 - 8) = 0
-        struct.pack("<BBhi", 0xBF, 0xA2, 0, 0),     # r2 = r10
-        struct.pack("<BBhi", 0x07, 0x02, 0, -8),    # r2 += -8
-        struct.pack("<BBhi", 0xB7, 0x03, 0, 8),     # r3 = 8
-        struct.pack("<BBhi", 0x79, 0x11, 0x98, 0),  # r1 = ctx->sp (pt_regs offset 152)
-        struct.pack("<BBhi", 0x85, 0x00, 0, 36),    # call bpf_probe_write_user
-        struct.pack("<BBhi", 0xB7, 0x00, 0, 0),     # r0 = 0
-        struct.pack("<BBhi", 0x95, 0x00, 0, 0),     # exit
-    ])
-    try:
-        fd = prog_load(PROG_KPROBE, insns, "GPL", "otelgo_pwu_test")
-    except BpfError as e:
-        return False, f"test load refused ({e.strerror}); kernel lockdown likely"
-    os.close(fd)
-    return True, "test program calling bpf_probe_write_user loaded"
-
-
 BPF_PROG_TEST_RUN = 10
 PROG_XDP = 6
 

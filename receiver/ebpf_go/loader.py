@@ -199,6 +199,8 @@ class ImageStore:
         self._memory: dict[str, ProgramImage] = {}
         self._inflight: dict[str, Future[CompileResult]] = {}
         self._bcc_version = bcc_version()
+        self._running: set[subprocess.Popen[str]] = set()
+        self._closed = False
         self.compiles = 0   # child processes run (for tests and metrics)
 
     def key(self, source: Path, cflags: list[str], kernel_source: str | None) -> str:
@@ -241,7 +243,9 @@ class ImageStore:
             img = self._read_disk(key)
             origin = "disk"
             if img is None:
-                img = run_compiler(source, cflags, kernel_source)
+                if self._closed:
+                    raise KernelError(f"BPF compile of {source.name} cancelled: shutting down")
+                img = run_compiler(source, cflags, kernel_source, self._running)
                 origin = "compiled"
                 with self._lock:
                     self.compiles += 1
@@ -283,7 +287,12 @@ class ImageStore:
             self.log.warning("BPF image cache: cannot write %s: %s", path, e)
 
     def close(self) -> None:
+        """Cancel queued compiles and kill running compiler children."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(self._running):
+            with contextlib.suppress(OSError):
+                proc.kill()
 
 
 COMPILER_MODULE = "receiver.ebpf_go.bpfcompile"
@@ -291,20 +300,36 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]   # the directory holding `re
 COMPILE_TIMEOUT_S = 300.0
 
 
-def run_compiler(source: Path, cflags: list[str], kernel_source: str | None) -> ProgramImage:
+def run_compiler(source: Path, cflags: list[str], kernel_source: str | None,
+                 running: set[subprocess.Popen[str]] | None = None) -> ProgramImage:
     """Compile in a child process (bpfcompile.py). KernelError with the compiler's one line on
-    failure, a crash of BCC included: the collector itself never runs BCC."""
+    failure, a crash of BCC included: the collector itself never runs BCC. The child is in
+    `running` while it runs (so that a shutdown can kill it)."""
     req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", *cflags], "kernel_source": kernel_source}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     try:
-        proc = subprocess.run([sys.executable, "-m", COMPILER_MODULE], input=json.dumps(req), capture_output=True,
-                              text=True, env=env, timeout=COMPILE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise KernelError(f"BPF compile of {source.name} failed: no answer from the compiler in "
-                          f"{COMPILE_TIMEOUT_S:.0f}s") from None
+        proc = subprocess.Popen([sys.executable, "-m", COMPILER_MODULE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     except OSError as e:
         raise KernelError(f"BPF compile of {source.name} failed: cannot run the compiler: {e}") from None
+    if running is not None:
+        running.add(proc)
+    try:
+        stdout, stderr = proc.communicate(json.dumps(req), timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise KernelError(f"BPF compile of {source.name} failed: no answer from the compiler in "
+                          f"{COMPILE_TIMEOUT_S:.0f}s") from None
+    finally:
+        if running is not None:
+            running.discard(proc)
+    return _answer(source, proc.returncode, stdout, stderr)
+
+
+def _answer(source: Path, returncode: int, stdout: str, stderr: str) -> ProgramImage:
+    proc = subprocess.CompletedProcess([], returncode, stdout, stderr)
     answer: dict[str, Any] = {}
     for line in reversed(proc.stdout.strip().splitlines()):
         try:

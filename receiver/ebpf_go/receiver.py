@@ -342,8 +342,8 @@ class EbpfGoReceiver(Receiver):
             tb.programs.append(ProbeProgram(pr, prog, col, pr.binary_state(gb, self.common)))
             how = {"compiled": "compiled", "memory": "reused the image of another binary",
                    "disk": "loaded from the image cache"}[result.origin]
-            self.log.info("%s %s for %s (%s) in %.2fs", how, pr.name, p.exe, gb.go_version, prog.compile_seconds,
-                          extra={"pid": p.pid, "exe": p.exe})
+            self.log.info("%s program for %s (%s): %s in %.2fs", pr.name, p.exe, gb.go_version, how,
+                          prog.compile_seconds, extra={"pid": p.pid, "exe": p.exe})
         if not tb.programs:
             self.rejected[key] = "every probe failed"
             return None

@@ -115,4 +115,3 @@ def check() -> Capability:
         return Capability(True, "a test program calling bpf_probe_write_user loaded")
     return Capability(False, f"the kernel refuses bpf_probe_write_user (verifier: {test.reason}); "
                              "kernel lockdown likely", test.reason)
-
