@@ -74,6 +74,7 @@ VARIANTS = {
     "end-no-strings": Variant("end-no-strings", ["-DAB_NO_STRINGS"], end="emulated"),
     "end-no-ringbuf": Variant("end-no-ringbuf", ["-DAB_NO_RINGBUF", "-DAB_NO_STRINGS"], end="emulated"),
     "end-empty-body": Variant("end-empty-body", ["-DAB_EMPTY"], end="emulated"),
+    "end-field-reads": Variant("end-field-reads", ["-DAB_FIELD_READS"], end="emulated"),
 }
 
 

@@ -81,12 +81,14 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
     if binary.go_version_tuple < (1, 17, 0):
         raise ProbeUnavailable(f"{binary.go_version} predates the register ABI (Go >= 1.17 needed)")
     flags = []
+    values: dict[str, int] = {}
     for const, st, field, fallback in OFFSETS:
         off = binary.struct_offset(st, field)
         value = off.value if off is not None else fallback
         if value is None:
             raise ProbeUnavailable(f"no offset for {st}.{field} (no DWARF and not in the offsets table)")
         flags.append(f"-D{const}={value}")
+        values[const] = value
     pattern = binary.struct_offset("net/http.Request", "Pattern")
     pat = binary.struct_offset("net/http.Request", "pat")
     pat_str = binary.struct_offset("net/http.pattern", "str")
@@ -97,6 +99,14 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
                   f"-DPATTERN_STR_POS={pat_str.value if pat_str is not None else 0}"]
     else:
         flags += ["-DPATTERN_MODE=0"]
+    # The Request fields read at the end (string: 16 bytes, int/pointer: 8), in one block read.
+    ends = [values[c] + 16 for c in ("REQ_METHOD_POS", "REQ_HOST_POS", "REQ_REMOTEADDR_POS")]
+    ends += [values[c] + 8 for c in ("REQ_URL_POS", "REQ_PROTO_MAJOR_POS", "REQ_PROTO_MINOR_POS", "REQ_TLS_POS")]
+    if pattern is not None:
+        ends.append(pattern.value + 16)
+    elif pat is not None:
+        ends.append(pat.value + 8)
+    flags.append(f"-DREQ_BLOCK_LEN={max(ends)}")
     h2 = H2_OFFSETS_INTERNAL if binary.function("net/http/internal/http2.(*serverConn).runHandler") else \
         H2_OFFSETS_BUNDLED
     h2_values = [binary.struct_offset(st, field) for _, st, field in h2]
