@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ class Instrumentation:
     offsets: tuple[tuple[str, str], ...] = ()
     min_go: tuple[int, int] = (1, 17)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # where the probe ends its span in this binary ({"mode", "points": [{"addr", "program"}], "reason"})
+    end_report: Callable[[GoBinary], dict[str, Any]] | None = None
 
 
 
@@ -40,7 +43,8 @@ def _probe_instrumentations() -> tuple[Instrumentation, ...]:
         return tuple((struct, fld) for _, struct, fld, _ in offsets)
 
     return (
-        Instrumentation("net/http server", (nethttp_server.SYMBOL,), (), fields(nethttp_server.OFFSETS)),
+        Instrumentation("net/http server", (nethttp_server.SYMBOL,), (), fields(nethttp_server.OFFSETS),
+                        end_report=nethttp_server.end_report),
         Instrumentation("net/http client", (nethttp_client.ROUND_TRIP,), (nethttp_client.REQUEST_WRITE,),
                         fields(nethttp_client.OFFSETS)),
         Instrumentation("database/sql", tuple(database_sql.SYMBOLS[:2]), tuple(database_sql.SYMBOLS[2:]),
@@ -153,6 +157,8 @@ def collect(b: GoBinary) -> dict[str, Any]:
                     item["functions"].append(rep)
                     if not rep["return_sites"]:
                         item["warnings"].append(f"{n}: no return instruction found")
+            if inst.end_report is not None:
+                item["end"] = inst.end_report(b)
             for struct, fld in inst.offsets:
                 off = b.struct_offset(struct, fld)
                 module, version = b.module_of(struct)
@@ -191,6 +197,11 @@ def render(rep: dict[str, Any]) -> str:
             lines.append(f"        {f['name']}  {f['start']:#x}-{f['end']:#x}")
             lines.append(f"          entry probe {ep['addr']:#x} (+{ep['addr'] - f['start']}) {ep['kind']}: {ep['reason']}")
             lines.append(f"          return sites ({len(f['return_sites'])}): {rets}")
+        end = inst.get("end")
+        if end is not None:
+            pts = ", ".join(f"{p['addr']:#x} {p['program']}" for p in end["points"]) or "none"
+            lines.append(f"        span end: {end['mode'] or 'not attached'}: {pts}"
+                         + (f" ({end['reason']})" if end["reason"] else ""))
         for o in inst["offsets"]:
             val = "absent/unknown" if o["offset"] is None else f"{o['offset']:>4}"
             src = o["source"] or "-"

@@ -184,6 +184,15 @@ def _emulated_points(binary: GoBinary) -> list[tuple[int, str]] | str:
     return points
 
 
+def end_report(binary: GoBinary) -> dict[str, Any]:
+    """`inspect`'s view of `end_plan` (mode None: the probe would not attach)."""
+    try:
+        plan = end_plan(binary, END_MODE)
+    except ProbeUnavailable as e:
+        return {"mode": None, "points": [], "reason": str(e)}
+    return {"mode": plan.mode, "points": [{"addr": a, "program": f} for a, f in plan.points], "reason": plan.reason}
+
+
 def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, end: str | None = None) -> list[tuple[int, str]]:
     """Attach the entry probe and the end points (`end_plan`); returns [(address, BPF function)]."""
     plan = end_plan(binary, end or END_MODE)
