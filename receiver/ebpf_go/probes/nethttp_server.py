@@ -53,10 +53,14 @@ OFFSETS: list[tuple[str, str, str, int | None]] = [
     ("RESP_STATUS_POS", "net/http.response", "status", None),
 ]
 # HTTP/2 status (rw.rws.status), optional: -1 when unknown (no status on HTTP/2 spans then).
-H2_OFFSETS_BUNDLED = [("H2_RWS_POS", "net/http.http2responseWriter", "rws"),
-                      ("H2_STATUS_POS", "net/http.http2responseWriterState", "status")]
-H2_OFFSETS_INTERNAL = [("H2_RWS_POS", "net/http/internal/http2.responseWriter", "rws"),
-                       ("H2_STATUS_POS", "net/http/internal/http2.responseWriterState", "status")]
+# One program serves every HTTP/2 server linked in (std's, golang.org/x/net/http2's): it reads the
+# status only if all of them agree on both offsets.
+H2_SERVERS = {  # runHandler's package -> (responseWriter type, responseWriterState type)
+    "net/http": ("net/http.http2responseWriter", "net/http.http2responseWriterState"),
+    "net/http/internal/http2": ("net/http/internal/http2.responseWriter",
+                                "net/http/internal/http2.responseWriterState"),
+    "golang.org/x/net/http2": ("golang.org/x/net/http2.responseWriter", "golang.org/x/net/http2.responseWriterState"),
+}
 # Swiss-map layout (internal/runtime/maps, identical in Go 1.24-1.27) and the classic hmap.
 SWISS = {"SWISS_DIRPTR_POS": 16, "SWISS_DIRLEN_POS": 24, "SWISS_TABLE_GROUPS_POS": 16, "SWISS_TABLE_MASK_POS": 24}
 CLASSIC = {"HMAP_B_POS": 9, "HMAP_BUCKETS_POS": 16, "HMAP_OLDBUCKETS_POS": 24}
@@ -107,17 +111,32 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
     elif pat is not None:
         ends.append(pat.value + 8)
     flags.append(f"-DREQ_BLOCK_LEN={max(ends)}")
-    h2 = H2_OFFSETS_INTERNAL if binary.function("net/http/internal/http2.(*serverConn).runHandler") else \
-        H2_OFFSETS_BUNDLED
-    h2_values = [binary.struct_offset(st, field) for _, st, field in h2]
-    for (const, _, _), off in zip(h2, h2_values, strict=True):
-        flags.append(f"-D{const}={off.value if off is not None and None not in h2_values else -1}")
+    for const, value in zip(("H2_RWS_POS", "H2_STATUS_POS"), h2_status_offsets(binary), strict=True):
+        flags.append(f"-D{const}={value}")
     layout = SWISS if swiss_maps(binary) else CLASSIC
     flags.append(f"-DSWISS_MAPS={1 if layout is SWISS else 0}")
     flags += [f"-D{k}={v}" for k, v in layout.items()]
     flags += [f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}", f"-DRINGBUF_PAGES={ringbuf_pages}",
               f"-DWAKEUP_EVERY={wakeup_every}"]
     return flags
+
+
+def h2_status_offsets(binary: GoBinary) -> tuple[int, int]:
+    """(responseWriter.rws, responseWriterState.status) shared by every HTTP/2 server in the binary;
+    (-1, -1) when one is unknown or they differ (HTTP/2 spans then carry no status, as before)."""
+    seen: set[tuple[int, int]] = set()
+    for name in binary.functions():
+        m = H2_RUN_HANDLER.match(name)
+        if m is None:
+            continue
+        types = H2_SERVERS.get(m["pkg"])
+        if types is None:
+            return -1, -1
+        rws, status = binary.struct_offset(types[0], "rws"), binary.struct_offset(types[1], "status")
+        if rws is None or status is None:
+            return -1, -1
+        seen.add((rws.value, status.value))
+    return seen.pop() if len(seen) == 1 else (-1, -1)
 
 
 def present(binary: GoBinary) -> bool:
