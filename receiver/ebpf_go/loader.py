@@ -257,8 +257,28 @@ class ImageStore:
             with self._lock:
                 self._inflight.pop(key, None)
 
+    def _trusted_dir(self) -> bool:
+        """The cache holds programs loaded into the kernel as root: only a directory that nobody
+        else can write is used (created 0700 if missing)."""
+        d = self.cache_dir
+        if d is None:
+            return False
+        try:
+            st = d.stat()
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            why = str(e)
+        else:
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                return True
+            why = f"owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} (want ours, not group/world-writable)"
+        self.log.warning("BPF image cache disabled: %s: %s", d, why)
+        self.cache_dir = None
+        return False
+
     def _read_disk(self, key: str) -> ProgramImage | None:
-        if self.cache_dir is None:
+        if not self._trusted_dir() or self.cache_dir is None:
             return None
         path = self.cache_dir / f"{key}.json"
         try:
@@ -272,7 +292,7 @@ class ImageStore:
             return None
 
     def _write_disk(self, key: str, img: ProgramImage) -> None:
-        if self.cache_dir is None:
+        if not self._trusted_dir() or self.cache_dir is None:
             return
         path = self.cache_dir / f"{key}.json"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

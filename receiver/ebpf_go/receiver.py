@@ -201,10 +201,15 @@ class EbpfGoReceiver(Receiver):
                              include_db_statement=self.config.include_db_statement,
                              sanitize_db_statement=self.config.sanitize_db_statement,
                              db_statement_max_length=self.config.db_statement_max_length)
+        images = self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
+                                                 log=self.log)
         # Without client spans nothing can propagate: report "off".
         requested = self.config.propagation if self.config.instrumentations.net_http_client else "off"
         try:
-            self.propagation = propagation.choose(requested, self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+            # The sk_msg program comes from the image cache too (no compile on a warm start).
+            self.propagation = propagation.choose(
+                requested, self.log, self.telemetry.metrics, pin_dir=self.pin_dir,
+                make_skmsg=lambda pin_dir: propagation.SkMsgPropagation(pin_dir, images=images))
         except Exception as e:  # propagation is optional: spans still flow without it
             self.log.warning("propagation off: %s", e)
             self.propagation = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
@@ -214,7 +219,6 @@ class EbpfGoReceiver(Receiver):
             # (TLS, h2, large headers, ...): injected client spans never wait in it.
             self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
                                      count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
-        self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL, log=self.log)
         self.enabled = True
         inst = self.config.instrumentations
         if inst.grpc_client or inst.grpc_server:

@@ -112,7 +112,7 @@ def test_cache_hit_no_bcc_in_collector_and_detach(tmp_path: Path) -> None:
         assert srv.byte_at(entry) == original, "uprobe left in the traced process after shutdown"
         assert re.search(r"net_http_server program for \S+ \(go1\.27[^)]*\): compiled in \d", log), log[-3000:]
         assert metric(metrics, "otelgo_ebpf_bpf_programs_total", origin="compiled") >= 1
-        assert len(list(cache.glob("*.json"))) == 1   # the server probe (no net/http client in it)
+        assert len(list(cache.glob("*.json"))) == 2   # the server probe (no net/http client in it), sk_msg
         assert "propagation mode sk_msg" in log
 
         log, metrics = run_collector(binary, srv, entry, tmp_path, cache, 2)
