@@ -178,6 +178,20 @@ def _read(path: str) -> bytes:
         raise UserError(f"failed to load TLS config: failed to load CA {path}: {e.strerror}") from None
 
 
+class EncodedRequest:
+    """A batch already written as an ExportTraceServiceRequest: what this exporter's queue holds
+    (bytes, not span objects: less memory, and nothing for the garbage collector to walk)."""
+
+    __slots__ = ("data", "spans")
+
+    def __init__(self, data: bytes, spans: int) -> None:
+        self.data = data
+        self.spans = spans
+
+    def span_count(self) -> int:
+        return self.spans
+
+
 class OTLPExporter(Exporter):
     def __init__(self, id: ComponentID, telemetry: ComponentTelemetry, config: OTLPConfig) -> None:
         super().__init__(id, telemetry)
@@ -186,7 +200,8 @@ class OTLPExporter(Exporter):
         self.export_call: Any = None
         self.encoder = OTLPEncoder()
         self.metadata = tuple((k.lower(), v) for k, v in config.headers.items())
-        self.sender = QueuedRetrySender(telemetry, self._send, config.sending_queue, config.retry_on_failure)
+        self.sender: QueuedRetrySender[EncodedRequest] = QueuedRetrySender(
+            telemetry, self._send, config.sending_queue, config.retry_on_failure)
 
     def _make_channel(self) -> grpc.Channel:
         c = self.config
@@ -226,12 +241,15 @@ class OTLPExporter(Exporter):
         self.sender.start()
 
     def consume(self, batch: SpanBatch) -> None:
-        self.sender.consume(batch)
+        # Encoded here, in the caller's thread (the batch processor's), once: the spans are freed at
+        # once rather than held in the queue, and the sender threads only wait on gRPC.
+        n = batch.span_count()
+        if n:
+            self.sender.consume(EncodedRequest(self.encoder.encode(batch), n))
 
-    def _send(self, batch: SpanBatch) -> None:
-        req = self.encoder.encode(batch)
+    def _send(self, req: EncodedRequest) -> None:
         try:
-            resp = self.export_call(req, timeout=self.config.timeout or None, metadata=self.metadata)
+            resp = self.export_call(req.data, timeout=self.config.timeout or None, metadata=self.metadata)
         except grpc.RpcError as e:
             raise classify_rpc_error(e) from None
         ps = resp.partial_success

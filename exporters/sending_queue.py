@@ -1,7 +1,8 @@
 """The exporters' sending queue and retry loop, shared by `otlp` and `otlphttp`.
 
-Mirrors the collector's exporterhelper: a bounded in-memory queue of batches (`sending_queue`) drained
-by `num_consumers` threads, each sending with exponential backoff (`retry_on_failure`). Every span is
+Mirrors the collector's exporterhelper: a bounded in-memory queue of requests (`sending_queue`: span
+batches, or batches already encoded for the wire, anything with a `span_count()`) drained by
+`num_consumers` threads, each sending with exponential backoff (`retry_on_failure`). Every span is
 accounted for: sent (`otelcol_exporter_sent_spans`), dropped after sending failed
 (`otelcol_exporter_send_failed_spans`) or refused at the door because the queue was full
 (`otelcol_exporter_enqueue_failed_spans`). Log lines use the collector's texts and are rate-limited.
@@ -15,13 +16,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig
 from collector.configtypes import Duration
 from collector.errors import ConsumerError
-from collector.spans import SpanBatch
 from collector.telemetry import ComponentTelemetry
 
 # How often the same drop/reject message may be logged (one line per burst, not per batch).
@@ -102,13 +103,20 @@ class Backoff:
         return value
 
 
-SendFn = Callable[[SpanBatch], None]
+class Request(Protocol):
+    """What the queue holds: a SpanBatch, or an exporter's encoded form of one."""
+
+    def span_count(self) -> int: ...
 
 
-class QueuedRetrySender:
-    """Queue + retry around a `send(batch)` function that raises ExportError on failure."""
+R = TypeVar("R", bound=Request)
 
-    def __init__(self, telemetry: ComponentTelemetry, send: SendFn, queue: QueueConfig, retry: RetryConfig,
+
+class QueuedRetrySender(Generic[R]):
+    """Queue + retry around a `send(request)` function that raises ExportError on failure."""
+
+    def __init__(self, telemetry: ComponentTelemetry, send: Callable[[R], None], queue: QueueConfig,
+                 retry: RetryConfig,
                  sleep_scale: float = 1.0) -> None:
         self.telemetry = telemetry
         self.log = telemetry.logger
@@ -122,7 +130,7 @@ class QueuedRetrySender:
         self._enqueue_failed = m.exporter_enqueue_failed.labels(exporter)
         self._qsize = m.exporter_queue_size.labels(exporter, "traces")
         self._qcap = m.exporter_queue_capacity.labels(exporter, "traces")
-        self._queue: deque[SpanBatch] = deque()
+        self._queue: deque[R] = deque()
         self._cond = threading.Condition()
         self._in_flight = 0
         self._stopping = threading.Event()  # no more retries, drain what is queued
@@ -177,7 +185,7 @@ class QueuedRetrySender:
 
     # ------------------------------------------------------------ intake
 
-    def consume(self, batch: SpanBatch) -> None:
+    def consume(self, batch: R) -> None:
         n = batch.span_count()
         if n == 0:
             return
@@ -238,7 +246,7 @@ class QueuedRetrySender:
                     self._in_flight -= 1
                     self._cond.notify_all()
 
-    def _send_with_retry(self, batch: SpanBatch) -> str | None:
+    def _send_with_retry(self, batch: R) -> str | None:
         """Send until success (None) or give up (the collector's error text)."""
         n = batch.span_count()
         backoff = Backoff(self.rcfg)

@@ -194,6 +194,25 @@ def test_retryable_codes_are_retried(backend, code, caplog):
     assert "Exporting failed. Will retry the request after interval." in logs(caplog)
 
 
+def test_a_batch_is_encoded_once_and_retried_as_the_same_request(backend):
+    from collector.spans import to_proto
+    backend.behaviour = _fail_times(2, grpc.StatusCode.UNAVAILABLE)
+    e, t = make(backend.endpoint)
+    calls = []
+    encode = e.encoder.encode
+    e.encoder.encode = lambda b: calls.append(b) or encode(b)  # type: ignore[method-assign]
+    b = batch(4)
+    e.consume(b)
+    b.resource_spans[0].scope_spans[0].spans[0].name = "changed after consume"  # the queue holds bytes
+    assert wait(lambda: backend.span_count() == 4)
+    e.shutdown(5)
+    assert len(calls) == 1 and len(backend.metadata) == 3
+    (got,) = backend.requests
+    assert got.resource_spans[0].scope_spans[0].spans[0].name != "changed after consume"
+    assert got == to_proto(batch(4))
+    assert metric(t, "otelcol_exporter_sent_spans") == 4
+
+
 @pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
                                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL])
