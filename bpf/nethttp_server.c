@@ -19,13 +19,14 @@
  *   REQ_*_POS, URL_PATH_POS, RESP_STATUS_POS  struct field offsets
  *   H2_RWS_POS, H2_STATUS_POS  h2 responseWriter.rws and responseWriterState.status (-1: unknown)
  *   REQ_BLOCK_LEN  bytes of the Request that hold every field read at the end (0: read field by field)
+ *   REQ_ENTRY_LEN  the same for the fields read at entry (Header, ctx)
  *   PATTERN_MODE  0 none, 1 req.pat->str (Go 1.22), 2 req.Pattern (Go >= 1.23)
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  * Benchmark switches (benchmarks/server_probe_ab.py; never set by the receiver): AB_EMPTY (both
  * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS
- * (one user-memory read per Request field at the end instead of one block).
+ * (one user-memory read per Request field instead of one block).
  */
 #include "go_types.h"
 
@@ -180,6 +181,10 @@ static __always_inline void scan_slot(struct go_string key, u64 elem_addr, struc
     }
 }
 
+/* The first bytes of a map header hold every field read (swiss: dirPtr 16, dirLen 24; classic: B 9,
+ * buckets 16, oldbuckets 24; both headers are 48 bytes). */
+#define MAP_HEAD_LEN 32
+
 #if SWISS_MAPS
 /* Swiss map group: ctrl word, then 8 slots of {key string (16), elem []string (24)}. */
 static __always_inline void scan_group(u64 group, struct server_call *c) {
@@ -199,10 +204,10 @@ static __always_inline void scan_group(u64 group, struct server_call *c) {
 }
 
 static __always_inline void scan_headers(u64 m, struct server_call *c) {
-    u64 dir_ptr = 0;
-    s64 dir_len = 0;
-    bpf_probe_read_user(&dir_ptr, sizeof(dir_ptr), (void *)(m + SWISS_DIRPTR_POS));
-    bpf_probe_read_user(&dir_len, sizeof(dir_len), (void *)(m + SWISS_DIRLEN_POS));
+    u64 mh[MAP_HEAD_LEN / 8] = {};   /* the map header, in one read */
+    bpf_probe_read_user(mh, MAP_HEAD_LEN, (void *)m);
+    u64 dir_ptr = mh[SWISS_DIRPTR_POS / 8];
+    s64 dir_len = mh[SWISS_DIRLEN_POS / 8];
     if (dir_ptr == 0)
         return;
     if (dir_len == 0) {          /* small map: dirPtr is the one group */
@@ -250,11 +255,10 @@ static __always_inline void scan_bucket(u64 b, struct server_call *c) {
 }
 
 static __always_inline void scan_headers(u64 m, struct server_call *c) {
-    u8 B = 0;
-    u64 buckets = 0, old = 0;
-    bpf_probe_read_user(&B, sizeof(B), (void *)(m + HMAP_B_POS));
-    bpf_probe_read_user(&buckets, sizeof(buckets), (void *)(m + HMAP_BUCKETS_POS));
-    bpf_probe_read_user(&old, sizeof(old), (void *)(m + HMAP_OLDBUCKETS_POS));
+    u64 mh[MAP_HEAD_LEN / 8] = {};   /* the map header, in one read */
+    bpf_probe_read_user(mh, MAP_HEAD_LEN, (void *)m);
+    u8 B = ((u8 *)mh)[HMAP_B_POS];
+    u64 buckets = mh[HMAP_BUCKETS_POS / 8], old = mh[HMAP_OLDBUCKETS_POS / 8];
     if (B > 3)
         B = 3;
     int nb = buckets ? 1 << B : 0;
@@ -340,7 +344,21 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     c->resp = GO_PARAM3(ctx);
 
     u64 hdr = 0;
+    struct go_iface rctx = {};
+#if REQ_ENTRY_LEN > 0 && REQ_ENTRY_LEN <= REQ_BLOCK_MAX && !defined(AB_FIELD_READS)
+    {   /* Request.Header and Request.ctx in one read */
+        struct req_block *rb = req_block.lookup(&z);
+        if (!rb)
+            return 0;
+        if (bpf_probe_read_user(rb->b, REQ_ENTRY_LEN, (void *)req) != 0)
+            __builtin_memset(rb->b, 0, REQ_BLOCK_MAX);
+        hdr = REQ_U64(rb, REQ_HEADER_POS);
+        rctx = *(struct go_iface *)(rb->b + REQ_CTX_POS);
+    }
+#else
     bpf_probe_read_user(&hdr, sizeof(hdr), (void *)(req + REQ_HEADER_POS));
+    bpf_probe_read_user(&rctx, sizeof(rctx), (void *)(req + REQ_CTX_POS));
+#endif
 #ifndef AB_NO_HEADERS
     if (hdr != 0)
         scan_headers(hdr, c);
@@ -352,8 +370,6 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
     }
     new_span_ids(&c->tc, keep);
-    struct go_iface rctx = {};
-    bpf_probe_read_user(&rctx, sizeof(rctx), (void *)(req + REQ_CTX_POS));
     c->ctx_data = rctx.data;
     inflight.update(&k, c);
 #ifdef AB_NO_CTX_SPANS

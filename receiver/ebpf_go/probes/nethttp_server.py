@@ -111,6 +111,7 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
     elif pat is not None:
         ends.append(pat.value + 8)
     flags.append(f"-DREQ_BLOCK_LEN={max(ends)}")
+    flags.append(f"-DREQ_ENTRY_LEN={max(values['REQ_HEADER_POS'] + 8, values['REQ_CTX_POS'] + 16)}")
     for const, value in zip(("H2_RWS_POS", "H2_STATUS_POS"), h2_status_offsets(binary), strict=True):
         flags.append(f"-D{const}={value}")
     layout = SWISS if swiss_maps(binary) else CLASSIC
