@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -82,14 +81,28 @@ def replace_pin_dir(cflags: list[str], pin_dir: str) -> list[str]:
     return [f'-DPIN_DIR="{pin_dir}"' if f.startswith("-DPIN_DIR=") else f for f in cflags]
 
 
-def compile_image(source: str, cflags: list[str], kernel_source: str | None) -> ProgramImage:
-    """In the child: compile with BCC and extract the image. Raises what BCC raises."""
+def remove_pin_dir(pin_dir: str) -> None:
+    """Unlink what BCC pinned (bpffs files one by one), then the directory."""
+    with contextlib.suppress(OSError):
+        for root, _dirs, files in os.walk(pin_dir, topdown=False):
+            for f in files:
+                os.unlink(os.path.join(root, f))
+            os.rmdir(root)
+
+
+def compile_image(source: str, cflags: list[str], kernel_source: str | None,
+                  pin_dir: str | None = None) -> ProgramImage:
+    """In the child: compile with BCC and extract the image. Raises what BCC raises. Pinned maps
+    go to `pin_dir` (an empty bpffs directory the parent removes afterwards, even if we crash),
+    else to a temporary directory of our own."""
     import bcc  # type: ignore[import-not-found]
 
     if kernel_source:
         os.environ["BCC_KERNEL_SOURCE"] = kernel_source
     lib = bcc.lib
-    pin_dir = tempfile.mkdtemp(prefix="otelgo-compile-", dir="/sys/fs/bpf")
+    own = pin_dir is None
+    if pin_dir is None:
+        pin_dir = tempfile.mkdtemp(prefix="otelgo-compile-", dir="/sys/fs/bpf")
     try:
         b = bcc.BPF(src_file=source.encode(), cflags=replace_pin_dir(cflags, pin_dir))
         mod = b.module
@@ -143,12 +156,8 @@ def compile_image(source: str, cflags: list[str], kernel_source: str | None) -> 
             b.cleanup()
         return ProgramImage(Path(source).name, license, functions, maps, relocations)
     finally:
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # bpffs files are unlinked one by one
-            for root, _dirs, files in os.walk(pin_dir, topdown=False):
-                for f in files:
-                    os.unlink(os.path.join(root, f))
-                os.rmdir(root)
+        if own:
+            remove_pin_dir(pin_dir)
 
 
 def main() -> int:
@@ -159,7 +168,7 @@ def main() -> int:
         return 3
     req = json.loads(sys.stdin.read())
     try:
-        img = compile_image(req["source"], list(req["cflags"]), req.get("kernel_source"))
+        img = compile_image(req["source"], list(req["cflags"]), req.get("kernel_source"), req.get("pin_dir"))
     except Exception as e:  # BCC raises plain Exception; clang's diagnostics went to stderr
         text = str(e).strip()
         print(json.dumps({"error": text.splitlines()[-1] if text else repr(e)}), flush=True)

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from typing import Any
 from collector.errors import KernelError, PrivilegeError
 
 from . import bpfsys
-from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage
+from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage, remove_pin_dir
 from .ringbuf import RingBuffer
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -318,6 +319,7 @@ class ImageStore:
 COMPILER_MODULE = "receiver.ebpf_go.bpfcompile"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]   # the directory holding `receiver`
 COMPILE_TIMEOUT_S = 300.0
+COMPILE_PIN_PARENT = "/sys/fs/bpf"
 
 
 def run_compiler(source: Path, cflags: list[str], kernel_source: str | None,
@@ -325,26 +327,36 @@ def run_compiler(source: Path, cflags: list[str], kernel_source: str | None,
     """Compile in a child process (bpfcompile.py). KernelError with the compiler's one line on
     failure, a crash of BCC included: the collector itself never runs BCC. The child is in
     `running` while it runs (so that a shutdown can kill it)."""
-    req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", *cflags], "kernel_source": kernel_source}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     try:
-        proc = subprocess.Popen([sys.executable, "-m", COMPILER_MODULE], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # The child pins into a directory we remove whatever happens to it (a crash included).
+        pin_dir = tempfile.mkdtemp(prefix="otelgo-compile-", dir=COMPILE_PIN_PARENT)
     except OSError as e:
-        raise KernelError(f"BPF compile of {source.name} failed: cannot run the compiler: {e}") from None
-    if running is not None:
-        running.add(proc)
+        raise KernelError(f"BPF compile of {source.name} failed: cannot make a pin directory in "
+                          f"{COMPILE_PIN_PARENT} (bpffs): {e}") from None
+    req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", *cflags], "kernel_source": kernel_source,
+           "pin_dir": pin_dir}
     try:
-        stdout, stderr = proc.communicate(json.dumps(req), timeout=COMPILE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise KernelError(f"BPF compile of {source.name} failed: no answer from the compiler in "
-                          f"{COMPILE_TIMEOUT_S:.0f}s") from None
-    finally:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", COMPILER_MODULE], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        except OSError as e:
+            raise KernelError(f"BPF compile of {source.name} failed: cannot run the compiler: {e}") from None
         if running is not None:
-            running.discard(proc)
+            running.add(proc)
+        try:
+            stdout, stderr = proc.communicate(json.dumps(req), timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise KernelError(f"BPF compile of {source.name} failed: no answer from the compiler in "
+                              f"{COMPILE_TIMEOUT_S:.0f}s") from None
+        finally:
+            if running is not None:
+                running.discard(proc)
+    finally:
+        remove_pin_dir(pin_dir)
     return _answer(source, proc.returncode, stdout, stderr)
 
 

@@ -151,12 +151,14 @@ def test_cache_key_changes_with_inputs(tmp_path: Path) -> None:
 
 def test_compiler_crash_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(loader, "COMPILER_MODULE", "tests.unit.ebpf_go.segv_compiler")
+    monkeypatch.setattr(loader, "COMPILE_PIN_PARENT", str(tmp_path))
     src = tmp_path / "x.c"
     src.write_text("")
     with pytest.raises(KernelError) as e:
         loader.run_compiler(src, [], None)
     msg = str(e.value)
     assert msg == "BPF compile of x.c failed: the BCC compiler crashed (SIGSEGV): LLVM ERROR: something went very wrong"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.c"]  # its pin directory removed
 
 
 def test_check_bcc_does_not_import_it() -> None:
