@@ -214,8 +214,9 @@ class EbpfGoReceiver(Receiver):
             self.log.warning("propagation off: %s", e)
             self.propagation = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
         self.common.skmsg = self.propagation.mode == "sk_msg"
-        if self.propagation.mode in ("sk_msg", "stitch"):
-            # In sk_msg mode the stitcher is the fallback for requests sk_msg left unchanged
+        self.common.probe_write = self.propagation.mode == "probe_write"
+        if self.propagation.mode in ("sk_msg", "probe_write", "stitch"):
+            # In sk_msg and probe_write modes the stitcher is the fallback for requests left unchanged
             # (TLS, h2, large headers, ...): injected client spans never wait in it.
             self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
                                      count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
@@ -377,7 +378,8 @@ class EbpfGoReceiver(Receiver):
         for pp in tb.programs:
             try:
                 probe = pp.probe
-                loader.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid))  # noqa: B023
+                loader.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid,  # noqa: B023
+                                                                            self.common))
                 n += len(pp.program.links.get(p.pid, []))
             except Exception as e:  # KernelError or the module's ProbeUnavailable: this probe is off here
                 loader.detach_pid(pp.program, p.pid)
@@ -501,7 +503,16 @@ class EbpfGoReceiver(Receiver):
                 self.telemetry.warn_once_per(f"decode-{pp.probe.name}", 60, "%s: cannot decode records",
                                              pp.probe.name)
                 continue
+            self._count_writer_outcomes(getattr(pp.state, "outcomes", None))
             self._push(spans, pp.probe.scope, getattr(pp.state, "injected", ()))
+
+    def _count_writer_outcomes(self, outcomes: dict[str, int] | None) -> None:
+        """probe_write mode: the writer's outcome is in each client record (there is no sk_msg array)."""
+        for name, n in (outcomes or {}).items():
+            if name == "injected":
+                self.m_tp_injected.inc(n)
+            else:
+                self.m_tp_skipped.labels(reason=name).inc(n)
 
     def _push(self, spans: list[tuple[int, Span]], scope_name: str, settled: Collection[bytes] = ()) -> None:
         by_pid: dict[int, list[Span]] = {}

@@ -386,3 +386,59 @@ def test_writer_dry_run_decides_on_a_real_go_client(pw_pin: str) -> None:
         if b is not None:
             release_bpf(b)
         raw.close()
+
+
+def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The receiver's probe_write wiring, as far as this kernel lets it run: with the kernel check
+    answered "allowed" and the writer built as a dry run (PW_VERIFY_ONLY), the receiver picks
+    probe_write, compiles the client probe with the writer, hooks writeSubset, counts the writer's
+    outcomes per request in the propagation metrics, and keeps the stitcher as the fallback."""
+    from collector.component import ComponentID
+    from collector.telemetry import ComponentTelemetry, SelfMetrics
+    from receiver.ebpf_go import propagation
+    from receiver.ebpf_go.propagation import probe_write
+    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from tests.e2e.test_ebpf_http_server import Collect, wait_for
+
+    allowed = probe_write.Capability(True, "allowed (test)")
+    real_choose, real_cflags = propagation.choose, nc.cflags
+    monkeypatch.setattr(propagation, "choose",
+                        lambda *a, **kw: real_choose(*a, **{**kw, "probe_write_check": lambda: allowed}))
+    monkeypatch.setattr(nc, "cflags", lambda *a, **kw: [*real_cflags(*a, **kw)]
+                        + (["-DPW_VERIFY_ONLY"] if kw.get("probe_write") else []))
+    path = str(build_go_fixture("httpchain", "1.26"))
+    raw = RawHTTP()
+    port = free_port()
+    proc = subprocess.Popen([path, "-name", "A", "-listen", f"127.0.0.1:{port}", "-next",
+                             f"http://127.0.0.1:{raw.port}/chain"], stderr=subprocess.DEVNULL)
+    metrics = SelfMetrics()
+    sink = Collect()
+    cfg = EbpfGoConfig.model_validate({"discovery_interval": "100ms", "targets": [{"pid": proc.pid}],
+                                       "propagation": "probe_write", "bpf_cache_dir": str(tmp_path)})
+    r = factory.create(ComponentID("ebpf_go"), cfg, ComponentTelemetry("receiver", "ebpf_go", metrics), sink)
+    try:
+        wait_for_port(port, proc=proc)
+        r.start(None)
+        assert r.enabled and r.propagation is not None and r.propagation.mode == "probe_write"
+        assert r.common.probe_write and not r.common.skmsg and r.stitcher is not None
+        wait_for(lambda: proc.pid in r.processes, 30, "pid traced")
+        tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        for query, headers in (("", {}), ("", {}), ("", {}), ("?fwd_tp=1", {"traceparent": tp})):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/chain{query}", headers=headers)
+            urllib.request.urlopen(req, timeout=10).read()
+
+        def client_spans() -> int:
+            return sum(1 for b in sink.batches for _rs, ss, _s in b.iter_spans() if ss.scope.name.endswith("client"))
+        wait_for(lambda: client_spans() >= 4, 15, "4 client spans")
+
+        def value(name: str, **labels: str) -> float:
+            return metrics.registry.get_sample_value(name, labels) or 0.0
+        assert value("otelgo_ebpf_propagation_injected_total") == 3
+        assert value("otelgo_ebpf_propagation_skipped_total", reason="existing_traceparent") == 1
+        assert [q.lower().count(b"traceparent") for q in raw.requests] == [0, 0, 0, 1]  # a dry run writes nothing
+    finally:
+        r.shutdown()
+        proc.kill()
+        proc.wait()
+        raw.close()

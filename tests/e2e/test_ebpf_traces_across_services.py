@@ -215,9 +215,12 @@ def test_mode_chosen_and_reported(traced: Traced) -> None:
     assert f"propagation mode {mode} (requested {traced.mode})" in log
     fallback = f"propagation: probe_write unavailable, {REFUSED}: falling back to sk_msg"
     assert log.count(fallback) == (1 if traced.mode == "probe_write" else 0), log[-3000:]
-    if traced.mode in ("auto", "probe_write"):  # the test load's refusal is in the mode line
-        assert f"propagation mode sk_msg (requested {traced.mode}): sock_ops on " in log
+    if traced.mode == "probe_write":  # the test load's refusal is in the mode line
+        assert "propagation mode sk_msg (requested probe_write): sock_ops on " in log
         assert f"[probe_write: {REFUSED}]" in log
+    if traced.mode == "auto":  # sk_msg comes first in auto: probe_write is not even test-loaded
+        assert "propagation mode sk_msg (requested auto): sock_ops on " in log
+        assert "[probe_write:" not in log
 
 
 def test_each_request_gives_one_trace_of_five_spans(traced: Traced) -> None:

@@ -29,7 +29,8 @@ class Common:
     pin_dir: str
     max_inflight: int
     ringbuf_pages: int
-    skmsg: bool = False
+    skmsg: bool = False           # propagation sk_msg: the client probe hands traceparents to sk_msg
+    probe_write: bool = False     # propagation probe_write: the client probe writes them itself
     include_db_statement: bool = False
     sanitize_db_statement: bool = True
     db_statement_max_length: int = 1024
@@ -83,7 +84,7 @@ class Probe:
     def cflags(self, gb: GoBinary, common: Common) -> list[str]:
         raise NotImplementedError
 
-    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int, common: Common) -> Any:
         raise NotImplementedError
 
     def collector(self) -> RawCollector:
@@ -115,7 +116,7 @@ class NetHttpServer(Probe):
         return nethttp_server.cflags(gb, pin_dir=common.pin_dir, max_inflight=common.max_inflight,
                                      ringbuf_pages=common.ringbuf_pages)
 
-    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int, common: Common) -> Any:
         from . import nethttp_server
         return nethttp_server.attach(bpf, gb, path, pid)
 
@@ -143,12 +144,12 @@ class NetHttpClient(Probe):
 
     def cflags(self, gb: GoBinary, common: Common) -> list[str]:
         from . import nethttp_client
-        return nethttp_client.cflags(gb, skmsg=common.skmsg, pin_dir=common.pin_dir,
+        return nethttp_client.cflags(gb, skmsg=common.skmsg, probe_write=common.probe_write, pin_dir=common.pin_dir,
                                      max_inflight=common.max_inflight, ringbuf_pages=common.ringbuf_pages)
 
-    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int, common: Common) -> Any:
         from . import nethttp_client
-        return nethttp_client.attach(bpf, gb, path, pid)
+        return nethttp_client.attach(bpf, gb, path, pid, probe_write=common.probe_write)
 
     def binary_state(self, gb: GoBinary, common: Common) -> Any:
         from . import nethttp_client
@@ -160,22 +161,28 @@ class NetHttpClient(Probe):
         out = []
         injected = state.injected
         injected.clear()
+        outcomes = state.outcomes
+        outcomes.clear()
         errs = state.error_types
         for raw in records:
             ev = nethttp_client.decode(raw)
             if ev.propagation == "injected":
                 injected.add(ev.span_id)
+            if common.probe_write:
+                outcomes[ev.propagation] = outcomes.get(ev.propagation, 0) + 1
             out.append((ev.tgid, nethttp_client.to_span(ev, mono_to_unix, errs.get(ev.err_itab, ""))))
         return out
 
 
 @dataclass
 class ClientState:
-    """Per binary: `error.type` names by itab; span ids whose `traceparent` sk_msg inserted, for
-    the last `spans()` call only (the receiver lets those pass the stitcher without waiting)."""
+    """Per binary: `error.type` names by itab; for the last `spans()` call only: span ids whose
+    `traceparent` was inserted (the receiver lets those pass the stitcher without waiting) and, in
+    probe_write mode, the writer's outcomes by name (sk_msg counts its own in a BPF array)."""
 
     error_types: dict[int, str]
     injected: set[bytes] = field(default_factory=set)
+    outcomes: dict[str, int] = field(default_factory=dict)
 
 
 class DatabaseSql(Probe):
@@ -200,7 +207,7 @@ class DatabaseSql(Probe):
         return database_sql.cflags(gb, self._options(common), pin_dir=common.pin_dir,
                                    max_inflight=common.max_inflight, ringbuf_pages=common.ringbuf_pages)
 
-    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int) -> Any:
+    def attach(self, bpf: Any, gb: GoBinary, path: str, pid: int, common: Common) -> Any:
         from . import database_sql
         return database_sql.attach(bpf, gb, path, pid)
 

@@ -7,7 +7,10 @@ Modes (config `propagation:`):
   sk_msg       insert the header into the HTTP/1.x request bytes at the socket (skmsg.py);
   stitch       join client and server spans of processes on this host in user space (stitch.py);
   off          nothing crosses process boundaries;
-  auto         the first of probe_write, sk_msg, stitch that works here.
+  auto         the first of sk_msg, probe_write, stitch that works here. sk_msg comes first because
+               it never writes into the traced process's memory (the request is changed in the
+               kernel's copy of the bytes, after Go wrote them); probe_write is the choice of hosts
+               without cgroup v2 / sock_ops where the kernel allows the helper.
 The choice is logged once and exported as the gauge `otelgo_ebpf_propagation_mode{mode}` (1 for
 the mode in use, 0 for the others).
 """
@@ -45,8 +48,8 @@ def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], met
            make_skmsg: Callable[[str], Any] = SkMsgPropagation) -> PropagationChoice:
     """Pick and start the propagation mode. `requested` is one of MODES.
 
-    auto: probe_write if this kernel loads a program calling bpf_probe_write_user, else sk_msg if
-    sock_ops + sk_msg attach, else stitch (which needs nothing from the kernel). An explicit mode
+    auto: sk_msg if sock_ops + sk_msg attach, else probe_write if this kernel loads a program
+    calling bpf_probe_write_user, else stitch (which needs nothing from the kernel). An explicit mode
     that cannot work here falls back the same way (probe_write -> sk_msg -> stitch; sk_msg ->
     stitch) with one warning line naming the reason and the mode used instead.
     In probe_write mode the client probe must be compiled with the writer
@@ -58,13 +61,17 @@ def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], met
     choice: PropagationChoice | None = None
     if requested == "off":
         choice = PropagationChoice("off", "configured")
-    if choice is None and requested in ("auto", "probe_write"):
+    def try_probe_write() -> PropagationChoice | None:
+        nonlocal refused
         cap = probe_write_check()
         if cap.supported:
-            choice = PropagationChoice("probe_write", cap.reason)
-        else:
-            refused = cap.reason
-            tried.append(f"probe_write: {cap.reason}")
+            return PropagationChoice("probe_write", cap.reason)
+        refused = cap.reason
+        tried.append(f"probe_write: {cap.reason}")
+        return None
+
+    if choice is None and requested == "probe_write":
+        choice = try_probe_write()
     if choice is None and requested in ("auto", "probe_write", "sk_msg"):
         sk = make_skmsg(pin_dir)
         try:
@@ -72,6 +79,8 @@ def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], met
             choice = PropagationChoice("sk_msg", f"sock_ops on {sk.cgroup} and sk_msg attached", sk)
         except PropagationError as e:
             tried.append(f"sk_msg: {e}")
+    if choice is None and requested == "auto":
+        choice = try_probe_write()
     if choice is None:
         why = "configured" if requested == "stitch" else "fallback"
         choice = PropagationChoice("stitch", why)

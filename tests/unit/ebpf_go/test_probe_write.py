@@ -131,21 +131,40 @@ def run_choose(requested: str, cap: probe_write.Capability, skmsg_ok: bool,
     return c.mode, m.g.values, [(r.levelno, r.getMessage()) for r in caplog.records], sk
 
 
-@pytest.mark.parametrize("requested", ["auto", "probe_write"])
-def test_probe_write_chosen_where_the_kernel_allows_it(requested: str, caplog: pytest.LogCaptureFixture) -> None:
-    mode, gauge, logs, sk = run_choose(requested, ALLOWED, True, caplog)
+def test_explicit_probe_write_chosen_where_the_kernel_allows_it(caplog: pytest.LogCaptureFixture) -> None:
+    mode, gauge, logs, sk = run_choose("probe_write", ALLOWED, True, caplog)
     assert mode == "probe_write" and not sk.started          # sk_msg not even started
     assert gauge == {"probe_write": 1, "sk_msg": 0, "stitch": 0, "off": 0}
-    assert logs == [(logging.INFO, f"propagation mode probe_write (requested {requested}): a test program "
+    assert logs == [(logging.INFO, "propagation mode probe_write (requested probe_write): a test program "
                                    "calling bpf_probe_write_user loaded")]
 
 
-def test_auto_on_a_locked_down_kernel_is_sk_msg_without_warning(caplog: pytest.LogCaptureFixture) -> None:
-    mode, gauge, logs, sk = run_choose("auto", REFUSED, True, caplog)
-    assert mode == "sk_msg" and sk.started
-    assert gauge == {"probe_write": 0, "sk_msg": 1, "stitch": 0, "off": 0}
-    assert logs == [(logging.INFO, "propagation mode sk_msg (requested auto): sock_ops on /sys/fs/cgroup and "
-                                   f"sk_msg attached [probe_write: {REFUSED.reason}]")]
+def test_auto_prefers_sk_msg_and_never_test_loads_when_it_attaches(caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> probe_write.Capability:
+        raise AssertionError("auto test-loaded probe_write although sk_msg attached")
+    m, sk = Metrics(), FakeSkMsg(True)
+    with caplog.at_level(logging.INFO, logger="test.propagation"):
+        c = choose("auto", logging.getLogger("test.propagation"), m, probe_write_check=boom, make_skmsg=sk)
+    assert c.mode == "sk_msg" and sk.started
+    assert m.g.values == {"probe_write": 0, "sk_msg": 1, "stitch": 0, "off": 0}
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "propagation mode sk_msg (requested auto): sock_ops on /sys/fs/cgroup and sk_msg attached")]
+
+
+def test_auto_without_sk_msg_is_probe_write_where_allowed(caplog: pytest.LogCaptureFixture) -> None:
+    mode, gauge, logs, sk = run_choose("auto", ALLOWED, False, caplog)
+    assert mode == "probe_write" and not sk.started
+    assert gauge == {"probe_write": 1, "sk_msg": 0, "stitch": 0, "off": 0}
+    assert logs == [(logging.INFO, "propagation mode probe_write (requested auto): a test program calling "
+                                   "bpf_probe_write_user loaded [sk_msg: no cgroup v2 hierarchy mounted "
+                                   "(sock_ops needs one)]")]
+
+
+def test_auto_without_sk_msg_on_a_locked_down_kernel_is_stitch(caplog: pytest.LogCaptureFixture) -> None:
+    mode, gauge, logs, _ = run_choose("auto", REFUSED, False, caplog)
+    assert mode == "stitch" and gauge == {"probe_write": 0, "sk_msg": 0, "stitch": 1, "off": 0}
+    assert logs == [(logging.INFO, "propagation mode stitch (requested auto): fallback [sk_msg: no cgroup v2 "
+                                   "hierarchy mounted (sock_ops needs one); probe_write: " + REFUSED.reason + "]")]
 
 
 def test_explicit_probe_write_refused_falls_back_in_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
