@@ -1,27 +1,42 @@
 """Spans/s from ring-buffer records to the OTLP exporter, on one core, at controlled event rates.
 
     .venv/bin/python benchmarks/pipeline_ebpf_otlp.py [--rates 20000,50000,100000,200000] [--seconds 4]   (root)
+        [--reader bcc|mmap]
+    .venv/bin/python benchmarks/pipeline_ebpf_otlp.py --stages [--spans 100000]   (no root, no BPF)
 
 Producer (CPU 0): a C loop calls a function starting with `push` (an emulated uprobe hit) at a set
 rate; a BPF program on it fills a ring buffer with `struct http_server_event` records (688 bytes,
 the net/http server probe's layout, GET /hello), counting records it could not reserve in `lost`
 (as bpf/nethttp_server.c does: `otelgo_ebpf_events_lost_total`).
-Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the ring-buffer
-callback (`StructCollector`, one precompiled Struct), drained every 20 ms, `nethttp_server.to_spans`,
-one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter.
+Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the ring buffer read
+(`--reader bcc`: BCC's ctypes callback per record, one precompiled Struct; `--reader mmap`: the
+receiver's mmap reader, receiver/ebpf_go/ringbuf.py, one `read_unpacked` per drain), drained every
+20 ms, `nethttp_server.to_spans`, one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch`
+processor, the `otlp` exporter.
 Sink (CPU 0): a Python OTLP/gRPC server in a child process that counts spans.
-Reports per rate: produced, exported, lost, spans/s exported, pipeline CPU µs/span.
+Reports per rate: produced, exported, lost, spans/s exported, pipeline CPU µs/span, the time the
+pipeline process spent in the garbage collector (collections per generation and their mean pause),
+and the CPU per thread.
+Experiments (not what the collector does today): `--drain-period` drains every 20 ms counted from
+the start of the previous drain (the receiver waits 20 ms after each drain); `--gc-freeze` calls
+gc.freeze() once set up; `--gc-threshold N` sets the generation-0 threshold.
+
+`--stages`: the same path, stage by stage, in one thread on CPU 1 (no BPF, no gRPC): records packed
+as the BPF program writes them, then decode, `to_spans`, grouping, batch merge, OTLP encoding, each
+timed alone (µs/span, best of 3, garbage collector on as in the collector).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +130,139 @@ def sink_main(port_q: Any, count: Any) -> None:
     server.wait_for_termination()
 
 
+class GCTimer:
+    """Wall time spent in the cyclic garbage collector (gc.callbacks), any thread."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.per_gen = [[0, 0.0], [0, 0.0], [0, 0.0]]  # [collections, seconds] per generation
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            dt = time.perf_counter() - self._t0
+            self.total += dt
+            g = self.per_gen[info["generation"]]
+            g[0] += 1
+            g[1] += dt
+
+    def summary(self) -> str:
+        return ", ".join(f"gen{i} {n} x {t / max(n, 1) * 1e3:.2f} ms" for i, (n, t) in enumerate(self.per_gen))
+
+
+def bcc_struct_reader(bpf: Any, layout: Any) -> Any:
+    """BCC's ring-buffer callback, one ctypes call per record decoded with `layout`; returns take()."""
+    import ctypes as ct
+    records: list[Any] = []
+    unpack, size = layout.unpack_from, layout.size
+    buf_t = ct.c_char * size
+
+    def on_record(_ctx: Any, data: int, n: int) -> int:
+        if n >= size:
+            records.append(unpack(buf_t.from_address(data)))
+        return 0
+
+    bpf["events"].open_ring_buffer(on_record)
+
+    def take() -> list[Any]:
+        bpf.ring_buffer_consume()
+        out = records[:]
+        records.clear()
+        return out
+    return take
+
+
+def mmap_struct_reader(bpf: Any, layout: Any, pages: int) -> Any:
+    """The receiver's mmap reader over the same map: one read_unpacked per drain; returns take()."""
+    from receiver.ebpf_go.ringbuf import RingBuffer
+    ring = RingBuffer(bpf["events"].map_fd, pages * 4096)
+
+    def take() -> list[Any]:
+        return ring.read_unpacked(layout)[0]
+    return take
+
+
+def stages(n: int) -> int:
+    """Per-stage µs/span, one thread on CPU 1, no BPF: see the module docstring."""
+    import random
+
+    from collector.otlp_encode import OTLPEncoder
+    from receiver.ebpf_go.probes import nethttp_server
+    os.sched_setaffinity(0, {1})
+    ev = nethttp_server.EVENT
+    rng = random.Random(1)
+    buf = b"".join(ev.pack(1, 4242, 10**9 + i, 10**9 + i + 20000, 1, rng.randbytes(12) + b"\1\0\0\0",
+                           rng.randbytes(4) + b"\2\0\0\0", b"\0" * 8, 1, 0, 200, 3, 6, 15, 14, 10, 3, 1, 1, 0,
+                           b"GET", b"/hello", b"127.0.0.1:50000", b"127.0.0.1:8080", b"GET /hello", b"wrk")
+                   for i in range(n))
+    drain = 2000  # records per 20 ms drain at 100k/s
+    scope = Scope("otelgo-collector/net/http", "bench")
+    res = Resource({"service.name": "prod", "process.pid": 4242, "process.runtime.name": "go"})
+    encoder = OTLPEncoder()
+
+    size = ev.size
+    labels = ("decode (unpack_from per record)", "nethttp_server.to_spans", "group per pid (_push)",
+              "batch merge", "OTLP encode")
+    best = [float("inf")] * len(labels)
+    nbytes = 0
+    for _ in range(3):  # steady state as in the pipeline: 2000 records per drain, 8192+ spans per send
+        spent = [0.0] * len(labels)
+        pending: list[SpanBatch] = []
+        held = 0
+        nbytes = 0
+        for k in range(0, len(buf), drain * size):
+            t0 = time.perf_counter()
+            recs = [ev.unpack_from(buf, o) for o in range(k, min(k + drain * size, len(buf)), size)]
+            t1 = time.perf_counter()
+            spans = nethttp_server.to_spans(recs, 0)
+            t2 = time.perf_counter()
+            by_pid: dict[int, list[Span]] = {}
+            for pid, span in spans:
+                by_pid.setdefault(pid, []).append(span)
+            pending.append(SpanBatch([ResourceSpans(res, [ScopeSpans(scope, lst)]) for lst in by_pid.values()]))
+            held += len(spans)
+            t3 = time.perf_counter()
+            for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                spent[i] += dt
+            if held >= 8192 or k + drain * size >= len(buf):
+                t0 = time.perf_counter()
+                merged = SpanBatch.merge(pending)
+                t1 = time.perf_counter()
+                nbytes += len(encoder.encode(merged))
+                t2 = time.perf_counter()
+                spent[3] += t1 - t0
+                spent[4] += t2 - t1
+                pending, held = [], 0
+            del recs, spans, by_pid
+        best = [min(x, y) for x, y in zip(best, spent, strict=True)]
+    print("| stage | µs/span |\n|---|---|")
+    for label, t in zip(labels, best, strict=True):
+        print(f"| {label} | {t / n * 1e6:.2f} |")
+    print(f"| **total** | **{sum(best) / n * 1e6:.2f}** |")
+    print(f"\n{nbytes / n:.0f} bytes/span encoded")
+    return 0
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread of this process, by Python thread name (native threads: their comm)."""
+    names = {t.native_id: t.name.split("-sender-")[0] + "-sender" if "-sender-" in t.name else t.name
+             for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        f = stat.rsplit(")", 1)[1].split()
+        name = names.get(int(task.name), comm)
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
+
+
 def cpu_self() -> float:
     t = os.times()
     return t.user + t.system
@@ -127,14 +275,23 @@ def main() -> int:
     ap.add_argument("--ringbuf-pages", type=int, default=1024)   # 4 MiB: the receiver's default
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", help="write a cProfile of the pipeline thread at the highest rate here")
+    ap.add_argument("--reader", choices=("mmap", "bcc"), default="mmap")
+    ap.add_argument("--stages", action="store_true", help="per-stage split in one thread, no BPF")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once set up (start-up objects never walked)")
+    ap.add_argument("--gc-threshold", type=int, default=0, help="gc.set_threshold(N) (generation 0), 0: default")
+    ap.add_argument("--drain-period", action="store_true",
+                    help="drain every 20 ms from the start of the previous drain (not 20 ms after its end)")
+    ap.add_argument("--spans", type=int, default=100_000, help="records for --stages")
     args = ap.parse_args()
+    if args.stages:
+        return stages(args.spans)
     from bcc import BPF  # type: ignore[import-not-found]
 
     from exporters.otlp import OTLPConfig
     from exporters.otlp import factory as otlp_factory
     from processors.batch import Config as BatchConfig
     from processors.batch import factory as batch_factory
-    from receiver.ebpf_go.probes import StructCollector, nethttp_server
+    from receiver.ebpf_go.probes import nethttp_server
 
     os.sched_setaffinity(0, {1})
     count = mp.Value("q", 0)
@@ -152,8 +309,8 @@ def main() -> int:
     assert prod.stdin and prod.stdout
     b = BPF(text=BPF_TEXT.encode(), cflags=[f"-DRINGBUF_PAGES={args.ringbuf_pages}"])
     b.attach_uprobe(name=str(exe).encode(), sym=b"produce", fn_name=b"on_produce", pid=prod.pid)
-    col = StructCollector(nethttp_server.EVENT)
-    b["events"].open_ring_buffer(col.callback())
+    take = bcc_struct_reader(b, nethttp_server.EVENT) if args.reader == "bcc" else \
+        mmap_struct_reader(b, nethttp_server.EVENT, args.ringbuf_pages)
 
     sm = SelfMetrics()
     exp: Any = otlp_factory.create(ComponentID("otlp"), OTLPConfig.model_validate(
@@ -167,8 +324,7 @@ def main() -> int:
     res = Resource({"service.name": "prod", "process.pid": prod.pid, "process.runtime.name": "go"})
 
     def drain() -> int:
-        b.ring_buffer_consume()
-        recs = col.take()
+        recs = take()
         if not recs:
             return 0
         spans = nethttp_server.to_spans(recs, 0)
@@ -178,6 +334,11 @@ def main() -> int:
         batch.consume(SpanBatch([ResourceSpans(res, [ScopeSpans(scope, lst)]) for lst in by_pid.values()]))
         return len(spans)
 
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     rows = []
     lost_seen = 0
     rates = [int(r) for r in args.rates.split(",")]
@@ -188,6 +349,9 @@ def main() -> int:
             profiler = cProfile.Profile()
             profiler.enable()
         count.value = 0
+        gc_timer = GCTimer()
+        gc.callbacks.append(gc_timer)
+        threads0 = thread_cpu()
         c0, t0 = cpu_self(), time.monotonic()
         prod.stdin.write(f"{rate} {args.seconds}\n")
         prod.stdin.flush()
@@ -195,12 +359,13 @@ def main() -> int:
         os.set_blocking(prod.stdout.fileno(), False)
         line = ""
         while True:
+            started = time.monotonic()
             decoded += drain()
             part = prod.stdout.readline()
             line += part or ""
             if line.endswith("\n"):
                 break
-            time.sleep(0.02)
+            time.sleep(max(0.0, started + 0.02 - time.monotonic()) if args.drain_period else 0.02)
         os.set_blocking(prod.stdout.fileno(), True)
         produced = int(line)
         decoded += drain()
@@ -212,13 +377,18 @@ def main() -> int:
             time.sleep(0.01)
         elapsed = time.monotonic() - t0
         cpu = cpu_self() - c0
+        gc.callbacks.remove(gc_timer)
+        threads = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
         exported = count.value
         rows.append({"rate": rate, "produced": produced, "lost": lost, "exported": exported,
                      "spans_per_s": exported / elapsed, "cpu_us_per_span": cpu / max(exported, 1) * 1e6,
-                     "cpu_share": cpu / elapsed})
+                     "cpu_share": cpu / elapsed, "gc_us_per_span": gc_timer.total / max(exported, 1) * 1e6,
+                     "gc": gc_timer.summary(), "heap_objects": len(gc.get_objects()),
+                     "threads_us_per_span": {k: round(v / max(exported, 1) * 1e6, 2)
+                                             for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v}})
     batch.shutdown()
     exp.shutdown()
     prod.stdin.close()
@@ -228,12 +398,15 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
+    for r in rows:
+        print(f"{r['rate']:,}/s: GC {r['gc']}; {r['heap_objects']:,} objects tracked at the end")
+        print("    CPU µs/span by thread: " + ", ".join(f"{k} {v}" for k, v in r["threads_us_per_span"].items()))
     print("| offered spans/s | produced | lost (ring buffer full) | exported | exported spans/s | "
-          "pipeline CPU µs/span | pipeline core busy |")
-    print("|---|---|---|---|---|---|---|")
+          "pipeline CPU µs/span | pipeline core busy | of which GC µs/span |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rate']:,} | {r['produced']:,} | {r['lost']:,} | {r['exported']:,} | {r['spans_per_s']:,.0f} | "
-              f"{r['cpu_us_per_span']:.1f} | {r['cpu_share'] * 100:.0f}% |")
+              f"{r['cpu_us_per_span']:.1f} | {r['cpu_share'] * 100:.0f}% | {r['gc_us_per_span']:.1f} |")
     return 0
 
 
