@@ -196,7 +196,20 @@ class ClientEvent:
     write_seen: bool
 
 
+_IP_MEMO: dict[tuple[bytes, int], str] = {}  # (raw, length) -> text: few distinct local/peer addresses
+
+
 def _ip(raw: bytes, n: int) -> str:
+    key = (raw, n)
+    text = _IP_MEMO.get(key)
+    if text is None:
+        if len(_IP_MEMO) > 4096:
+            _IP_MEMO.clear()
+        text = _IP_MEMO[key] = _ip_text(raw, n)
+    return text
+
+
+def _ip_text(raw: bytes, n: int) -> str:
     if n == 4:
         return str(ipaddress.IPv4Address(raw[:4]))
     if n == 16:
