@@ -74,3 +74,22 @@ def test_is_emulated() -> None:
         assert disasm.is_emulated(bytes.fromhex(hx)), hx
     for hx in ("c3", "ffd6", "483b6610", "90", "e300", "4889c3"):
         assert not disasm.is_emulated(bytes.fromhex(hx)), hx
+
+
+def test_server_end_plan_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The net/http server probe's choice per binary: emulated end points where found, else every RET
+    (logged reason); "emulated" forced on a binary without them is refused."""
+    from receiver.ebpf_go.gobinary import ReturnPoint
+    from receiver.ebpf_go.probes import nethttp_server as ns
+    b = GoBinary.open(fixture_binary("1.27", "stripped-pie"))
+    plan = ns.end_plan(b)
+    assert plan.mode == "emulated"
+    assert [f for _, f in plan.points] == ["uprobe_server_end_h1", "uprobe_server_end_h2"]
+    assert ns.end_plan(b, "ret").points == [(a, "uprobe_server_ServeHTTP_return") for a in b.return_sites(ns.SYMBOL)]
+    monkeypatch.setattr(GoBinary, "point_after_call",
+                        lambda self, caller, callee: ReturnPoint(0, caller, "none", "test: no point"))
+    plan = ns.end_plan(b)
+    assert plan.mode == "ret" and "test: no point" in plan.reason
+    with pytest.raises(ns.ProbeUnavailable):
+        ns.end_plan(b, "emulated")
+    assert ns.end_report(b)["mode"] == "ret"
