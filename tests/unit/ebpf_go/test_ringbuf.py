@@ -11,8 +11,11 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import shutil
 import struct
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +124,53 @@ def test_limit_keeps_the_rest(fake: FakeRing) -> None:
     assert len(rb.read(limit=2)) == 2
     assert rb.read() == [bytes([i]) * 16 for i in range(2, 5)]
     rb.close()
+
+
+WATCHER_C = r"""
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/mman.h>
+/* Reads consumer_pos (u64 at offset 0) with 8-byte loads until the u32 at offset 64 is set:
+   prints how many reads saw it go backwards (a partly written or zeroed store), and how many reads. */
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    volatile uint64_t *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+    volatile uint32_t *stop = (volatile uint32_t *)((char *)p + 64);
+    uint64_t last = 0; long back = 0, reads = 0;
+    printf("ready\n"); fflush(stdout);
+    while (!*stop) { uint64_t x = *p; reads++; if (x < last) back++; last = x; }
+    printf("%ld %ld\n", back, reads);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or (os.cpu_count() or 1) < 2, reason="needs cc and 2 CPUs")
+def test_consumer_pos_store_is_never_seen_partial(fake: FakeRing, tmp_path: Path) -> None:
+    """The kernel reads consumer_pos while we write it: a store that passes through 0 (struct.pack_into
+    zero-fills the field first) makes bpf_ringbuf_reserve fail on an almost empty ring. A C reader on
+    another CPU must never see it go backwards over 100 000 commits."""
+    src = tmp_path / "watch.c"
+    src.write_text(WATCHER_C)
+    exe = tmp_path / "watch"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(src)], check=True)
+    rb = RingBuffer(fake.fd, fake.size)
+    w = subprocess.Popen([str(exe), f"/proc/self/fd/{fake.fd}"], stdout=subprocess.PIPE, text=True,
+                         pass_fds=(fake.fd,))
+    assert w.stdout is not None
+    assert w.stdout.readline() == "ready\n"
+    pos = 0x02D7FFA8  # crosses byte boundaries as it grows
+    for _ in range(100_000):
+        pos += 696
+        rb._commit(pos)
+    struct.pack_into("<I", fake.mm, 64, 1)
+    back, reads = map(int, w.stdout.readline().split())
+    w.wait()
+    rb.close()
+    assert fake.cons() == pos
+    assert reads > 0
+    assert back == 0
 
 
 # ---------------------------------------------------------------- a real ring buffer
