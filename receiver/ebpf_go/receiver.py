@@ -451,18 +451,39 @@ class EbpfGoReceiver(Receiver):
     # -------------------------------------------------------- events
 
     def _reader_loop(self) -> None:
+        """Drain every ring buffer once per `period` counted from the start of the previous drain (one
+        that took longer is followed by the next at once), so a drain finds rate x period records,
+        however long the pipeline took. After a drain that found nothing, sleep on the ring
+        buffers' epoll instead, up to `idle_wait`: the BPF programs submit every 32nd record per CPU
+        with BPF_RB_FORCE_WAKEUP, so a burst wakes us after a few records, and an idle collector
+        wakes 10 times a second."""
+        from .ringbuf import wait_any
+        period, idle_wait = 0.02, 0.1
         next_counts = 0.0
+        woke = False   # the last idle wait ended on data; if the drain then found none (a record still
+        # being written: poll is level-triggered), wait one period rather than spin
         while not self._stop.is_set():
+            started = time.monotonic()
+            n = 0
             with self._lock:
                 for tb in list(self.binaries.values()):
-                    self._drain(tb)
+                    n += self._drain(tb)
+                rings = [] if n else [pp.collector.ring for tb in self.binaries.values() for pp in tb.programs
+                                      if pp.collector.ring is not None]
             if self.stitcher is not None:
                 self._consume(self.stitcher.flush())
             now = time.monotonic()
             if now >= next_counts:
                 next_counts = now + COUNTS_INTERVAL_S
                 self._read_skmsg_counts()
-            self._stop.wait(0.02)
+            if n == 0 and not woke:
+                try:
+                    woke = wait_any(rings, idle_wait)  # a ring closed meanwhile just leaves this epoll
+                except OSError:  # e.g. an fd closed between the lock and the register: sleep instead
+                    self._stop.wait(idle_wait)
+            else:
+                woke = False
+                self._stop.wait(max(0.0, started + period - time.monotonic()))
 
     def _read_skmsg_counts(self) -> None:
         """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
@@ -484,10 +505,13 @@ class EbpfGoReceiver(Receiver):
             else:
                 self.m_tp_skipped.labels(reason=name).inc(delta)
 
-    def _drain(self, tb: TracedBinary) -> None:
-        """Read this binary's ring buffers and push one batch per probe. Called with self._lock held."""
+    def _drain(self, tb: TracedBinary) -> int:
+        """Read this binary's ring buffers and push one batch per probe; returns the records read.
+        Called with self._lock held."""
+        n = 0
         for pp in tb.programs:
             records = pp.collector.take()
+            n += len(records)
             lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
             if lost != pp.lost_seen:
                 self.m_lost.inc(lost - pp.lost_seen)
@@ -505,6 +529,7 @@ class EbpfGoReceiver(Receiver):
                 continue
             self._count_writer_outcomes(getattr(pp.state, "outcomes", None))
             self._push(spans, pp.probe.scope, getattr(pp.state, "injected", ()))
+        return n
 
     def _count_writer_outcomes(self, outcomes: dict[str, int] | None) -> None:
         """probe_write mode: the writer's outcome is in each client record (there is no sk_msg array)."""

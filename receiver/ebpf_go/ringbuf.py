@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 BUSY = 1 << 31
@@ -127,3 +128,14 @@ class RingBuffer:
                 m.close()
             except BufferError:  # a memoryview still refers to it: freed when that goes
                 pass
+
+
+def wait_any(rings: Iterable[RingBuffer], timeout: float) -> bool:
+    """Block until one of `rings` has data or `timeout` s passed (True: data). The kernel's poll is
+    level-triggered on available data: a record already there returns at once; one submitted while
+    we sleep wakes us only if submitted with a wakeup (BPF_RB_FORCE_WAKEUP, or the default when the
+    consumer has caught up). A fresh epoll per call: rings come and go between calls."""
+    with select.epoll() as ep:
+        for r in rings:
+            ep.register(r.fd, select.EPOLLIN)
+        return bool(ep.poll(timeout))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from receiver.ebpf_go import bpfsys
-from receiver.ebpf_go.ringbuf import BUSY, DISCARD, PAGE, RingBuffer
+from receiver.ebpf_go.ringbuf import BUSY, DISCARD, PAGE, RingBuffer, wait_any
 
 IS_ROOT = os.geteuid() == 0
 
@@ -238,3 +238,28 @@ def test_real_ring_buffer_exact_with_wrap_around() -> None:
             os.close(p)
         os.close(fd)
         os.close(buf)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root")
+def test_wait_any_reports_data_until_read() -> None:
+    """The reader loop's idle wait: level-triggered on available data (no timeout is waited out here)."""
+    size = 4096
+    fds = [bpfsys.map_create(bpfsys.MapSpec(f"rbwait{i}", bpfsys.MAP_RINGBUF, 0, 0, size)) for i in range(2)]
+    buf = bpfsys.map_create(bpfsys.MapSpec("rbwait_buf", bpfsys.MAP_ARRAY, 4, 1024, 1))
+    rings = [RingBuffer(fd, size) for fd in fds]
+    prog = _ringbuf_output_prog(fds[1], buf, 64)
+    try:
+        assert wait_any(rings, 0) is False
+        assert wait_any([], 0) is False
+        assert bpfsys.prog_test_run(prog, bytes(range(64))) == 2
+        assert wait_any(rings, 0) is True
+        assert wait_any(rings[:1], 0) is False
+        assert rings[1].read() == [bytes(range(64))]
+        assert wait_any(rings, 0) is False
+    finally:
+        for r in rings:
+            r.close()
+        os.close(prog)
+        for fd in (*fds, buf):
+            os.close(fd)
