@@ -5,6 +5,10 @@ local address carries its connection's `network.local.address`/`network.local.po
 span of the process that answered carries the same pair as `network.peer.address`/
 `network.peer.port`. Requests on one connection are sequential, so the server span whose start lies
 within the client span's [start, end] on the same (address, port) is the one it caused.
+A client span starts at `roundTrip` entry, before it has a connection: a request that waited for
+the connection another request was using overlaps that request's server span too. Among the client
+spans whose interval holds the server's start, the one that ENDS FIRST is the one that had the
+connection then (the waiter only got it after that one ended, so its own server span starts later).
 
 On a join the server's local trace (its trace id, which was random: the request carried no
 `traceparent`) is mapped to the client's trace id, and the server span's parent becomes the client
@@ -174,9 +178,9 @@ class Stitcher:
         matches = [c for c in self._clients.get(server.key, ())
                    if c.span.start_time_unix_nano <= st <= c.span.end_time_unix_nano
                    and (want_port is None or c.span.attributes.get("network.peer.port") in (None, want_port))]
-        if len(matches) != 1:
-            return  # none yet, or ambiguous: never guess
-        client = matches[0].span
+        if not matches:
+            return  # none yet: a client span arriving later retries
+        client = min(matches, key=lambda c: c.span.end_time_unix_nano).span  # see the module doc
         old = server.span.trace_id
         if old != client.trace_id:
             self._trace_map[old] = (client.trace_id, self._clock())

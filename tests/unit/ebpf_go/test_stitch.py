@@ -118,6 +118,26 @@ def test_keepalive_connection_matches_by_time() -> None:
     assert counts == {"joined": 2}
 
 
+def test_request_that_waited_for_the_connection_is_not_joined_to_the_one_using_it() -> None:
+    """Captured on the chain (stitch): two client spans on one connection both hold the server's
+    start: one ran -135..+557 us (it waited for the connection), one -85..+63 us (it had it).
+    The server span at 0 belongs to the one that ended first; the waiter's own request follows."""
+    clock = Clock()
+    st, counts = make(clock)
+    t_wait, t_use = rid(), rid()
+    waiter = client(t_wait, b"", 1_000_000 - 135_000, 1_000_000 + 557_000, lport=40001)
+    user = client(t_use, b"", 1_000_000 - 85_000, 1_000_000 + 63_000, lport=40001)
+    s_use = server(rid(), 1_000_000, 1_000_000 + 40_000, peer_port=40001)
+    s_wait = server(rid(), 1_000_000 + 70_000, 1_000_000 + 500_000, peer_port=40001)
+    st.process(batch("B", user, waiter))   # ring-buffer order: the user's span ended first
+    st.process(batch("C", s_wait, s_use))
+    clock.t = 3
+    st.flush()
+    assert (s_use.trace_id, s_use.parent_span_id) == (t_use, user.span_id)
+    assert (s_wait.trace_id, s_wait.parent_span_id) == (t_wait, waiter.span_id)
+    assert counts == {"joined": 2}
+
+
 def test_unmatched_released_after_window_unchanged() -> None:
     clock = Clock()
     st, counts = make(clock)
