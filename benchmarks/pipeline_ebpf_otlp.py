@@ -10,16 +10,19 @@ the net/http server probe's layout, GET /hello), counting records it could not r
 (as bpf/nethttp_server.c does: `otelgo_ebpf_events_lost_total`).
 Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the ring buffer read
 (`--reader bcc`: BCC's ctypes callback per record, one precompiled Struct; `--reader mmap`: the
-receiver's mmap reader, receiver/ebpf_go/ringbuf.py, one `read_unpacked` per drain), drained every
-20 ms, `nethttp_server.to_spans`, one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch`
-processor, the `otlp` exporter.
+receiver's mmap reader, receiver/ebpf_go/ringbuf.py, one `read_unpacked` per drain), drained as
+`EbpfGoReceiver._reader_loop` does (every 20 ms counted from the start of the previous drain; after
+a drain that found nothing, a wait on the ring buffer's epoll of up to 100 ms), `nethttp_server.to_spans`,
+one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter;
+the heap frozen once set up, as the collector does (`collector.service.freeze_startup_heap`).
 Sink (CPU 0): a Python OTLP/gRPC server in a child process that counts spans.
 Reports per rate: produced, exported, lost, spans/s exported, pipeline CPU µs/span, the time the
 pipeline process spent in the garbage collector (collections per generation and their mean pause),
 and the CPU per thread.
-Experiments (not what the collector does today): `--drain-period` drains every 20 ms counted from
-the start of the previous drain (the receiver waits 20 ms after each drain); `--gc-freeze` calls
-gc.freeze() once set up; `--gc-threshold N` sets the generation-0 threshold.
+Experiments (not what the collector does): `--drain-after` waits 20 ms after the end of each drain
+(the receiver before issue 8); `--no-gc-freeze`; `--gc-threshold N` sets the generation-0 threshold;
+`--period S` another drain period. `--trace-lost` prints each failed `ringbuf_reserve` (time, records
+submitted so far) next to the drains around it (start, read time, records, consumer_pos after).
 
 `--stages`: the same path, stage by stage, in one thread on CPU 1 (no BPF, no gRPC): records packed
 as the BPF program writes them, then decode, `to_spans`, grouping, batch merge, OTLP encoding, each
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import multiprocessing as mp
 import os
 import subprocess
@@ -44,9 +48,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collector.component import ComponentID  # noqa: E402
+from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
+from receiver.ebpf_go.ringbuf import wait_any  # noqa: E402
 
 C_SOURCE = r"""
 #include <stdio.h>
@@ -83,10 +89,20 @@ struct ev {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(submitted, u64, 1);
+struct fail { u64 ts, submitted; };
+BPF_ARRAY(fails, struct fail, 256);   /* the first 256 failed reserves: when, after how many records */
 int on_produce(struct pt_regs *ctx) {
     u32 z = 0;
     struct ev *e = events.ringbuf_reserve(sizeof(struct ev));
-    if (!e) { u64 *l = lost.lookup(&z); if (l) __sync_fetch_and_add(l, 1); return 0; }
+    if (!e) {
+        u64 *l = lost.lookup(&z);
+        if (!l) return 0;
+        u32 i = __sync_fetch_and_add(l, 1);
+        struct fail *f = fails.lookup(&i);
+        u64 *sc = submitted.lookup(&z);
+        if (f) { f->ts = bpf_ktime_get_ns(); f->submitted = sc ? *sc : 0; }
+        return 0;
+    }
     u64 now = bpf_ktime_get_ns();
     e->kind = 1; e->tgid = bpf_get_current_pid_tgid() >> 32; e->start_ns = now - 20000; e->end_ns = now; e->g = 1;
     u32 *w = (u32 *)e->trace_id;
@@ -171,17 +187,17 @@ def bcc_struct_reader(bpf: Any, layout: Any) -> Any:
         out = records[:]
         records.clear()
         return out
-    return take
+    return take, None
 
 
 def mmap_struct_reader(bpf: Any, layout: Any, pages: int) -> Any:
-    """The receiver's mmap reader over the same map: one read_unpacked per drain; returns take()."""
+    """The receiver's mmap reader over the same map: one read_unpacked per drain; returns take(), ring."""
     from receiver.ebpf_go.ringbuf import RingBuffer
     ring = RingBuffer(bpf["events"].map_fd, pages * 4096)
 
     def take() -> list[Any]:
         return ring.read_unpacked(layout)[0]
-    return take
+    return take, ring
 
 
 def stages(n: int) -> int:
@@ -277,11 +293,14 @@ def main() -> int:
     ap.add_argument("--profile", help="write a cProfile of the pipeline thread at the highest rate here")
     ap.add_argument("--reader", choices=("mmap", "bcc"), default="mmap")
     ap.add_argument("--stages", action="store_true", help="per-stage split in one thread, no BPF")
-    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once set up (start-up objects never walked)")
+    ap.add_argument("--no-gc-freeze", action="store_true", help="do not freeze the heap once set up")
     ap.add_argument("--gc-threshold", type=int, default=0, help="gc.set_threshold(N) (generation 0), 0: default")
-    ap.add_argument("--drain-period", action="store_true",
-                    help="drain every 20 ms from the start of the previous drain (not 20 ms after its end)")
+    ap.add_argument("--drain-after", action="store_true",
+                    help="wait 20 ms after the end of each drain (the receiver before issue 8)")
+    ap.add_argument("--period", type=float, default=0.02, help="drain period, s")
     ap.add_argument("--spans", type=int, default=100_000, help="records for --stages")
+    ap.add_argument("--trace-lost", action="store_true",
+                    help="print each failed reserve (time, records submitted) next to the drains around it")
     args = ap.parse_args()
     if args.stages:
         return stages(args.spans)
@@ -309,7 +328,7 @@ def main() -> int:
     assert prod.stdin and prod.stdout
     b = BPF(text=BPF_TEXT.encode(), cflags=[f"-DRINGBUF_PAGES={args.ringbuf_pages}"])
     b.attach_uprobe(name=str(exe).encode(), sym=b"produce", fn_name=b"on_produce", pid=prod.pid)
-    take = bcc_struct_reader(b, nethttp_server.EVENT) if args.reader == "bcc" else \
+    take, ring = bcc_struct_reader(b, nethttp_server.EVENT) if args.reader == "bcc" else \
         mmap_struct_reader(b, nethttp_server.EVENT, args.ringbuf_pages)
 
     sm = SelfMetrics()
@@ -323,8 +342,13 @@ def main() -> int:
     scope = Scope("otelgo-collector/net/http", "bench")
     res = Resource({"service.name": "prod", "process.pid": prod.pid, "process.runtime.name": "go"})
 
+    drains: list[tuple[int, int, int, int]] = []   # (start ns, end of read ns, records, consumer pos after)
+    cons_mm = mmap.mmap(b["events"].map_fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)  # consumer_pos
+
     def drain() -> int:
+        t_start = time.monotonic_ns()
         recs = take()
+        drains.append((t_start, time.monotonic_ns(), len(recs), int.from_bytes(cons_mm[0:8], "little")))
         if not recs:
             return 0
         spans = nethttp_server.to_spans(recs, 0)
@@ -336,9 +360,8 @@ def main() -> int:
 
     if args.gc_threshold:
         gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()
+    if not args.no_gc_freeze:
+        freeze_startup_heap()   # as collector.service.Service.run once every component has started
     rows = []
     lost_seen = 0
     rates = [int(r) for r in args.rates.split(",")]
@@ -358,14 +381,22 @@ def main() -> int:
         decoded = 0
         os.set_blocking(prod.stdout.fileno(), False)
         line = ""
-        while True:
+        woke = False
+        while True:   # as EbpfGoReceiver._reader_loop
             started = time.monotonic()
-            decoded += drain()
+            n = drain()
+            decoded += n
             part = prod.stdout.readline()
             line += part or ""
             if line.endswith("\n"):
                 break
-            time.sleep(max(0.0, started + 0.02 - time.monotonic()) if args.drain_period else 0.02)
+            if args.drain_after:
+                time.sleep(0.02)
+            elif n == 0 and not woke and ring is not None:
+                woke = wait_any([ring], 0.1)
+            else:
+                woke = False
+                time.sleep(max(0.0, started + args.period - time.monotonic()))
         os.set_blocking(prod.stdout.fileno(), True)
         produced = int(line)
         decoded += drain()
@@ -389,6 +420,16 @@ def main() -> int:
                      "gc": gc_timer.summary(), "heap_objects": len(gc.get_objects()),
                      "threads_us_per_span": {k: round(v / max(exported, 1) * 1e6, 2)
                                              for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v}})
+    if args.trace_lost:
+        fails = [f for f in b["fails"].values() if f.ts][:lost_seen]
+        rec = (nethttp_server.EVENT.size + 8 + 7) & ~7
+        for f in fails:
+            cons = max([d[3] for d in drains if d[1] < f.ts] or [0])
+            print(f"fail at {f.ts}: submitted {f.submitted}, producer ~{f.submitted * rec}, consumer (last drain "
+                  f"before) {cons}, in ring {(f.submitted * rec - cons) / rec:.0f} records of {args.ringbuf_pages * 4096 // rec}")
+            near = [d for d in drains if f.ts - 100_000_000 < d[0] < f.ts + 30_000_000]
+            for d in near:
+                print(f"    drain {(d[0] - f.ts) / 1e6:+.2f} ms, read {(d[1] - d[0]) / 1e6:.2f} ms, {d[2]} records, cons {d[3]}")
     batch.shutdown()
     exp.shutdown()
     prod.stdin.close()
