@@ -349,6 +349,7 @@ class EbpfGoReceiver(Receiver):
                    "disk": "loaded from the image cache"}[result.origin]
             self.log.info("%s program for %s (%s): %s in %.2fs", pr.name, p.exe, gb.go_version, how,
                           prog.compile_seconds, extra={"pid": p.pid, "exe": p.exe})
+        gb.release_dwarf()  # every offset the probes need is known now (and kept by gb)
         if not tb.programs:
             self.rejected[key] = "every probe failed"
             return None

@@ -74,6 +74,7 @@ class GoBinary:
         self._sweeps: dict[str, disasm.Sweep] = {}
         self._dwarf: DwarfStructs | None | bool = None
         self._table: OffsetTable | None = None
+        self._offsets: dict[tuple[str, str], FieldOffset | None] = {}  # every answer given, kept
 
     # ---- opening ------------------------------------------------------------------------
     @classmethod
@@ -313,9 +314,21 @@ class GoBinary:
             return best, self.modules[best]
         return "std", self.go_version.removeprefix("go")
 
+    def release_dwarf(self) -> None:
+        """Free the parsed DWARF (pyelftools keeps every DIE it read: ~50 MB for a 9 MB binary).
+        Offsets already looked up stay answered; a new lookup parses the DWARF again."""
+        if isinstance(self._dwarf, DwarfStructs):
+            self._dwarf = None
+
     def struct_offset(self, struct: str, field: str) -> FieldOffset | None:
         """Byte offset of `field` in `struct` (e.g. "net/http.Request", "Method"): DWARF, else the
         bundled table for this Go/module version, else a guess from the nearest known version."""
+        key = (struct, field)
+        if key not in self._offsets:
+            self._offsets[key] = self._struct_offset(struct, field)
+        return self._offsets[key]
+
+    def _struct_offset(self, struct: str, field: str) -> FieldOffset | None:
         d = self._dwarf_structs()
         if d is not None:
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from receiver.ebpf_go.gobinary import GoBinary
@@ -95,3 +97,22 @@ def test_module_of() -> None:
                                  ("v0.46.1-0.20251013234738-63d1a5100f82", "v0.46.1"), ("1.9.0", "1.19.8")])
 def test_version_order(a: str, b: str) -> None:
     assert version_key(a) < version_key(b)
+
+
+def test_release_dwarf_keeps_the_answers_and_frees_the_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from receiver.ebpf_go.gobinary import binary
+    parses = []
+
+    class Counting(binary.DwarfStructs):
+        def __init__(self, elf: Any) -> None:
+            parses.append(1)
+            super().__init__(elf)
+    monkeypatch.setattr(binary, "DwarfStructs", Counting)
+    b = GoBinary.open(fixture_binary("1.26", "plain"))
+    before = b.struct_offset("net/http.Request", "Method")
+    assert before is not None and before.source == "dwarf" and parses == [1]
+    b.release_dwarf()
+    assert b._dwarf is None
+    assert b.struct_offset("net/http.Request", "Method") == before and parses == [1]   # answered from memory
+    again = b.struct_offset("net/http.Request", "Header")                               # a new question
+    assert again is not None and again.source == "dwarf" and parses == [1, 1]
