@@ -26,7 +26,7 @@ RUNS: list[tuple[str, list[str]]] = [
     ("service overhead: composite service (HTTP call to a second Go service + SQLite), without/with",
      ["service_overhead.py", "--rounds", "3", "--seconds", "3"]),
     ("where the server probe's cost goes (A/B of program variants)",
-     ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,empty,empty-entry,empty-ret"]),
+     ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,end,empty,empty-end,empty-entry"]),
     ("pipeline capacity: ring buffer -> otlp on one core",
      ["pipeline_ebpf_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3"]),
     ("start-up and memory", ["startup_memory.py", "--binaries", "1,20"]),
