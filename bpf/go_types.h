@@ -92,19 +92,27 @@ struct event_header {
 };
 #define EVENT_KIND_HTTP_SERVER 1
 
-/* Read a Go string (header at user address `hdr`) into dst[0..max) (the rest is left as is): sets out_len to
- * number of bytes copied. `max` must be a compile-time constant power of two. */
-#define READ_GO_STRING(dst, max, hdr_addr, out_len)                                       \
+/* A Go string whose header is already in BPF memory: its bytes into dst[0..max) (the rest is left
+ * as is); sets out_len to the number of bytes copied. `max` must be a compile-time constant. */
+#define READ_GO_STRING_DATA(dst, max, str, out_len)                                       \
     do {                                                                                  \
-        struct go_string __s = {};                                                        \
+        struct go_string __s = (str);                                                     \
         out_len = 0;                                                                      \
-        if (bpf_probe_read_user(&__s, sizeof(__s), (void *)(hdr_addr)) == 0 &&            \
-            __s.ptr != 0 && __s.len > 0) {                                                \
+        if (__s.ptr != 0 && __s.len > 0) {                                                \
             u64 __n = __s.len;                                                            \
             if (__n > (max)) __n = (max);                                                 \
             if (__n > 0 && bpf_probe_read_user((dst), __n, (void *)__s.ptr) == 0)         \
                 out_len = __n;                                                            \
         }                                                                                 \
+    } while (0)
+
+/* The same for a Go string whose header is at user address `hdr_addr` (one more user read). */
+#define READ_GO_STRING(dst, max, hdr_addr, out_len)                                       \
+    do {                                                                                  \
+        struct go_string __h = {};                                                        \
+        out_len = 0;                                                                      \
+        if (bpf_probe_read_user(&__h, sizeof(__h), (void *)(hdr_addr)) == 0)              \
+            READ_GO_STRING_DATA(dst, max, __h, out_len);                                  \
     } while (0)
 
 #endif

@@ -122,18 +122,6 @@ struct req_block {
 BPF_PERCPU_ARRAY(req_block, struct req_block, 1);
 #define REQ_U64(rb, pos) (*(u64 *)((rb)->b + (pos)))
 #define REQ_STR(rb, pos) (*(struct go_string *)((rb)->b + (pos)))
-/* A Go string whose header is already in BPF memory: its bytes into dst[0..max). */
-#define READ_GO_STRING_DATA(dst, max, str, out_len)                                       \
-    do {                                                                                  \
-        struct go_string __s = (str);                                                     \
-        out_len = 0;                                                                      \
-        if (__s.ptr != 0 && __s.len > 0) {                                                \
-            u64 __n = __s.len;                                                            \
-            if (__n > (max)) __n = (max);                                                 \
-            if (__n > 0 && bpf_probe_read_user((dst), __n, (void *)__s.ptr) == 0)         \
-                out_len = __n;                                                            \
-        }                                                                                 \
-    } while (0)
 /* scratch: one server_call per CPU, built there because it does not fit the 512-byte stack. */
 BPF_PERCPU_ARRAY(scratch, struct server_call, 1);
 /* events: finished requests (struct http_server_event) -> user space (events.py). */
@@ -508,17 +496,23 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
     return 0;
 }
 
+/* The end of the call stored at entry for this goroutine; with `check_resp`, only if the first
+ * argument is its ResponseWriter. */
+static __always_inline int end_call(struct pt_regs *ctx, int check_resp) {
+    u64 now = bpf_ktime_get_ns();
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c || (check_resp && c->resp != GO_PARAM1(ctx)))
+        return 0;
+    return finish_call(&k, c, now);
+}
+
 /* Every RET of ServeHTTP (single-stepped: the fallback). */
 int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
 #ifdef AB_EMPTY
     return 0;
 #endif
-    u64 now = bpf_ktime_get_ns();
-    struct goroutine_key k = goroutine_key(ctx);
-    struct server_call *c = inflight.lookup(&k);
-    if (!c)
-        return 0;
-    return finish_call(&k, c, now);
+    return end_call(ctx, 0);
 }
 
 /* HTTP/1.x end point in (*conn).serve, right after ServeHTTP returned on this goroutine. */
@@ -526,23 +520,14 @@ int uprobe_server_end_h1(struct pt_regs *ctx) {
 #ifdef AB_EMPTY
     return 0;
 #endif
-    u64 now = bpf_ktime_get_ns();
-    struct goroutine_key k = goroutine_key(ctx);
-    struct server_call *c = inflight.lookup(&k);
-    if (!c)
-        return 0;
-    return finish_call(&k, c, now);
+    return end_call(ctx, 0);
 }
 
-/* HTTP/2 end point: entry of (*responseWriter).handlerDone(rw) on the handler goroutine. */
+/* HTTP/2 end point: entry of (*responseWriter).handlerDone(rw) on the handler goroutine; not the
+ * ResponseWriter of the call on this goroutine: not ours. */
 int uprobe_server_end_h2(struct pt_regs *ctx) {
 #ifdef AB_EMPTY
     return 0;
 #endif
-    u64 now = bpf_ktime_get_ns();
-    struct goroutine_key k = goroutine_key(ctx);
-    struct server_call *c = inflight.lookup(&k);
-    if (!c || c->resp != GO_PARAM1(ctx))
-        return 0;                /* not the ResponseWriter of the call on this goroutine */
-    return finish_call(&k, c, now);
+    return end_call(ctx, 1);
 }
