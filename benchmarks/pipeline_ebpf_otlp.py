@@ -279,6 +279,18 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def runq_wait(main_only: bool = False) -> float:
+    """Seconds this process's threads spent runnable but waiting for a CPU (/proc schedstat): the core
+    taken by something else, e.g. another job on the VM."""
+    total = 0
+    for task in Path("/proc/self/task").iterdir() if not main_only else [Path(f"/proc/self/task/{os.getpid()}")]:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def cpu_self() -> float:
     t = os.times()
     return t.user + t.system
@@ -343,6 +355,7 @@ def main() -> int:
     res = Resource({"service.name": "prod", "process.pid": prod.pid, "process.runtime.name": "go"})
 
     drains: list[tuple[int, int, int, int]] = []   # (start ns, end of read ns, records, consumer pos after)
+    slow: list[str] = []   # --trace-lost: drains whose processing took > 30 ms, where the time went
     cons_mm = mmap.mmap(b["events"].map_fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)  # consumer_pos
 
     def drain() -> int:
@@ -351,11 +364,20 @@ def main() -> int:
         drains.append((t_start, time.monotonic_ns(), len(recs), int.from_bytes(cons_mm[0:8], "little")))
         if not recs:
             return 0
+        w0, c0 = (runq_wait(True), time.thread_time()) if args.trace_lost else (0.0, 0.0)
+        t1 = time.monotonic_ns()
         spans = nethttp_server.to_spans(recs, 0)
         by_pid: dict[int, list[Span]] = {}
         for pid, span in spans:
             by_pid.setdefault(pid, []).append(span)
+        t2 = time.monotonic_ns()
         batch.consume(SpanBatch([ResourceSpans(res, [ScopeSpans(scope, lst)]) for lst in by_pid.values()]))
+        t3 = time.monotonic_ns()
+        if args.trace_lost and t3 - t_start > 30_000_000:
+            slow.append(f"slow drain at {t_start}: {len(recs)} records, read {(t1 - t_start) / 1e6:.1f} ms, to_spans "
+                        f"{(t2 - t1) / 1e6:.1f} ms, consume {(t3 - t2) / 1e6:.1f} ms; main thread CPU "
+                        f"{(time.thread_time() - c0) * 1e3:.1f} ms, waiting for the core "
+                        f"{(runq_wait(True) - w0) * 1e3:.1f} ms")
         return len(spans)
 
     if args.gc_threshold:
@@ -375,7 +397,7 @@ def main() -> int:
         gc_timer = GCTimer()
         gc.callbacks.append(gc_timer)
         threads0 = thread_cpu()
-        c0, t0 = cpu_self(), time.monotonic()
+        c0, t0, w0 = cpu_self(), time.monotonic(), runq_wait()
         prod.stdin.write(f"{rate} {args.seconds}\n")
         prod.stdin.flush()
         decoded = 0
@@ -408,6 +430,7 @@ def main() -> int:
             time.sleep(0.01)
         elapsed = time.monotonic() - t0
         cpu = cpu_self() - c0
+        waited = runq_wait() - w0
         gc.callbacks.remove(gc_timer)
         threads = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
         if profiler is not None:
@@ -416,20 +439,27 @@ def main() -> int:
         exported = count.value
         rows.append({"rate": rate, "produced": produced, "lost": lost, "exported": exported,
                      "spans_per_s": exported / elapsed, "cpu_us_per_span": cpu / max(exported, 1) * 1e6,
-                     "cpu_share": cpu / elapsed, "gc_us_per_span": gc_timer.total / max(exported, 1) * 1e6,
+                     "cpu_share": cpu / elapsed, "runq_wait_share": waited / elapsed, "gc_us_per_span": gc_timer.total / max(exported, 1) * 1e6,
                      "gc": gc_timer.summary(), "heap_objects": len(gc.get_objects()),
                      "threads_us_per_span": {k: round(v / max(exported, 1) * 1e6, 2)
                                              for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v}})
     if args.trace_lost:
-        fails = [f for f in b["fails"].values() if f.ts][:lost_seen]
+        print("\n".join(slow[:30]))
+        fails = sorted((f.ts, f.submitted) for f in b["fails"].values() if f.ts)
         rec = (nethttp_server.EVENT.size + 8 + 7) & ~7
-        for f in fails:
-            cons = max([d[3] for d in drains if d[1] < f.ts] or [0])
-            print(f"fail at {f.ts}: submitted {f.submitted}, producer ~{f.submitted * rec}, consumer (last drain "
-                  f"before) {cons}, in ring {(f.submitted * rec - cons) / rec:.0f} records of {args.ringbuf_pages * 4096 // rec}")
-            near = [d for d in drains if f.ts - 100_000_000 < d[0] < f.ts + 30_000_000]
-            for d in near:
-                print(f"    drain {(d[0] - f.ts) / 1e6:+.2f} ms, read {(d[1] - d[0]) / 1e6:.2f} ms, {d[2]} records, cons {d[3]}")
+        last = -10**12
+        for ts, submitted in fails:   # one line per run of failures (the first 256 failures are kept)
+            if ts - last < 5_000_000:
+                last = ts
+                continue
+            last = ts
+            cons = max([d[3] for d in drains if d[1] < ts] or [0])
+            print(f"fail at {ts}: submitted {submitted}, producer ~{submitted * rec}, consumer (last drain "
+                  f"before) {cons}, in ring {(submitted * rec - cons) / rec:.0f} records of "
+                  f"{args.ringbuf_pages * 4096 // rec}")
+            for d in (d for d in drains if ts - 100_000_000 < d[0] < ts + 30_000_000):
+                print(f"    drain {(d[0] - ts) / 1e6:+.2f} ms, read {(d[1] - d[0]) / 1e6:.2f} ms, {d[2]} records, "
+                      f"cons {d[3]}")
     batch.shutdown()
     exp.shutdown()
     prod.stdin.close()
@@ -443,11 +473,12 @@ def main() -> int:
         print(f"{r['rate']:,}/s: GC {r['gc']}; {r['heap_objects']:,} objects tracked at the end")
         print("    CPU µs/span by thread: " + ", ".join(f"{k} {v}" for k, v in r["threads_us_per_span"].items()))
     print("| offered spans/s | produced | lost (ring buffer full) | exported | exported spans/s | "
-          "pipeline CPU µs/span | pipeline core busy | of which GC µs/span |")
-    print("|---|---|---|---|---|---|---|---|")
+          "pipeline CPU µs/span | pipeline core busy | waiting for the core | of which GC µs/span |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rate']:,} | {r['produced']:,} | {r['lost']:,} | {r['exported']:,} | {r['spans_per_s']:,.0f} | "
-              f"{r['cpu_us_per_span']:.1f} | {r['cpu_share'] * 100:.0f}% | {r['gc_us_per_span']:.1f} |")
+              f"{r['cpu_us_per_span']:.1f} | {r['cpu_share'] * 100:.0f}% | {r['runq_wait_share'] * 100:.0f}% | "
+              f"{r['gc_us_per_span']:.1f} |")
     return 0
 
 
