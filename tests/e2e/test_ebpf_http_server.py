@@ -23,6 +23,7 @@ import pytest
 from collector.component import ComponentID
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanBatch, from_json_dict
 from collector.telemetry import ComponentTelemetry, SelfMetrics
+from tests.support.collector import wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
 
 IS_ROOT = os.geteuid() == 0
@@ -97,15 +98,6 @@ def start_receiver(config: dict[str, Any]) -> tuple[Any, Collect]:
     r.start(None)
     assert r.enabled, "receiver did not start (see log)"
     return r, sink
-
-
-def wait_for(cond: Any, timeout: float = 30.0, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_spans(sink: Collect, n: int, timeout: float = 10.0) -> list[tuple[dict[str, Any], str, Span]]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from receiver.ebpf_go.gobinary import GoBinary
-from tests.support.collector import CollectorProcess
+from tests.support.collector import CollectorProcess, wait_for
 from tests.support.gobuild import build_go_fixture
 
 pytestmark = [
@@ -58,15 +58,6 @@ def config(binary: Path, out: Path, **receiver: Any) -> dict[str, Any]:
                                       "propagation": "sk_msg", **receiver}},
             "exporters": {"file": {"path": str(out)}},
             "service": {"pipelines": {"traces": {"receivers": ["ebpf_go"], "exporters": ["file"]}}}}
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -399,7 +399,8 @@ def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
     from receiver.ebpf_go import propagation
     from receiver.ebpf_go.propagation import probe_write
     from receiver.ebpf_go.receiver import EbpfGoConfig, factory
-    from tests.e2e.test_ebpf_http_server import Collect, wait_for
+    from tests.e2e.test_ebpf_http_server import Collect
+    from tests.support.collector import wait_for
 
     allowed = probe_write.Capability(True, "allowed (test)")
     real_choose, real_cflags = propagation.choose, nc.cflags

@@ -31,6 +31,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "") -> None:
+    """Poll `cond` every 50 ms until it is true; AssertionError naming `what` after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
