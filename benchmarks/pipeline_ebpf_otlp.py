@@ -21,7 +21,7 @@ pipeline process spent in the garbage collector (collections per generation and 
 and the CPU per thread.
 Experiments (not what the collector does): `--drain-after` waits 20 ms after the end of each drain
 (the receiver before issue 8); `--no-gc-freeze`; `--gc-threshold N` sets the generation-0 threshold;
-`--period S` another drain period. `--trace-lost` prints each failed `ringbuf_reserve` (time, records
+`--period S` another drain period; `--copier S` a thread copies the ring every S s. `--trace-lost` prints each failed `ringbuf_reserve` (time, records
 submitted so far) next to the drains around it (start, read time, records, consumer_pos after).
 
 `--stages`: the same path, stage by stage, in one thread on CPU 1 (no BPF, no gRPC): records packed
@@ -310,6 +310,9 @@ def main() -> int:
     ap.add_argument("--drain-after", action="store_true",
                     help="wait 20 ms after the end of each drain (the receiver before issue 8)")
     ap.add_argument("--period", type=float, default=0.02, help="drain period, s")
+    ap.add_argument("--copier", type=float, default=0,
+                    help="experiment: a thread copies records out of the ring every N s (GIL permitting); the "
+                         "drain processes what it copied")
     ap.add_argument("--spans", type=int, default=100_000, help="records for --stages")
     ap.add_argument("--trace-lost", action="store_true",
                     help="print each failed reserve (time, records submitted) next to the drains around it")
@@ -342,6 +345,22 @@ def main() -> int:
     b.attach_uprobe(name=str(exe).encode(), sym=b"produce", fn_name=b"on_produce", pid=prod.pid)
     take, ring = bcc_struct_reader(b, nethttp_server.EVENT) if args.reader == "bcc" else \
         mmap_struct_reader(b, nethttp_server.EVENT, args.ringbuf_pages)
+    copier_stop = threading.Event()
+    if args.copier:
+        ring_take, copied, copy_lock = take, [], threading.Lock()
+
+        def copier() -> None:
+            os.sched_setaffinity(0, {1})
+            while not copier_stop.wait(args.copier):
+                with copy_lock:
+                    copied.extend(ring_take())
+
+        def take() -> list[Any]:
+            with copy_lock:
+                out = copied[:] + ring_take()
+                copied.clear()
+            return out
+        threading.Thread(target=copier, name="copier", daemon=True).start()
 
     sm = SelfMetrics()
     exp: Any = otlp_factory.create(ComponentID("otlp"), OTLPConfig.model_validate(
@@ -460,6 +479,7 @@ def main() -> int:
             for d in (d for d in drains if ts - 100_000_000 < d[0] < ts + 30_000_000):
                 print(f"    drain {(d[0] - ts) / 1e6:+.2f} ms, read {(d[1] - d[0]) / 1e6:.2f} ms, {d[2]} records, "
                       f"cons {d[3]}")
+    copier_stop.set()
     batch.shutdown()
     exp.shutdown()
     prod.stdin.close()
