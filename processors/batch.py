@@ -1,9 +1,17 @@
-"""`batch` processor: gather spans into bigger batches, sent on size or after a timeout."""
+"""`batch` processor: gather spans into bigger batches, sent on size or after a timeout.
+
+As in the collector, batches leave from the processor's own thread, not the caller's: a receiver
+that hands spans over (the eBPF reader, which must keep draining its ring buffers) is not held up
+while a full batch is merged, encoded and exported. At most MAX_READY full batches wait for that
+thread; beyond that `consume` blocks (backpressure, like the collector's channel), so memory
+stays bounded.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 from pydantic import Field, model_validator
 
@@ -12,6 +20,8 @@ from collector.configtypes import Duration
 from collector.errors import ConsumerError
 from collector.spans import SpanBatch
 from collector.telemetry import ComponentTelemetry
+
+MAX_READY = 2  # full batches waiting for the sender thread before consume() blocks
 
 
 class Config(ComponentConfig):
@@ -40,7 +50,9 @@ class BatchProcessor(Processor):
         self._pending: list[SpanBatch] = []
         self._count = 0
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)    # the sender thread: a batch is ready or due
+        self._space = threading.Condition(self._lock)   # callers: a ready slot was freed
+        self._ready: deque[SpanBatch] = deque()         # full batches, oldest first
         self._send_lock = threading.Lock()  # keeps batches in order towards the next consumer
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -51,7 +63,7 @@ class BatchProcessor(Processor):
         self._timeout_trigger = m.batch_timeout_trigger.labels(processor=str(id))
 
     def start(self, host: Host) -> None:
-        self._thread = threading.Thread(target=self._timer_loop, name=f"batch-{self.id}", daemon=True)
+        self._thread = threading.Thread(target=self._sender_loop, name=f"batch-{self.id}", daemon=True)
         self._thread.start()
 
     def consume(self, batch: SpanBatch) -> None:
@@ -64,13 +76,22 @@ class BatchProcessor(Processor):
             self._count += n
             if cfg.timeout == 0 or (cfg.send_batch_size and self._count >= cfg.send_batch_size):
                 taken = self._take()
+                while len(self._ready) >= MAX_READY and not self._stopping:
+                    self._space.wait()
+                if self._stopping:  # the sender thread is gone or going: send from here
+                    ready_now = False
+                else:
+                    self._ready.append(taken)
+                    self._wake.notify()
+                    ready_now = True
             else:
                 if self._deadline is None:
                     self._deadline = time.monotonic() + cfg.timeout
                     self._wake.notify()
                 return
         self._size_trigger.inc()
-        self._send(taken)
+        if not ready_now:
+            self._send(taken)
 
     def _take(self) -> SpanBatch:
         merged = SpanBatch.merge(self._pending)
@@ -87,27 +108,38 @@ class BatchProcessor(Processor):
                     # Downstream already counted what it refused; this processor holds nothing more.
                     self.telemetry.warn_once_per("refused", 10, "Sender failed", extra={"error": str(e)})
 
-    def _timer_loop(self) -> None:
+    def _sender_loop(self) -> None:
+        """Sends full batches as they become ready, and what is held when the timeout expires."""
         while True:
             with self._lock:
-                while not self._stopping and (self._deadline is None or time.monotonic() < self._deadline):
+                while (not self._ready and not self._stopping
+                       and (self._deadline is None or time.monotonic() < self._deadline)):
                     self._wake.wait(None if self._deadline is None else self._deadline - time.monotonic())
-                if self._stopping:
+                if self._ready:
+                    taken, timed_out = self._ready.popleft(), False
+                    self._space.notify()
+                elif self._stopping:
                     return
-                taken = self._take()
+                else:
+                    taken, timed_out = self._take(), True
             if taken.resource_spans:
-                self._timeout_trigger.inc()
+                if timed_out:
+                    self._timeout_trigger.inc()
                 self._send(taken)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-            taken = self._take()
+            self._space.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout)
-        if taken.resource_spans:
-            self._send(taken)
+            self._thread.join(timeout)  # it sends every ready batch first
+        with self._lock:
+            left = list(self._ready) + [self._take()]
+            self._ready.clear()
+        for taken in left:
+            if taken.resource_spans:
+                self._send(taken)
 
 
 def _create(id: ComponentID, config: Config, telemetry: ComponentTelemetry,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 from collector.component import ComponentID
@@ -114,8 +115,45 @@ def test_batch_processor_size_trigger_and_max_split() -> None:
     p = batch_proc(out, send_batch_size=10, send_batch_max_size=10, timeout="10s")
     for _ in range(3):
         p.consume(make_batch(4))  # 4, 8, 12 → one send of 12 split into 10 + 2
+    deadline = time.monotonic() + 5
+    while len(out.batches) < 2 and time.monotonic() < deadline:  # sent from the processor's thread
+        time.sleep(0.01)
     assert [b.span_count() for b in out.batches] == [10, 2]
     p.shutdown()
+    assert [b.span_count() for b in out.batches] == [10, 2]
+
+
+def test_batch_processor_sends_from_its_thread_with_bounded_backpressure() -> None:
+    """A slow next consumer holds the processor's thread, not the caller; after MAX_READY full
+    batches wait, consume() blocks until one leaves; everything arrives once, in order."""
+    from processors.batch import MAX_READY
+
+    release = threading.Event()
+    got: list[int] = []
+    threads: list[str] = []
+
+    class Slow:
+        def consume(self, batch: SpanBatch) -> None:
+            threads.append(threading.current_thread().name)
+            release.wait(10)
+            got.append(batch.span_count())
+
+    p = BatchProcessor(ComponentID("batch"), BatchConfig.model_validate({"send_batch_size": 1, "timeout": "10s"}),
+                       ComponentTelemetry("processor", "batch", SelfMetrics()), Slow())  # type: ignore[arg-type]
+    p.start(None)  # type: ignore[arg-type]
+    for n in range(1, MAX_READY + 2):  # one held by the slow consumer, MAX_READY waiting: none blocks
+        p.consume(make_batch(n))
+    blocked = threading.Thread(target=p.consume, args=(make_batch(MAX_READY + 2),))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive()   # the ready queue is full: the caller waits (bounded memory)
+    assert got == []            # nothing was sent from a caller's thread
+    release.set()
+    blocked.join(5)
+    assert not blocked.is_alive()
+    p.shutdown()
+    assert got == list(range(1, MAX_READY + 3))
+    assert set(threads) == {"batch-batch"}
 
 
 def test_batch_processor_timeout_trigger() -> None:
