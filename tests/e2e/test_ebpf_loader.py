@@ -68,8 +68,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def bcc_or_llvm_mapped(pid: int) -> list[str]:
-    return sorted({line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-                   if re.search(r"bcc|LLVM|clang", line, re.I)})
+    """Mapped files of BCC, LLVM or clang (the path only: an address like 7f3bcc000000 is not BCC)."""
+    paths = {line.split()[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+             if len(line.split()) >= 6}
+    return sorted(p for p in paths if re.search(r"bcc|llvm|clang", os.path.basename(p), re.I))
 
 
 def run_collector(binary: Path, srv: Server, entry: int, tmp_path: Path, cache: Path, run: int) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -226,11 +227,16 @@ def test_real_prometheus_scrapes_counts(tmp_path: Path) -> None:
             wait_for_port(prom_port, proc=prom)
             q = "otelcol_receiver_accepted_spans_total"
             value = None
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline and value != 21.0:
-                with urllib.request.urlopen(
-                        f"http://127.0.0.1:{prom_port}/api/v1/query?query={q}", timeout=5) as r:
-                    res = json.loads(r.read())["data"]["result"]
+                try:
+                    with urllib.request.urlopen(
+                            f"http://127.0.0.1:{prom_port}/api/v1/query?query={q}", timeout=5) as r:
+                        res = json.loads(r.read())["data"]["result"]
+                except urllib.error.HTTPError as e:
+                    if e.code != 503:  # 503: Prometheus listens before its storage is ready
+                        raise
+                    res = []
                 if res:
                     value = float(res[0]["value"][1])
                     labels = res[0]["metric"]
