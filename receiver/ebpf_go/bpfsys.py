@@ -63,6 +63,16 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     return int(r)
 
 
+def _bpf_found(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> bool:
+    """A map command that may find nothing: False on ENOENT, BpfError on any other failure."""
+    if _syscall(SYS_BPF, cmd, attr, len(attr)) < 0:
+        e = ctypes.get_errno()
+        if e == errno.ENOENT:
+            return False
+        raise BpfError(what, e)
+    return True
+
+
 def _attr(data: bytes, size: int = 128) -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(size)
     ctypes.memmove(buf, data, len(data))
@@ -120,13 +130,7 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
     attr = _attr(struct.pack("<I4xQQQ", fd, ctypes.addressof(k), ctypes.addressof(v), 0))
-    r = _syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, attr, len(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        if e == errno.ENOENT:
-            return None
-        raise BpfError("map lookup", e)
-    return v.raw
+    return v.raw if _bpf_found(BPF_MAP_LOOKUP_ELEM, attr, "map lookup") else None
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -139,26 +143,14 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
 def map_delete(fd: int, key: bytes) -> bool:
     k = ctypes.create_string_buffer(key, len(key))
     attr = _attr(struct.pack("<I4xQ", fd, ctypes.addressof(k)))
-    r = _syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, attr, len(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        if e == errno.ENOENT:
-            return False
-        raise BpfError("map delete", e)
-    return True
+    return _bpf_found(BPF_MAP_DELETE_ELEM, attr, "map delete")
 
 
 def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key or b"", key_size) if key is not None else None
     n = ctypes.create_string_buffer(key_size)
     attr = _attr(struct.pack("<I4xQQ", fd, ctypes.addressof(k) if k is not None else 0, ctypes.addressof(n)))
-    r = _syscall(SYS_BPF, BPF_MAP_GET_NEXT_KEY, attr, len(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        if e == errno.ENOENT:
-            return None
-        raise BpfError("map next key", e)
-    return n.raw
+    return n.raw if _bpf_found(BPF_MAP_GET_NEXT_KEY, attr, "map next key") else None
 
 
 def possible_cpus() -> int:
