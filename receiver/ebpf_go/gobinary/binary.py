@@ -7,6 +7,7 @@ lazily and cached, so `inspect` and the receiver pay only for what they ask.
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,17 @@ class FieldOffset:
     value: int
     source: str  # "dwarf" | "table" | "guess"
     detail: str
+
+
+# DWARF answers shared between binaries. A struct's layout is fixed by the code that declares it (the
+# module and its version, or the Go release for std), the target and the settings that select
+# files (build tags, GOEXPERIMENT): a binary with DWARF whose key was answered from another binary's
+# DWARF takes that answer instead of parsing its own (0.5-2 s and ~50 MB each). A struct absent
+# from that DWARF sends both to the offsets table. Stripped binaries do not use it: what they report
+# never depends on which other binaries were seen.
+# key -> (struct present in the DWARF, member offset or None, path of the binary that answered)
+_SHARED_DWARF: dict[tuple[str, ...], tuple[bool, int | None, str]] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class GoBinary:
@@ -328,12 +340,34 @@ class GoBinary:
             self._offsets[key] = self._struct_offset(struct, field)
         return self._offsets[key]
 
+    def _layout_key(self, struct: str, field: str) -> tuple[str, ...] | None:
+        """The key under which another binary's DWARF answer holds for this one, or None (the main
+        module, a development or directory-replaced module: their code is not pinned by a version)."""
+        module, version = self.module_of(struct)
+        if module == self.main_module or not version or version == "(devel)":
+            return None
+        replaced = next((m.replace.path for m in self.module_list if m.path == module and m.replace), "")
+        s = self.build_settings
+        return (module, version, replaced, self.build.go_version, self.arch, s.get("-tags", ""),
+                s.get("GOEXPERIMENT", ""), struct, field)
+
     def _struct_offset(self, struct: str, field: str) -> FieldOffset | None:
-        d = self._dwarf_structs()
-        if d is not None:
+        key = self._layout_key(struct, field) if self.has_dwarf else None
+        with _SHARED_LOCK:
+            shared = _SHARED_DWARF.get(key) if key is not None else None
+        if key is not None and shared is not None:
+            present, off, source = shared
+            if present:
+                detail = "DWARF of the binary" if source == self.path else f"DWARF of {source} (same {key[0]} {key[1]})"
+                return None if off is None else FieldOffset(off, "dwarf", detail)
+        elif (d := self._dwarf_structs()) is not None:
             try:
-                if d.has_struct(struct):
-                    off = d.member_offset(struct, field)
+                present = d.has_struct(struct)
+                off = d.member_offset(struct, field) if present else None
+                if key is not None:
+                    with _SHARED_LOCK:
+                        _SHARED_DWARF.setdefault(key, (present, off, self.path))
+                if present:
                     return None if off is None else FieldOffset(off, "dwarf", "DWARF of the binary")
             except DwarfError as e:
                 self.warnings.append(str(e))

@@ -108,6 +108,7 @@ def test_release_dwarf_keeps_the_answers_and_frees_the_parse(monkeypatch: pytest
             parses.append(1)
             super().__init__(elf)
     monkeypatch.setattr(binary, "DwarfStructs", Counting)
+    monkeypatch.setattr(binary, "_SHARED_DWARF", {})   # answers other tests' binaries gave
     b = GoBinary.open(fixture_binary("1.26", "plain"))
     before = b.struct_offset("net/http.Request", "Method")
     assert before is not None and before.source == "dwarf" and parses == [1]
@@ -116,3 +117,38 @@ def test_release_dwarf_keeps_the_answers_and_frees_the_parse(monkeypatch: pytest
     assert b.struct_offset("net/http.Request", "Method") == before and parses == [1]   # answered from memory
     again = b.struct_offset("net/http.Request", "Header")                               # a new question
     assert again is not None and again.source == "dwarf" and parses == [1, 1]
+
+
+def test_a_second_binary_of_the_same_go_release_takes_the_first_ones_dwarf_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 services built with one Go release parse DWARF once: the layout of a std struct is the
+    release's. The answers are those the second binary's own DWARF gives; a stripped binary still
+    answers from the table, whatever was seen before."""
+    from receiver.ebpf_go.gobinary import binary
+    parses: list[int] = []
+
+    class Counting(binary.DwarfStructs):
+        def __init__(self, elf: Any) -> None:
+            parses.append(1)
+            super().__init__(elf)
+    monkeypatch.setattr(binary, "DwarfStructs", Counting)
+    monkeypatch.setattr(binary, "_SHARED_DWARF", {})
+    asked = [("net/http.Request", "ctx"), ("net/http.Request", "Header"), ("net/url.URL", "Path"),
+             ("net/http.Request", "NoSuchField"), ("net/http.noSuchStruct", "x")]
+    first = GoBinary.open(fixture_binary("1.24", "plain"))
+    second = GoBinary.open(fixture_binary("1.24", "plain", "httpserver"))
+    assert first.path != second.path and first.go_version == second.go_version
+    a = [first.struct_offset(s, f) for s, f in asked]
+    b = [second.struct_offset(s, f) for s, f in asked]
+    assert parses == [1]
+    assert [x and x.value for x in a] == [x and x.value for x in b]
+    assert b[0] is not None and b[0].source == "dwarf" and first.path in b[0].detail
+    assert b[3] is None and b[4] is None and a[4] is None   # no DWARF parse for them either
+    monkeypatch.setattr(binary, "_SHARED_DWARF", {})   # the same questions, each from its own DWARF
+    own = GoBinary.open(fixture_binary("1.24", "plain", "httpserver"))
+    assert [x and x.value for x in b] == [own.struct_offset(s, f) and own.struct_offset(s, f).value  # type: ignore[union-attr]
+                                          for s, f in asked]
+    assert parses == [1, 1]
+    stripped = GoBinary.open(fixture_binary("1.24", "stripped"))
+    ctx = stripped.struct_offset("net/http.Request", "ctx")
+    assert ctx is not None and ctx.source == "table" and ctx.value == b[0].value
