@@ -152,3 +152,15 @@ def test_a_second_binary_of_the_same_go_release_takes_the_first_ones_dwarf_answe
     stripped = GoBinary.open(fixture_binary("1.24", "stripped"))
     ctx = stripped.struct_offset("net/http.Request", "ctx")
     assert ctx is not None and ctx.source == "table" and ctx.value == b[0].value
+
+
+def test_unreadable_type_units_leave_a_warning_and_the_table_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from receiver.ebpf_go.gobinary import binary
+    monkeypatch.setattr(binary, "_SHARED_DWARF", {})
+    b = GoBinary.open(fixture_binary("1.24", "plain"))
+    d = b._dwarf_structs()
+    assert d is not None
+    d._info = d._info[: len(d._info) // 3]   # the type units cut short
+    ctx = b.struct_offset("net/http.Request", "ctx")
+    assert ctx is not None and (ctx.value, ctx.source) == (248, "table")
+    assert len(b.warnings) == 1 and b.warnings[0].startswith("unreadable DWARF: ")
