@@ -17,10 +17,12 @@ The VM's 2 cores may be shared with other work: only the side-by-side difference
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http_server_overhead import cpu_seconds  # noqa: E402
 
-from receiver.ebpf_go import loader  # noqa: E402
+from receiver.ebpf_go import bpfsys, loader  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
@@ -74,12 +76,37 @@ VARIANTS = {
     "end-no-strings": Variant("end-no-strings", ["-DAB_NO_STRINGS"], end="emulated"),
     "end-no-ringbuf": Variant("end-no-ringbuf", ["-DAB_NO_RINGBUF", "-DAB_NO_STRINGS"], end="emulated"),
     "end-empty-body": Variant("end-empty-body", ["-DAB_EMPTY"], end="emulated"),
+    "end-hash": Variant("end-hash", ["-DAB_HASH"], end="emulated"),
+    "end-no-lookup": Variant("end-no-lookup", ["-DAB_NO_MORESTACK_LOOKUP"], end="emulated"),
+    "end-no-entry-read": Variant("end-no-entry-read", ["-DAB_NO_ENTRY_READ"], end="emulated"),
+    "end-no-ids": Variant("end-no-ids", ["-DAB_NO_IDS"], end="emulated"),
     "end-field-reads": Variant("end-field-reads", ["-DAB_FIELD_READS"], end="emulated"),
 }
 
 
-def wrk(url: str, seconds: int) -> tuple[float, int]:
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c4", f"-d{seconds}s", url],
+BPF_ENABLE_STATS = 32   # bpf(2) command: run-time stats on while the returned fd is open
+
+
+def enable_bpf_stats() -> int:
+    """Count each program's run time (kernel.bpf_stats_enabled, held by an fd: off when it closes)."""
+    return bpfsys._bpf(BPF_ENABLE_STATS, bpfsys._attr(struct.pack("<I", 0)), "enabling BPF run-time stats")
+
+
+def prog_run_time(fds: list[int]) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over these program fds (struct bpf_prog_info, offsets 192/200)."""
+    total = cnt = 0
+    for fd in fds:
+        info = ctypes.create_string_buffer(232)
+        attr = bpfsys._attr(struct.pack("<IIQ", fd, len(info), ctypes.addressof(info)))
+        bpfsys._bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr, "reading program info")
+        t, c = struct.unpack_from("<QQ", info.raw, 192)
+        total, cnt = total + t, cnt + c
+    return total, cnt
+
+
+def wrk(url: str, seconds: int, headers: list[str] | None = None) -> tuple[float, int]:
+    hdr = [a for h in headers or [] for a in ("-H", h)]
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c4", f"-d{seconds}s", *hdr, url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -92,7 +119,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--variants", default="none,full,end,empty,empty-end,empty-entry,empty-ret,empty-endonly")
+    ap.add_argument("--headers", action="store_true",
+                    help="send User-Agent and traceparent (wrk sends only Host): the header walk finds both")
     args = ap.parse_args()
+    headers = ["User-Agent: wrk/4.2 (server_probe_ab)",
+               "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"] if args.headers else []
     os.sched_setaffinity(0, {1})
     ksrc, _ = loader.find_kernel_headers("auto")
     exe = build_go_fixture("httpserver", args.go, "plain")
@@ -123,6 +154,8 @@ def main() -> int:
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     rps_: dict[str, list[float]] = {v.name: [] for v in variants}
     records: dict[str, int] = {v.name: 0 for v in variants}
+    body: dict[str, list[float]] = {v.name: [] for v in variants}   # BPF run time ns per request
+    stats_fd = enable_bpf_stats()
     try:
         wrk(url, 1)
         for r in range(args.rounds):
@@ -144,9 +177,12 @@ def main() -> int:
                                 records[name] += len(rb.read())
                         drain = threading.Thread(target=run, daemon=True)
                         drain.start()
+                fds = list(v.bpf.prog_fds.values()) if v.bpf is not None else []
+                t0, _ = prog_run_time(fds)
                 c0 = cpu_seconds(pid)
-                rps, total = wrk(url, args.seconds)
+                rps, total = wrk(url, args.seconds, headers)
                 cpu[v.name].append((cpu_seconds(pid) - c0) / total * 1e6)
+                body[v.name].append((prog_run_time(fds)[0] - t0) / total)
                 rps_[v.name].append(rps)
                 if v.bpf is not None:
                     stop.set()
@@ -155,6 +191,7 @@ def main() -> int:
                     for key in list(v.bpf.uprobe_fds):
                         v.bpf.detach(key)
     finally:
+        os.close(stats_fd)
         srv.kill()
         srv.wait()
         for v in variants:
@@ -162,15 +199,21 @@ def main() -> int:
                 v.bpf.close()
         shutil.rmtree(pin_dir, ignore_errors=True)
     none = statistics.median(cpu["none"]) if cpu.get("none") else 0.0
-    print(f"Go {args.go} httpserver, {args.rounds} rotating rounds of {args.seconds}s per variant, wrk -t1 -c4")
-    print("| variant | end at | req/s (median) | server CPU µs/req (median) | added vs none | records | "
-          "rounds (µs/req) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"Go {args.go} httpserver, {args.rounds} rotating rounds of {args.seconds}s per variant, wrk -t1 -c4"
+          + (" with User-Agent and traceparent" if headers else " (Host header only)"))
+    # Paired: each round's value minus the same round's "none" (neighbours in time), then the median.
+    paired = {v.name: [x - n for x, n in zip(cpu[v.name], cpu["none"], strict=True)] if "none" in cpu else []
+              for v in variants}
+    print("| variant | end at | req/s (median) | server CPU µs/req (median) | added vs none | added, paired by "
+          "round | BPF run time ns/req | records | rounds (µs/req) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m = statistics.median(cpu[v.name])
         where = "-" if v.bpf is None else ("entry + " if v.entry else "") + (v.end or "no end")
-        print(f"| {v.name} | {where} | {statistics.median(rps_[v.name]):,.0f} | {m:.1f} | {m - none:+.1f} | "
-              f"{records[v.name] if not v.empty_text and v.bpf is not None else '-'} | "
+        pm = f"{statistics.median(paired[v.name]):+.1f}" if paired[v.name] else "-"
+        bt = f"{statistics.median(body[v.name]):.0f}" if v.bpf is not None else "-"
+        print(f"| {v.name} | {where} | {statistics.median(rps_[v.name]):,.0f} | {m:.1f} | {m - none:+.1f} | {pm} | "
+              f"{bt} | {records[v.name] if not v.empty_text and v.bpf is not None else '-'} | "
               f"{' '.join(f'{x:.1f}' for x in cpu[v.name])} |")
     return 0
 

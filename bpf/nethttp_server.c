@@ -25,7 +25,9 @@
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  * Benchmark switches (benchmarks/server_probe_ab.py; never set by the receiver): AB_EMPTY (both
- * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS
+ * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS,
+ * AB_HASH (inflight a plain hash), AB_NO_MORESTACK_LOOKUP, AB_NO_ENTRY_READ (no Request read at entry:
+ * no header walk, no ctx_spans), AB_NO_IDS (no random span ids)
  * (one user-memory read per Request field instead of one block).
  */
 #include "go_types.h"
@@ -93,7 +95,11 @@ struct http_server_event {
 
 /* inflight: goroutine_key -> server_call; written at entry, read and deleted at the end (RET or
  * end point). LRU: a handler that panics never reaches the end, its entry ages out. */
+#ifdef AB_HASH
+BPF_TABLE("hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
+#else
 BPF_TABLE("lru_hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
+#endif
 /* ctx_spans: {context data pointer, tgid} -> trace_ctx of the server span; written here at
  * ServeHTTP entry, deleted at RET; read by the client probes (nethttp_client.c, database_sql.c),
  * which walk a derived context up to the request's. Pinned under PIN_DIR: shared across programs. */
@@ -319,9 +325,11 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     u64 now = bpf_ktime_get_ns();
     struct goroutine_key k = goroutine_key(ctx);
     u64 req = GO_PARAM4(ctx);
+#ifndef AB_NO_MORESTACK_LOOKUP
     struct server_call *old = inflight.lookup(&k);
     if (old && old->req == req)
         return 0;                /* morestack re-ran the prologue: same call */
+#endif
     u32 z = 0;
     struct server_call *c = scratch.lookup(&z);
     if (!c)
@@ -333,7 +341,8 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
 
     u64 hdr = 0;
     struct go_iface rctx = {};
-#if REQ_ENTRY_LEN > 0 && REQ_ENTRY_LEN <= REQ_BLOCK_MAX && !defined(AB_FIELD_READS)
+#ifdef AB_NO_ENTRY_READ
+#elif REQ_ENTRY_LEN > 0 && REQ_ENTRY_LEN <= REQ_BLOCK_MAX && !defined(AB_FIELD_READS)
     {   /* Request.Header and Request.ctx in one read */
         struct req_block *rb = req_block.lookup(&z);
         if (!rb)
@@ -357,7 +366,9 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     } else {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
     }
+#ifndef AB_NO_IDS
     new_span_ids(&c->tc, keep);
+#endif
     c->ctx_data = rctx.data;
     inflight.update(&k, c);
 #ifdef AB_NO_CTX_SPANS
