@@ -47,6 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from otlp_sink import sink_main  # noqa: E402  (benchmarks/otlp_sink.py, shared with pipeline_otlp.py)
+
 from collector.component import ComponentID  # noqa: E402
 from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
@@ -121,29 +123,6 @@ int on_produce(struct pt_regs *ctx) {
     return 0;
 }
 """
-
-
-def sink_main(port_q: Any, count: Any) -> None:
-    """OTLP/gRPC sink on CPU 0: counts spans."""
-    from concurrent import futures
-
-    import grpc
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-    os.sched_setaffinity(0, {0})
-
-    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
-            n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-            with count.get_lock():
-                count.value += n
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", 256 << 20)])
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
-    port_q.put(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    server.wait_for_termination()
 
 
 class GCTimer:

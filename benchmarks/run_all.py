@@ -30,7 +30,8 @@ RUNS: list[tuple[str, list[str]]] = [
     ("pipeline capacity: ring buffer -> otlp on one core",
      ["pipeline_ebpf_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3"]),
     ("start-up and memory", ["startup_memory.py", "--binaries", "1,20"]),
-    ("collector pipeline: otlp -> batch -> file", ["pipeline_otlp_file.py", "--spans", "50000"]),
+    ("collector pipeline: otlp receiver -> batch -> otlp exporter on one core",
+     ["pipeline_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3", "--max-spans", "100000"]),
 ]
 
 
