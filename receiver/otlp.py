@@ -1,4 +1,9 @@
-"""`otlp` receiver: OTLP/gRPC TraceService/Export into the pipelines."""
+"""`otlp` receiver: OTLP/gRPC TraceService/Export into the pipelines.
+
+Requests arrive as bytes (no protobuf objects) and are read into span batches by
+`collector.otlp_decode.OTLPDecoder`; a request that is not a valid ExportTraceServiceRequest is
+answered InvalidArgument, as the OTLP specification asks for data that cannot be decoded.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pydantic import Field, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
 from collector.configtypes import Endpoint
 from collector.errors import ConsumerError, UserError
-from collector.spans import from_proto
+from collector.otlp_decode import DecodeError, OTLPDecoder
 from collector.telemetry import ComponentTelemetry
 
 
@@ -43,12 +47,8 @@ class Config(ComponentConfig):
     protocols: Protocols = Protocols(grpc=GRPCServerConfig())
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, receiver: OTLPReceiver) -> None:
-        self.receiver = receiver
-
-    def Export(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
-        return self.receiver.export(request, context)
+_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_EMPTY_RESPONSE = b""  # ExportTraceServiceResponse with no partial_success: zero bytes on the wire
 
 
 class OTLPReceiver(Receiver):
@@ -60,9 +60,14 @@ class OTLPReceiver(Receiver):
         m = telemetry.metrics
         self._accepted = m.receiver_accepted.labels(receiver=str(id), transport="grpc")
         self._refused = m.receiver_refused.labels(receiver=str(id), transport="grpc")
+        self._decoder = OTLPDecoder()
 
-    def export(self, request: Any, context: grpc.ServicerContext) -> Any:
-        batch = from_proto(request)
+    def export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """TraceService/Export: the serialized request in, the serialized response out."""
+        try:
+            batch = self._decoder.decode(request)
+        except DecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode ExportTraceServiceRequest: {e}")
         n = batch.span_count()
         if n:
             try:
@@ -72,7 +77,7 @@ class OTLPReceiver(Receiver):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT if e.permanent else grpc.StatusCode.UNAVAILABLE,
                               str(e))
             self._accepted.inc(n)
-        return trace_service_pb2.ExportTraceServiceResponse()
+        return _EMPTY_RESPONSE
 
     def start(self, host: Host) -> None:
         g = self.config.protocols.grpc
@@ -82,7 +87,9 @@ class OTLPReceiver(Receiver):
             opts.append(("grpc.max_concurrent_streams", g.max_concurrent_streams))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"otlp-{self.id}"),
                              options=opts)
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+        # Bytes in and out: the decoder reads the wire format itself (no request_deserializer).
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
+            "Export": grpc.unary_unary_rpc_method_handler(self.export)}),))
         try:
             port = server.add_insecure_port(g.endpoint)
         except RuntimeError:
