@@ -9,6 +9,15 @@
 
 #include <uapi/linux/ptrace.h>
 
+/* bpf_probe_read_user under a name BCC's rewriter does not know. BCC 0.26 (Debian 12) reads all of
+ * /proc/kallsyms into a new table at every call it sees by that name (to fall back to bpf_probe_read
+ * on kernels without the helper, < 5.5; our ring buffers need 5.8): 20-60 ms per call site, 1.2 of
+ * the 2.0 s compile of nethttp_server.c. Same helper, same declaration as BCC's helpers.h: the
+ * compiled instructions are byte for byte the same (benchmarks/README.md, cold start). */
+static int (*otelgo_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) =
+    (void *)BPF_FUNC_probe_read_user;
+#define bpf_probe_read_user otelgo_probe_read_user
+
 /* ---- Go register ABI (amd64, ABIInternal): integer argument words 1..9 and the goroutine. */
 #define GO_PARAM1(ctx) ((ctx)->ax)
 #define GO_PARAM2(ctx) ((ctx)->bx)
