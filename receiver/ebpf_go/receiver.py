@@ -26,6 +26,7 @@ from . import discovery, events, loader, propagation
 from .gobinary import BinaryError, GoBinary
 from .probes import PROBES, Common, Probe, RawCollector
 from .propagation.stitch import Stitcher
+from .ringbuf import RingCopier
 
 DISTRO = "otelgo-collector"
 VERSION = "0.1.0"
@@ -33,6 +34,10 @@ STITCH_WINDOW_S = 2.0        # how long a stitch candidate waits for its other s
 STITCH_MAX_PENDING = 20000   # candidates held at most (the oldest leave unchanged beyond)
 COUNTS_INTERVAL_S = 1.0      # how often the sk_msg counters are read
 COMPILE_PARALLEL = 2         # BPF compiler children at once (each ~1.5 s of one core)
+COPY_PERIOD_S = 0.01         # the copier empties every ring buffer this often (while records come)
+DRAIN_PERIOD_S = 0.02        # the reader turns the copied records into spans this often (ditto)
+IDLE_WAIT_S = 0.1            # longest idle sleep of the copier (epoll) and of the reader holding stitch spans
+QUEUE_RINGS = 4              # records copied and not yet read, per ring buffer: at most this many ring-fulls
 
 
 # ---------------------------------------------------------------- config
@@ -173,6 +178,9 @@ class EbpfGoReceiver(Receiver):
         self.mono_to_unix = events.monotonic_to_unix_offset()
         self.host_name = socket.gethostname()
         self._lock = threading.Lock()     # binaries/programs: discovery thread vs reader thread
+        # Copies every ring buffer into a bounded queue on its own thread (its own lock, so it never
+        # waits for the reader's pipeline); the reader takes from it. See _reader_loop.
+        self.copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S, on_error=self._copy_error)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.enabled = False
@@ -227,6 +235,7 @@ class EbpfGoReceiver(Receiver):
             self.log.info("gRPC instrumentation is not available yet: grpc_client and grpc_server have no effect")
         self.log.info("ebpf_go receiver started: %s; tracing %s", how,
                       "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
+        self.copier.start(f"{self.id}-copier")
         for name, fn in (("discovery", self._discovery_loop), ("reader", self._reader_loop)):
             t = threading.Thread(target=fn, name=f"{self.id}-{name}", daemon=True)
             t.start()
@@ -234,12 +243,13 @@ class EbpfGoReceiver(Receiver):
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.copier.stop(timeout)   # wakes the reader too
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
         with self._lock:
             for tb in list(self.binaries.values()):
-                self._drain(tb)
+                self._drain(tb, final=True)   # what the copier holds, then what is still in the rings
             if self.stitcher is not None:
                 self._consume(self.stitcher.flush(force=True))
             for tb in list(self.binaries.values()):
@@ -293,7 +303,7 @@ class EbpfGoReceiver(Receiver):
         for tb in list(self.binaries.values()):
             if tb.idle_since is not None and now - tb.idle_since >= self.config.program_linger:
                 with self._lock:
-                    self._drain(tb)
+                    self._drain(tb, final=True)
                     self._close_binary(tb)
                     del self.binaries[tb.key]
                 self.log.info("released the programs of %s (no traced process for %.0fs)", tb.exe,
@@ -355,6 +365,10 @@ class EbpfGoReceiver(Receiver):
             return None
         with self._lock:
             self.binaries[key] = tb
+            for pp in tb.programs:
+                ring = pp.collector.ring
+                if ring is not None:
+                    self.copier.add(ring, pp.collector.take, QUEUE_RINGS * ring.size)
         return tb
 
     def _probe_off(self, pr: Probe, p: discovery.ProcInfo, e: Exception) -> None:
@@ -418,13 +432,17 @@ class EbpfGoReceiver(Receiver):
                 # compiled programs instead of paying a ~2 s compile again. No uprobe stays attached.
                 tb.idle_since = time.monotonic()
                 if self.config.program_linger <= 0:
+                    self._drain(tb, final=True)
                     self._close_binary(tb)
                     del self.binaries[tb.key]
         self._update_gauges()
         self.log.info("pid %d exited: probes detached", pid, extra={"pid": pid, "exe": st.info.exe})
 
     def _close_binary(self, tb: TracedBinary) -> None:
+        """Free its programs, maps and ring buffers; drain first (`_drain(tb, final=True)`)."""
         for pp in tb.programs:
+            if pp.collector.ring is not None:
+                self.copier.remove(pp.collector.ring)   # the copier never reads an unmapped ring
             loader.close_program(pp.program)
         tb.programs.clear()
 
@@ -452,39 +470,35 @@ class EbpfGoReceiver(Receiver):
     # -------------------------------------------------------- events
 
     def _reader_loop(self) -> None:
-        """Drain every ring buffer once per `period` counted from the start of the previous drain (one
-        that took longer is followed by the next at once), so a drain finds rate x period records,
-        however long the pipeline took. After a drain that found nothing, sleep on the ring
-        buffers' epoll instead, up to `idle_wait`: the BPF programs submit every 32nd record per CPU
-        with BPF_RB_FORCE_WAKEUP, so a burst wakes us after a few records, and an idle collector
-        wakes 10 times a second."""
-        from .ringbuf import wait_any
-        period, idle_wait = 0.02, 0.1
+        """Turn the records the copier took out of the ring buffers (`RingCopier`, every 10 ms, on its
+        own thread) into spans and push them, every `DRAIN_PERIOD_S` counted from the start of the
+        previous drain (one that took longer is followed by the next at once), so a drain finds
+        rate x period records however long the pipeline took; the ring buffers stay emptied
+        meanwhile. After a drain that found nothing, sleep until the copier copies something, at
+        most a second (the sk_msg counters), or IDLE_WAIT_S while the stitcher holds spans."""
+        ready = self.copier.ready
         next_counts = 0.0
-        woke = False   # the last idle wait ended on data; if the drain then found none (a record still
-        # being written: poll is level-triggered), wait one period rather than spin
         while not self._stop.is_set():
             started = time.monotonic()
+            ready.clear()   # set again by a copy from now on: the wait below does not miss it
             n = 0
             with self._lock:
                 for tb in list(self.binaries.values()):
                     n += self._drain(tb)
-                rings = [] if n else [pp.collector.ring for tb in self.binaries.values() for pp in tb.programs
-                                      if pp.collector.ring is not None]
             if self.stitcher is not None:
                 self._consume(self.stitcher.flush())
             now = time.monotonic()
             if now >= next_counts:
                 next_counts = now + COUNTS_INTERVAL_S
                 self._read_skmsg_counts()
-            if n == 0 and not woke:
-                try:
-                    woke = wait_any(rings, idle_wait)  # a ring closed meanwhile just leaves this epoll
-                except OSError:  # e.g. an fd closed between the lock and the register: sleep instead
-                    self._stop.wait(idle_wait)
+            if n == 0:
+                held = self.stitcher is not None and self.stitcher.pending() > 0
+                ready.wait(IDLE_WAIT_S if held else max(0.0, next_counts - time.monotonic()))
             else:
-                woke = False
-                self._stop.wait(max(0.0, started + period - time.monotonic()))
+                self._stop.wait(max(0.0, started + DRAIN_PERIOD_S - time.monotonic()))
+
+    def _copy_error(self, e: BaseException) -> None:
+        self.telemetry.warn_once_per("copy", 60, "cannot copy ring buffer records: %s", e)
 
     def _read_skmsg_counts(self) -> None:
         """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
@@ -506,12 +520,17 @@ class EbpfGoReceiver(Receiver):
             else:
                 self.m_tp_skipped.labels(reason=name).inc(delta)
 
-    def _drain(self, tb: TracedBinary) -> int:
-        """Read this binary's ring buffers and push one batch per probe; returns the records read.
-        Called with self._lock held."""
+    def _drain(self, tb: TracedBinary, final: bool = False) -> int:
+        """Push one batch per probe of this binary: the records the copier holds, then those still in
+        the ring buffer; returns the records read. `final`: the copier lets go of the ring buffers
+        too (before they are closed). Called with self._lock held."""
         n = 0
+        copier = self.copier
         for pp in tb.programs:
-            records = pp.collector.take()
+            ring = pp.collector.ring
+            if ring is None:
+                continue
+            records = copier.remove(ring) if final else copier.take(ring)
             n += len(records)
             lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
             if lost != pp.lost_seen:

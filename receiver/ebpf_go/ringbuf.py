@@ -15,15 +15,22 @@ before writing it (CPython's `s_pack_internal`), and a BPF `bpf_ringbuf_reserve`
 consumer_pos = 0 in between sees `new_prod_pos - cons_pos > mask` and fails: a record lost with the
 ring nearly empty (measured: one or two per second at 20-50k records/s, each at a commit).
 Headers are read with one 4-byte load the same way (`"<I"` unpacks byte by byte). `read_unpacked(layout)` decodes fixed-layout records in place, one
-`struct.unpack_from` per record and no intermediate copy. One thread reads a given ring buffer.
+`struct.unpack_from` per record and no intermediate copy. One thread at a time reads a given ring buffer.
+
+`RingCopier`: a thread that copies records out of ring buffers into a bounded `RecordQueue` per ring
+every 10 ms, so that ring space is released at once however long the thread that turns records into
+spans is busy; that thread takes from the queue (`RingCopier.take`).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import struct
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 BUSY = 1 << 31
@@ -50,6 +57,11 @@ class RingBuffer:
         self._words = memoryview(self._prod).cast("I")
         self._pos = int(self._cons_q[0])
         self._ep: select.epoll | None = None
+
+    @property
+    def position(self) -> int:
+        """Bytes read since the map was created (consumer_pos): how much ring space reads released."""
+        return self._pos
 
     def pending(self) -> int:
         """Bytes (headers included) between the consumer and the producer."""
@@ -139,3 +151,175 @@ def wait_any(rings: Iterable[RingBuffer], timeout: float) -> bool:
         for r in rings:
             ep.register(r.fd, select.EPOLLIN)
         return bool(ep.poll(timeout))
+
+
+class RecordQueue:
+    """Records copied out of one ring buffer, oldest first, until the consumer takes them.
+
+    Bounded by the ring bytes its records took (headers included): once `max_bytes` are held the
+    copier leaves the ring alone, the ring fills and the BPF program counts the records it cannot
+    reserve (its `lost` map). Nothing is dropped here and nothing grows without bound: at most
+    `max_bytes` plus one ring-full (the last copy) are held."""
+
+    __slots__ = ("ring", "take", "max_bytes", "chunks", "bytes", "records")
+
+    def __init__(self, ring: RingBuffer, take: Callable[[], list[Any]], max_bytes: int) -> None:
+        self.ring = ring
+        self.take = take            # reads the ring: e.g. a probe collector's take()
+        self.max_bytes = max_bytes
+        self.chunks: list[list[Any]] = []
+        self.bytes = 0              # ring bytes of the records held
+        self.records = 0            # records held
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def copy(self) -> int:
+        """Copy what the ring holds now, unless full; returns the records copied."""
+        if self.bytes >= self.max_bytes:
+            return 0
+        before = self.ring.position
+        records = self.take()
+        if records:
+            self.chunks.append(records)
+            self.records += len(records)
+            self.bytes += self.ring.position - before
+        return len(records)
+
+    def pop(self) -> list[Any]:
+        """Every record held, then those in the ring now: oldest first."""
+        chunks = self.chunks
+        self.chunks = []
+        self.bytes = self.records = 0
+        out = chunks[0] if chunks else []
+        for c in chunks[1:]:
+            out.extend(c)
+        out.extend(self.take())
+        return out
+
+
+class RingCopier:
+    """Copies records out of ring buffers into their `RecordQueue` every `period` s, counted from the
+    start of the previous pass, on its own thread, so that ring space is released every ~period
+    however long the consumer is busy (a batch merged and encoded, a garbage collection): a pass only
+    needs the GIL for ~1 ms (the switch interval gives it within 5 ms). After a pass that copied
+    nothing it sleeps on the rings' epoll, up to `idle_wait`: the BPF programs submit every 32nd
+    record per CPU with BPF_RB_FORCE_WAKEUP, so a burst wakes it after a few records and an idle
+    copier wakes 1/idle_wait times a second.
+
+    One lock covers the queues and every read of a ring: `add`, `remove`, `take` and a copier pass
+    exclude each other, so once `remove(ring)` has returned the ring is never read again (its map may
+    be closed and unmapped). `ready` is set after a pass that copied records."""
+
+    def __init__(self, period: float = 0.01, idle_wait: float = 0.1,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.period = period
+        self.idle_wait = idle_wait
+        self.on_error = on_error     # an exception out of a pass (our bug); the copier goes on
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._queues: dict[RingBuffer, RecordQueue] = {}
+        self._stop = threading.Event()
+        self._ep: select.epoll | None = None
+        self._wake = -1              # eventfd in the epoll: stop() interrupts the idle wait
+        self._thread: threading.Thread | None = None
+
+    def add(self, ring: RingBuffer, take: Callable[[], list[Any]], max_bytes: int) -> None:
+        """Copy `ring` from now on with `take`, holding at most ~`max_bytes` of its records."""
+        with self._lock:
+            self._queues[ring] = RecordQueue(ring, take, max_bytes)
+            self._watch(ring)
+
+    def _watch(self, ring: RingBuffer) -> None:
+        if self._ep is None:
+            return
+        try:
+            self._ep.register(ring.fd, select.EPOLLIN)
+        except PermissionError:  # not pollable (a memfd in tests): the next timed pass finds its data
+            pass
+
+    def remove(self, ring: RingBuffer) -> list[Any]:
+        """Stop copying `ring`; returns the records still held and those in the ring now (none are
+        lost at a close). Once this returns, nothing here reads the ring again."""
+        with self._lock:
+            q = self._queues.pop(ring, None)
+            if q is None:
+                return []
+            if self._ep is not None:
+                try:
+                    self._ep.unregister(ring.fd)
+                except OSError:  # never registered (not pollable)
+                    pass
+            return q.pop()
+
+    def take(self, ring: RingBuffer) -> list[Any]:
+        """The records copied from `ring` so far, then those in it now: oldest first (none if removed)."""
+        with self._lock:
+            q = self._queues.get(ring)
+            return q.pop() if q is not None else []
+
+    def held(self, ring: RingBuffer) -> tuple[int, int]:
+        """(records, ring bytes) held for `ring`."""
+        with self._lock:
+            q = self._queues.get(ring)
+            return (q.records, q.bytes) if q is not None else (0, 0)
+
+    def copy_pass(self) -> tuple[int, bool]:
+        """Copy every ring whose queue has room once: (records copied, some queue was full)."""
+        n, full = 0, False
+        with self._lock:
+            for q in self._queues.values():
+                if q.full():
+                    full = True
+                    continue
+                try:
+                    n += q.copy()
+                except Exception as e:  # our bug (a decode in take): report it, copy the other rings
+                    if self.on_error is None:
+                        raise
+                    self.on_error(e)
+        if n:
+            self.ready.set()
+        return n, full
+
+    def start(self, name: str = "ring-copier") -> None:
+        self._stop.clear()
+        with self._lock:
+            self._ep = select.epoll()
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._ep.register(self._wake, select.EPOLLIN)
+            for ring in self._queues:
+                self._watch(ring)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._ep is not None
+        ep = self._ep
+        woke = False   # the last idle wait ended on data; if the pass then found none (a record still
+        # being written: poll is level-triggered), wait one period rather than spin
+        while not self._stop.is_set():
+            started = time.monotonic()
+            n, full = self.copy_pass()
+            if n == 0 and not full and not woke:
+                woke = bool(ep.poll(self.idle_wait))
+            else:
+                woke = False
+                self._stop.wait(max(0.0, started + self.period - time.monotonic()))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (records copied stay queued for `take`), then close its epoll."""
+        self._stop.set()
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.ready.set()   # a consumer waiting for data sees the stop
+        with self._lock:
+            if self._ep is not None:
+                self._ep.close()
+                self._ep = None
+            if self._wake >= 0:
+                os.close(self._wake)
+                self._wake = -1

@@ -1,0 +1,302 @@
+"""The ring copier (receiver/ebpf_go/ringbuf.py: RingCopier, RecordQueue) and the receiver's use of it:
+records leave the ring buffer into a bounded queue, in order; a full queue leaves the ring alone (the
+BPF side then counts the loss); a ring removed is never read again; shutdown pushes every record,
+copied or still in the ring.
+
+The ring buffer is the memfd imitation of test_ringbuf.py (no root), read by the real RingBuffer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from collector.component import ComponentID
+from collector.spans import KIND_SERVER, Span, SpanBatch
+from collector.telemetry import ComponentTelemetry, SelfMetrics
+from receiver.ebpf_go import bpfsys, loader
+from receiver.ebpf_go.probes import Probe, StructCollector
+from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary
+from receiver.ebpf_go.ringbuf import RingBuffer, RingCopier
+
+from .test_ringbuf import IS_ROOT, FakeRing, _ringbuf_output_prog
+
+SIZE = 4096
+REC = struct.Struct("<Q24x")     # a sequence number; 32 bytes, 40 in the ring with its header
+IN_RING = 40
+
+
+@pytest.fixture
+def ring() -> Iterator[tuple[FakeRing, RingBuffer]]:
+    f = FakeRing(SIZE)
+    r = RingBuffer(f.fd, SIZE)
+    yield f, r
+    r.close()
+    f.close()
+
+
+def put(f: FakeRing, first: int, n: int) -> int:
+    for i in range(first, first + n):
+        f.put(REC.pack(i))
+    return first + n
+
+
+def seqs(records: list[Any]) -> list[int]:
+    return [r[0] for r in records]
+
+
+def test_copies_in_order_and_frees_the_ring(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    c = RingCopier()
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=10 * SIZE)
+    nxt = 0
+    for _ in range(10):              # 10 ring-fulls in all, never more than 80 at once in the ring
+        nxt = put(f, nxt, 80)
+        assert c.copy_pass() == (80, False)
+        assert r.pending() == 0 and f.cons() == f.prod   # ring space released at once
+    assert c.ready.is_set()
+    assert c.held(r) == (800, 800 * IN_RING)
+    nxt = put(f, nxt, 5)             # still in the ring: comes after the copied ones
+    assert seqs(c.take(r)) == list(range(805))
+    assert c.held(r) == (0, 0) and c.take(r) == []
+
+
+def test_a_full_queue_leaves_records_in_the_ring(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    c = RingCopier()
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=2 * SIZE)
+    nxt = 0
+    while c.held(r)[1] < 2 * SIZE:
+        nxt = put(f, nxt, 50)
+        assert c.copy_pass()[0] == 50
+    held = c.held(r)
+    nxt = put(f, nxt, 50)
+    assert c.copy_pass() == (0, True)            # full: the ring keeps them (and fills: BPF counts)
+    assert c.held(r) == held and r.pending() == 50 * IN_RING
+    assert held[1] < 2 * SIZE + SIZE             # bounded: the limit plus at most one ring-full
+    assert seqs(c.take(r)) == list(range(nxt))   # nothing lost, in order, the ring's after the queue's
+    nxt = put(f, nxt, 10)
+    assert c.copy_pass() == (10, False)          # room again
+    assert seqs(c.take(r)) == list(range(nxt - 10, nxt))
+
+
+def test_thread_copies_while_the_consumer_takes(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """Producer, copier thread and consumer at once: every record once, in order."""
+    f, r = ring
+    c = RingCopier(period=0.001, idle_wait=0.005)
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=100 * SIZE)   # room for 1000 records and more
+    c.start()
+    got: list[int] = []
+    nxt = 0
+    deadline = time.monotonic() + 60
+    try:
+        while nxt < 20000:
+            assert time.monotonic() < deadline, f"ring not freed by the copier: {nxt} records put"
+            if f.prod - f.cons() + 10 * IN_RING <= SIZE:
+                nxt = put(f, nxt, 10)
+            else:
+                time.sleep(0.0005)       # ring full: the copier (not the consumer) must free it
+            if nxt % 1000 == 0:
+                got += seqs(c.take(r))
+    finally:
+        c.stop()
+    got += seqs(c.take(r))
+    assert got == list(range(20000))
+
+
+def test_stop_keeps_what_was_copied_for_the_last_take(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    c = RingCopier(period=0.001)
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=4 * SIZE)
+    c.start()
+    put(f, 0, 60)
+    deadline = time.monotonic() + 10
+    while c.held(r)[0] < 60 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    c.stop()
+    put(f, 60, 30)                    # produced after the copier stopped: still in the ring
+    assert seqs(c.take(r)) == list(range(90))
+
+
+def test_a_removed_ring_is_never_read_again(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """remove() waits for a pass in progress: once it returns, the ring may be unmapped."""
+    f, r = ring
+    closed = threading.Event()
+    after_close: list[float] = []
+    in_take = threading.Event()
+
+    def slow_take() -> list[Any]:
+        if closed.is_set():
+            after_close.append(time.monotonic())
+            return []
+        in_take.set()
+        time.sleep(0.02)              # widen the window in which remove() is called
+        return r.read_unpacked(REC)[0]
+
+    f2 = FakeRing(SIZE)
+    r2 = RingBuffer(f2.fd, SIZE)
+    c = RingCopier(period=0.001)
+    c.add(r, slow_take, max_bytes=4 * SIZE)
+    c.add(r2, lambda: r2.read_unpacked(REC)[0], max_bytes=4 * SIZE)
+    put(f, 0, 20)
+    c.start()
+    try:
+        assert in_take.wait(10)
+        left = c.remove(r)            # a pass is inside slow_take now: remove waits for it
+        closed.set()
+        r.close()                     # as close_program does
+        assert seqs(left) == list(range(20))
+        put(f2, 0, 7)                 # the other ring is still copied
+        deadline = time.monotonic() + 10
+        while c.held(r2)[0] < 7 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert c.held(r2)[0] == 7
+        assert c.remove(r) == [] and c.take(r) == []
+    finally:
+        c.stop()
+        r2.close()
+        f2.close()
+    assert after_close == []
+
+
+def test_a_failing_read_is_reported_and_the_other_rings_copied(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    errors: list[BaseException] = []
+    c = RingCopier(on_error=errors.append)
+
+    class Broken:
+        fd, position = -1, 0
+
+    def fail() -> list[Any]:
+        raise ValueError("bad record")
+    c.add(Broken(), fail, max_bytes=SIZE)  # type: ignore[arg-type]
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=SIZE)
+    put(f, 0, 3)
+    assert c.copy_pass() == (3, False)
+    assert [str(e) for e in errors] == ["bad record"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root")
+def test_idle_copier_is_woken_by_a_real_ring_buffer() -> None:
+    """Idle, the copier sleeps on the rings' epoll: a record (submitted with the default wake-up)
+    wakes it long before its idle_wait of a minute; a ring removed leaves the epoll."""
+    size = 4096
+    fd = bpfsys.map_create(bpfsys.MapSpec("rbcopy", bpfsys.MAP_RINGBUF, 0, 0, size))
+    buf = bpfsys.map_create(bpfsys.MapSpec("rbcopy_buf", bpfsys.MAP_ARRAY, 4, 1024, 1))
+    prog = _ringbuf_output_prog(fd, buf, 64)
+    rb = RingBuffer(fd, size)
+    c = RingCopier(period=0.001, idle_wait=60)
+    c.add(rb, rb.read, max_bytes=4 * size)
+    c.start()
+    try:
+        time.sleep(0.05)                  # let it reach its idle wait
+        c.ready.clear()
+        assert bpfsys.prog_test_run(prog, bytes(range(64))) == 2
+        assert c.ready.wait(30)           # not the 60 s idle_wait: the epoll woke it
+        assert c.take(rb) == [bytes(range(64))]
+        assert c.remove(rb) == []
+    finally:
+        c.stop()
+        rb.close()
+        for f in (prog, fd, buf):
+            os.close(f)
+
+
+# ---------------------------------------------------------------- the receiver around it
+
+
+class SeqProbe(Probe):
+    """A probe whose records are REC: one SERVER span per record, named by its sequence number."""
+
+    name = "seq"
+    scope = "seq"
+
+    def collector(self) -> StructCollector:
+        return StructCollector(REC)
+
+    def spans(self, records: list[Any], state: Any, gb: Any, mono_to_unix: int,
+              common: Any) -> list[tuple[int, Span]]:
+        return [(42, Span(b"\1" * 16, b"\2" * 8, str(r[0]), kind=KIND_SERVER)) for r in records]
+
+
+class FakeBpf:
+    """What the receiver uses of a loaded program: the `lost` map, and close()."""
+
+    def __init__(self, ring: RingBuffer) -> None:
+        self.ring = ring
+        self.closed = False
+
+    def __getitem__(self, name: str) -> Any:
+        class Lost:
+            @staticmethod
+            def read_u64(index: int) -> int:
+                return 0
+        return Lost()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ring.close()
+
+
+class Spans:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def consume(self, batch: SpanBatch) -> None:
+        self.names += [s.name for rs in batch.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def receiver_with(r: RingBuffer) -> tuple[EbpfGoReceiver, TracedBinary, Spans]:
+    out = Spans()
+    rcv = EbpfGoReceiver(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go",
+                                                                                    SelfMetrics()), out)
+    probe = SeqProbe()
+    col = probe.collector()
+    col.bind(r)
+    pp = ProbeProgram(probe, loader.Program(FakeBpf(r), "seq.c", 0.0), col, None)  # type: ignore[arg-type]
+    tb = TracedBinary((1, 2), None, "/bin/seq", [pp])  # type: ignore[arg-type]
+    rcv.binaries[tb.key] = tb
+    rcv.copier.add(r, col.take, 4 * SIZE)   # as _binary_for does
+    return rcv, tb, out
+
+
+def test_receiver_shutdown_pushes_copied_and_ring_records(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    rcv, tb, out = receiver_with(r)
+    rcv.copier.start()
+    put(f, 0, 50)
+    deadline = time.monotonic() + 10
+    while rcv.copier.held(r)[0] < 50 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    put(f, 50, 25)                    # not copied yet
+    bpf = tb.programs[0].program.bpf
+    rcv.shutdown()
+    assert out.names == [str(i) for i in range(75)]
+    assert bpf.closed and rcv.binaries == {}     # type: ignore[attr-defined]
+    assert rcv.telemetry.metrics.registry.get_sample_value("otelgo_ebpf_events_total") == 75
+
+
+def test_receiver_drain_then_release_loses_nothing(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """A binary released (program_linger over): what the copier copied after the last drain is pushed
+    before its ring is unmapped, and the copier no longer knows the ring."""
+    f, r = ring
+    rcv, tb, out = receiver_with(r)
+    put(f, 0, 10)
+    assert rcv.copier.copy_pass() == (10, False)
+    with rcv._lock:
+        assert rcv._drain(tb) == 10
+    put(f, 10, 5)
+    assert rcv.copier.copy_pass() == (5, False)
+    put(f, 15, 5)
+    tb.idle_since = time.monotonic() - 1e6
+    rcv._close_idle()
+    assert out.names == [str(i) for i in range(20)]
+    assert rcv.copier.take(r) == [] and rcv.copier.copy_pass() == (0, False)
+    rcv.shutdown()
