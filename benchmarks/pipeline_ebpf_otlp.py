@@ -1,7 +1,7 @@
 """Spans/s from ring-buffer records to the OTLP exporter, on one core, at controlled event rates.
 
     .venv/bin/python benchmarks/pipeline_ebpf_otlp.py [--rates 20000,50000,100000,200000] [--seconds 4]   (root)
-        [--reader bcc|mmap]
+        [--reader bcc|mmap] [--no-copier]
     .venv/bin/python benchmarks/pipeline_ebpf_otlp.py --stages [--spans 100000]   (no root, no BPF)
 
 Producer (CPU 0): a C loop calls a function starting with `push` (an emulated uprobe hit) at a set
@@ -9,19 +9,23 @@ rate; a BPF program on it fills a ring buffer with `struct http_server_event` re
 the net/http server probe's layout, GET /hello), counting records it could not reserve in `lost`
 (as bpf/nethttp_server.c does: `otelgo_ebpf_events_lost_total`).
 Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the ring buffer read
-(`--reader bcc`: BCC's ctypes callback per record, one precompiled Struct; `--reader mmap`: the
-receiver's mmap reader, receiver/ebpf_go/ringbuf.py, one `read_unpacked` per drain), drained as
+by the receiver's copier (`receiver/ebpf_go/ringbuf.py`: `RingCopier`, with the receiver's period,
+idle wait and queue bound, copying through the net/http server probe's `StructCollector`, i.e. the
+mmap reader's `read_unpacked`, every 10 ms on its own thread), the copies drained as
 `EbpfGoReceiver._reader_loop` does (every 20 ms counted from the start of the previous drain; after
-a drain that found nothing, a wait on the ring buffer's epoll of up to 100 ms), `nethttp_server.to_spans`,
+a drain that found nothing, a wait for the copier's next copy), `nethttp_server.to_spans`,
 one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter;
 the heap frozen once set up, as the collector does (`collector.service.freeze_startup_heap`).
+`--no-copier`: the drain reads the ring itself, as the receiver did before the copier (after an
+empty drain, a wait on the ring's epoll of up to 100 ms); `--reader bcc` (BCC's ctypes callback per
+record, one precompiled Struct) implies it.
 Sink (CPU 0): a Python OTLP/gRPC server in a child process that counts spans.
 Reports per rate: produced, exported, lost, spans/s exported, pipeline CPU µs/span, the time the
 pipeline process spent in the garbage collector (collections per generation and their mean pause),
 and the CPU per thread.
 Experiments (not what the collector does): `--drain-after` waits 20 ms after the end of each drain
 (the receiver before issue 8); `--no-gc-freeze`; `--gc-threshold N` sets the generation-0 threshold;
-`--period S` another drain period; `--copier S` a thread copies the ring every S s. `--trace-lost` prints each failed `ringbuf_reserve` (time, records
+`--period S` another drain period. `--trace-lost` prints each failed `ringbuf_reserve` (time, records
 submitted so far) next to the drains around it (start, read time, records, consumer_pos after).
 
 `--stages`: the same path, stage by stage, in one thread on CPU 1 (no BPF, no gRPC): records packed
@@ -32,6 +36,7 @@ timed alone (µs/span, best of 3, garbage collector on as in the collector).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import mmap
@@ -54,7 +59,8 @@ from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
-from receiver.ebpf_go.ringbuf import wait_any  # noqa: E402
+from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
+from receiver.ebpf_go.ringbuf import RingCopier, wait_any  # noqa: E402
 
 C_SOURCE = r"""
 #include <stdio.h>
@@ -170,13 +176,14 @@ def bcc_struct_reader(bpf: Any, layout: Any) -> Any:
 
 
 def mmap_struct_reader(bpf: Any, layout: Any, pages: int) -> Any:
-    """The receiver's mmap reader over the same map: one read_unpacked per drain; returns take(), ring."""
+    """The receiver's mmap reader over the same map, through the probe's collector (one read_unpacked
+    per call); returns take(), ring."""
+    from receiver.ebpf_go.probes import StructCollector
     from receiver.ebpf_go.ringbuf import RingBuffer
     ring = RingBuffer(bpf["events"].map_fd, pages * 4096)
-
-    def take() -> list[Any]:
-        return ring.read_unpacked(layout)[0]
-    return take, ring
+    col = StructCollector(layout)
+    col.bind(ring)
+    return col.take, ring
 
 
 def stages(n: int) -> int:
@@ -289,9 +296,8 @@ def main() -> int:
     ap.add_argument("--drain-after", action="store_true",
                     help="wait 20 ms after the end of each drain (the receiver before issue 8)")
     ap.add_argument("--period", type=float, default=0.02, help="drain period, s")
-    ap.add_argument("--copier", type=float, default=0,
-                    help="experiment: a thread copies records out of the ring every N s (GIL permitting); the "
-                         "drain processes what it copied")
+    ap.add_argument("--no-copier", action="store_true",
+                    help="the drain reads the ring itself (the receiver before its copier thread)")
     ap.add_argument("--spans", type=int, default=100_000, help="records for --stages")
     ap.add_argument("--trace-lost", action="store_true",
                     help="print each failed reserve (time, records submitted) next to the drains around it")
@@ -324,22 +330,12 @@ def main() -> int:
     b.attach_uprobe(name=str(exe).encode(), sym=b"produce", fn_name=b"on_produce", pid=prod.pid)
     take, ring = bcc_struct_reader(b, nethttp_server.EVENT) if args.reader == "bcc" else \
         mmap_struct_reader(b, nethttp_server.EVENT, args.ringbuf_pages)
-    copier_stop = threading.Event()
-    if args.copier:
-        ring_take, copied, copy_lock = take, [], threading.Lock()
-
-        def copier() -> None:
-            os.sched_setaffinity(0, {1})
-            while not copier_stop.wait(args.copier):
-                with copy_lock:
-                    copied.extend(ring_take())
-
-        def take() -> list[Any]:
-            with copy_lock:
-                out = copied[:] + ring_take()
-                copied.clear()
-            return out
-        threading.Thread(target=copier, name="copier", daemon=True).start()
+    copier: RingCopier | None = None
+    if ring is not None and not args.no_copier:   # as EbpfGoReceiver: start() and _binary_for
+        copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S)
+        copier.add(ring, take, QUEUE_RINGS * ring.size)
+        copier.start("copier")
+        take = functools.partial(copier.take, ring)   # the drain takes the copies, then the ring's rest
 
     sm = SelfMetrics()
     exp: Any = otlp_factory.create(ComponentID("otlp"), OTLPConfig.model_validate(
@@ -404,6 +400,8 @@ def main() -> int:
         woke = False
         while True:   # as EbpfGoReceiver._reader_loop
             started = time.monotonic()
+            if copier is not None:
+                copier.ready.clear()
             n = drain()
             decoded += n
             part = prod.stdout.readline()
@@ -412,6 +410,8 @@ def main() -> int:
                 break
             if args.drain_after:
                 time.sleep(0.02)
+            elif n == 0 and copier is not None:
+                copier.ready.wait(0.1)   # (the receiver: up to 1 s; here the row's end is checked)
             elif n == 0 and not woke and ring is not None:
                 woke = wait_any([ring], 0.1)
             else:
@@ -458,7 +458,8 @@ def main() -> int:
             for d in (d for d in drains if ts - 100_000_000 < d[0] < ts + 30_000_000):
                 print(f"    drain {(d[0] - ts) / 1e6:+.2f} ms, read {(d[1] - d[0]) / 1e6:.2f} ms, {d[2]} records, "
                       f"cons {d[3]}")
-    copier_stop.set()
+    if copier is not None:
+        copier.stop()
     batch.shutdown()
     exp.shutdown()
     prod.stdin.close()
