@@ -6,7 +6,13 @@ Compiles variants of the server program with pieces switched off (-D flags, see 
 or attached differently, then measures the server's CPU per request under `wrk -t1 -c4` for each,
 in rotating order within every round (the first variant of round r is variant r mod n), all against
 the one server process (Go 1.27 httpserver fixture, GOMAXPROCS=1, pinned to CPU 0; wrk on CPU 1).
-Reports per variant the median server CPU µs/request and what it adds to "none" (no probes).
+Reports per variant the median server CPU µs/request, what it adds to "none" (no probes), the same
+paired by round (each round's value minus that round's "none", then the median: the machine's load
+drifts between rounds), and the BPF programs' own run time per request (kernel BPF stats, enabled
+by BPF_ENABLE_STATS for the run): the program body without the cost of the probe hit itself, far
+less noisy than the server's CPU time. "before" compiles bpf/nethttp_server.c as of --before-rev
+with today's cflags (before/after in one run). --headers adds User-Agent and traceparent to wrk's
+requests (which otherwise carry only Host: the header map is then empty and not walked).
 Where the span ends: "full" and the AB switches = entry + every RET of ServeHTTP (the probe before
 issue 8); "end" = entry + the emulated end points (probes/nethttp_server.py end_plan, what the
 receiver attaches now); "empty-*" = programs that only return 0 at the same points (the in-situ
@@ -41,6 +47,8 @@ from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
+# The server program before the issue-8 body cuts (the A/B switches only): variant "before".
+BEFORE_REV = "63eb9d3"
 EMPTY_BPF = "".join(f"int {fn}(void *ctx) {{ return 0; }}\n" for fn in (
     "uprobe_server_ServeHTTP", "uprobe_server_ServeHTTP_return", "uprobe_server_end_h1", "uprobe_server_end_h2"))
 
@@ -53,6 +61,7 @@ class Variant:
     end: str = "ret"             # "ret": every RET of ServeHTTP; "emulated": end_plan's points; "": none
     pid_filter: bool = True      # attach per pid (as the receiver does) or pid=-1
     empty_text: bool = False     # a trivial program instead of nethttp_server.c
+    before: bool = False         # nethttp_server.c as of --before-rev (same cflags)
     bpf: Any = None
 
 
@@ -80,6 +89,10 @@ VARIANTS = {
     "end-no-lookup": Variant("end-no-lookup", ["-DAB_NO_MORESTACK_LOOKUP"], end="emulated"),
     "end-no-entry-read": Variant("end-no-entry-read", ["-DAB_NO_ENTRY_READ"], end="emulated"),
     "end-no-ids": Variant("end-no-ids", ["-DAB_NO_IDS"], end="emulated"),
+    "before": Variant("before", end="emulated", before=True),
+    "end-prandom-ids": Variant("end-prandom-ids", ["-DAB_PRANDOM_IDS"], end="emulated"),
+    "end-split-line": Variant("end-split-line", ["-DAB_SPLIT_LINE"], end="emulated"),
+    "end-ctx-spans": Variant("end-ctx-spans", ["-DCTX_SPANS=1"], end="emulated"),
     "end-field-reads": Variant("end-field-reads", ["-DAB_FIELD_READS"], end="emulated"),
 }
 
@@ -119,6 +132,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--variants", default="none,full,end,empty,empty-end,empty-entry,empty-ret,empty-endonly")
+    ap.add_argument("--before-rev", default=BEFORE_REV,
+                    help="git revision whose bpf/nethttp_server.c the variant 'before' compiles")
     ap.add_argument("--headers", action="store_true",
                     help="send User-Agent and traceparent (wrk sends only Host): the header walk finds both")
     args = ap.parse_args()
@@ -138,10 +153,19 @@ def main() -> int:
         for v in variants:
             if v.name == "none":
                 continue
+            # A variant's -DNAME=value replaces the base's NAME (e.g. -DCTX_SPANS=1).
+            names = {d.split("=")[0] for d in v.defines}
+            flags = [f for f in base if f.split("=")[0] not in names] + v.defines
             if v.empty_text:
                 v.bpf = loader.compile_program(empty_src, [], ksrc).bpf
+            elif v.before:
+                old = Path(tmp) / "nethttp_server_before.c"
+                old.write_text(subprocess.run(["git", "show", f"{args.before_rev}:bpf/nethttp_server.c"],
+                                              cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                              text=True, check=True).stdout)
+                v.bpf = loader.compile_program(old, flags, ksrc).bpf
             else:
-                v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, base + v.defines, ksrc).bpf
+                v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, flags, ksrc).bpf
     sym = nethttp_server.SYMBOL
     entry = gb.entry_probe(sym).addr
     ends = {"ret": nethttp_server.end_plan(gb, "ret").points, "emulated": nethttp_server.end_plan(gb, "emulated").points,

@@ -23,12 +23,14 @@
  *   PATTERN_MODE  0 none, 1 req.pat->str (Go 1.22), 2 req.Pattern (Go >= 1.23)
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
+ *   CTX_SPANS     1: fill ctx_spans (the binary has a client or database/sql probe that reads it), 0: not
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  * Benchmark switches (benchmarks/server_probe_ab.py; never set by the receiver): AB_EMPTY (both
- * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS,
- * AB_HASH (inflight a plain hash), AB_NO_MORESTACK_LOOKUP, AB_NO_ENTRY_READ (no Request read at entry:
- * no header walk, no ctx_spans), AB_NO_IDS (no random span ids)
- * (one user-memory read per Request field instead of one block).
+ * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS
+ * (one user-memory read per Request field instead of one block), AB_HASH (inflight a plain hash),
+ * AB_NO_MORESTACK_LOOKUP, AB_NO_ENTRY_READ (no Request read at entry: no header walk, no ctx_spans),
+ * AB_NO_IDS (no span ids drawn), AB_PRANDOM_IDS (ids from bpf_get_prandom_u32, as before),
+ * AB_SPLIT_LINE (method and path always read apart).
  */
 #include "go_types.h"
 
@@ -75,7 +77,9 @@ struct http_server_event {
     struct event_header h;   /*   0 */
     struct trace_ctx tc;     /*  32 */
     u64 status;              /*  72 */
-    u16 method_len;          /*  80 */
+    u8 method_len;           /*  80 */
+    u8 method_off;           /* the method is at method[method_off]: 16 - its distance to the path
+                                when both came in one read from the request line, else 0 */
     u16 path_len;
     u16 remote_len;
     u16 host_len;
@@ -138,6 +142,48 @@ BPF_ARRAY(lost, u64, 1);
  * otherwise drains on its own timer (no wake-up cost on the traced thread for most requests). */
 BPF_PERCPU_ARRAY(submitted, u64, 1);
 
+#ifndef CTX_SPANS
+#define CTX_SPANS 1
+#endif
+#if defined(AB_NO_CTX_SPANS)
+#undef CTX_SPANS
+#define CTX_SPANS 0
+#endif
+
+/* id_rng[0]: per CPU, the state of a splitmix64 generator seeded from bpf_get_prandom_u32 on first
+ * use; span and trace ids come from it (one helper call per id word costs ~50 ns here, six of them
+ * ~0.3 us per request). */
+BPF_PERCPU_ARRAY(id_rng, u64, 1);
+
+static __always_inline u64 splitmix64(u64 *state) {
+    u64 z = (*state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* Fresh span id, and a fresh trace id (sampled) unless keep_trace: the trace came from a parent. */
+static __always_inline void server_span_ids(struct trace_ctx *tc, int keep_trace) {
+#ifdef AB_PRANDOM_IDS
+    new_span_ids(tc, keep_trace);
+#else
+    u32 z = 0;
+    u64 *st = id_rng.lookup(&z);
+    if (!st) {
+        new_span_ids(tc, keep_trace);
+        return;
+    }
+    if (*st == 0)
+        *st = ((u64)bpf_get_prandom_u32() << 32) ^ bpf_get_prandom_u32() ^ bpf_ktime_get_ns();
+    if (!keep_trace) {
+        *(u64 *)tc->trace_id = splitmix64(st);
+        *(u64 *)(tc->trace_id + 8) = splitmix64(st);
+        tc->flags = 1;
+    }
+    *(u64 *)tc->span_id = splitmix64(st);
+#endif
+}
+
 /* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
 
 
@@ -175,8 +221,11 @@ static __always_inline void scan_slot(struct go_string key, u64 elem_addr, struc
     }
 }
 
-/* The first bytes of a map header hold every field read (swiss: dirPtr 16, dirLen 24; classic: B 9,
- * buckets 16, oldbuckets 24; both headers are 48 bytes). */
+/* The first bytes of a map header hold every field read (swiss: used 0, dirPtr 16, dirLen 24;
+ * classic: count 0, B 9, buckets 16, oldbuckets 24; both headers are 48 bytes). */
+#ifndef MAP_COUNT_POS
+#define MAP_COUNT_POS 0
+#endif
 #define MAP_HEAD_LEN 32
 
 #if SWISS_MAPS
@@ -200,6 +249,8 @@ static __always_inline void scan_group(u64 group, struct server_call *c) {
 static __always_inline void scan_headers(u64 m, struct server_call *c) {
     u64 mh[MAP_HEAD_LEN / 8] = {};   /* the map header, in one read */
     bpf_probe_read_user(mh, MAP_HEAD_LEN, (void *)m);
+    if (mh[MAP_COUNT_POS / 8] == 0)  /* no headers but Host (which net/http keeps out of the map) */
+        return;
     u64 dir_ptr = mh[SWISS_DIRPTR_POS / 8];
     s64 dir_len = mh[SWISS_DIRLEN_POS / 8];
     if (dir_ptr == 0)
@@ -251,6 +302,8 @@ static __always_inline void scan_bucket(u64 b, struct server_call *c) {
 static __always_inline void scan_headers(u64 m, struct server_call *c) {
     u64 mh[MAP_HEAD_LEN / 8] = {};   /* the map header, in one read */
     bpf_probe_read_user(mh, MAP_HEAD_LEN, (void *)m);
+    if (mh[MAP_COUNT_POS / 8] == 0)  /* no headers but Host (which net/http keeps out of the map) */
+        return;
     u8 B = ((u8 *)mh)[HMAP_B_POS];
     u64 buckets = mh[HMAP_BUCKETS_POS / 8], old = mh[HMAP_OLDBUCKETS_POS / 8];
     if (B > 3)
@@ -367,19 +420,51 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
     }
 #ifndef AB_NO_IDS
-    new_span_ids(&c->tc, keep);
+    server_span_ids(&c->tc, keep);
 #endif
+#if CTX_SPANS
     c->ctx_data = rctx.data;
-    inflight.update(&k, c);
-#ifdef AB_NO_CTX_SPANS
-    c->ctx_data = 0;
-    rctx.data = 0;
 #endif
-    if (rctx.data != 0) {
+    inflight.update(&k, c);
+    if (c->ctx_data != 0) {
         struct ctx_key ck = {.ptr = rctx.data, .tgid = k.tgid};
         ctx_spans.update(&ck, &c->tc);
     }
     return 0;
+}
+
+/* Method and URL.Path into the record. An HTTP/1.x request's Method and (unescaped) Path are both
+ * substrings of its request line, "GET /path?q HTTP/1.1": then one read from the method's first byte to
+ * the path's last, placed so that the path lands at e->path (and the method `gap` bytes before it,
+ * at method[16 - gap]). Otherwise (HTTP/2, an escaped path, a method longer than 15 bytes) two reads. */
+static __always_inline void read_method_path(struct http_server_event *e, struct go_string m, u64 url) {
+    struct go_string p = {};
+    u32 n = 0;
+    if (url != 0)
+        bpf_probe_read_user(&p, sizeof(p), (void *)(url + URL_PATH_POS));
+    e->method_off = 0;
+    e->method_len = 0;
+    e->path_len = 0;
+    if (p.len > PATH_MAX_)
+        p.len = PATH_MAX_;
+    u64 gap = p.ptr - m.ptr;   /* the path's distance from the method's first byte */
+#ifndef AB_SPLIT_LINE
+    if (m.ptr != 0 && p.ptr > m.ptr && m.len > 0 && p.len > 0 && gap >= (u64)m.len && gap < METHOD_MAX) {
+        u64 len = gap + p.len;
+        u64 off = METHOD_MAX - gap;
+        if (off >= 1 && off <= METHOD_MAX && len <= METHOD_MAX + PATH_MAX_ &&
+            bpf_probe_read_user(e->method + off, len, (void *)m.ptr) == 0) {
+            e->method_off = off;
+            e->method_len = m.len;
+            e->path_len = p.len;
+            return;
+        }
+    }
+#endif
+    READ_GO_STRING_DATA(e->method, METHOD_MAX, m, n);
+    e->method_len = n;
+    READ_GO_STRING_DATA(e->path, PATH_MAX_, p, n);
+    e->path_len = n;
 }
 
 /* The call `c` of goroutine `k` has ended at `now`: emit its record and forget it. */
@@ -407,7 +492,8 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
     __builtin_memcpy(&e->tc, &c->tc, sizeof(e->tc));
     u32 n = 0;
     e->ua_len = c->ua_len;
-    __builtin_memcpy(e->user_agent, c->user_agent, UA_MAX);
+    if (c->ua_len)
+        __builtin_memcpy(e->user_agent, c->user_agent, UA_MAX);
 
     e->status = 0;
 #ifndef AB_NO_STRINGS
@@ -448,13 +534,7 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
 #endif
 
 #if REQ_BLOCK_LEN > 0 && REQ_BLOCK_LEN <= REQ_BLOCK_MAX
-    READ_GO_STRING_DATA(e->method, METHOD_MAX, REQ_STR(rb, REQ_METHOD_POS), n);
-    e->method_len = n;
-    u64 url = REQ_U64(rb, REQ_URL_POS);
-    n = 0;
-    if (url != 0)
-        READ_GO_STRING(e->path, PATH_MAX_, url + URL_PATH_POS, n);
-    e->path_len = n;
+    read_method_path(e, REQ_STR(rb, REQ_METHOD_POS), REQ_U64(rb, REQ_URL_POS));
     READ_GO_STRING_DATA(e->remote, REMOTE_MAX, REQ_STR(rb, REQ_REMOTEADDR_POS), n);
     e->remote_len = n;
     READ_GO_STRING_DATA(e->host, HOST_MAX, REQ_STR(rb, REQ_HOST_POS), n);
@@ -470,6 +550,7 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
 #else
     READ_GO_STRING(e->method, METHOD_MAX, req + REQ_METHOD_POS, n);
     e->method_len = n;
+    e->method_off = 0;
     u64 url = 0;
     bpf_probe_read_user(&url, sizeof(url), (void *)(req + REQ_URL_POS));
     n = 0;

@@ -63,6 +63,8 @@ H2_SERVERS = {  # runHandler's package -> (responseWriter type, responseWriterSt
 }
 # Swiss-map layout (internal/runtime/maps, identical in Go 1.24-1.27) and the classic hmap.
 SWISS = {"SWISS_DIRPTR_POS": 16, "SWISS_DIRLEN_POS": 24, "SWISS_TABLE_GROUPS_POS": 16, "SWISS_TABLE_MASK_POS": 24}
+# The number of entries, in both layouts (swiss Map.used, hmap.count): an empty Header is not walked.
+MAP_COUNT_POS = 0
 CLASSIC = {"HMAP_B_POS": 9, "HMAP_BUCKETS_POS": 16, "HMAP_OLDBUCKETS_POS": 24}
 
 
@@ -117,9 +119,24 @@ def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_
     layout = SWISS if swiss_maps(binary) else CLASSIC
     flags.append(f"-DSWISS_MAPS={1 if layout is SWISS else 0}")
     flags += [f"-D{k}={v}" for k, v in layout.items()]
+    flags.append(f"-DMAP_COUNT_POS={MAP_COUNT_POS}")
+    flags.append(f"-DCTX_SPANS={1 if ctx_span_readers(binary) else 0}")
     flags += [f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}", f"-DRINGBUF_PAGES={ringbuf_pages}",
               f"-DWAKEUP_EVERY={wakeup_every}"]
     return flags
+
+
+def ctx_span_readers(binary: GoBinary) -> list[str]:
+    """The probes that could read this binary's server spans from `ctx_spans` (the client and
+    database/sql probes, attached only where their functions exist). None: the server program
+    does not fill the map (an update and a delete of the pinned LRU map per request saved)."""
+    from . import database_sql, nethttp_client
+    readers = []
+    if binary.function(nethttp_client.ROUND_TRIP) is not None:
+        readers.append("net_http_client")
+    if database_sql.present(binary):
+        readers.append("database_sql")
+    return readers
 
 
 def h2_status_offsets(binary: GoBinary) -> tuple[int, int]:
@@ -230,7 +247,8 @@ def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, end: str | None
     return points
 
 
-# ---- events: struct http_server_event in bpf/nethttp_server.c, field for field.
+# ---- events: struct http_server_event in bpf/nethttp_server.c, field for field. The first "H" of
+# the lengths holds two bytes: method_len, then method_off (where the method starts in `method`).
 
 EVENT = struct.Struct("<IIQQQ16s8s8sBB6xQ6HBBBx16s128s64s128s128s128s")
 assert EVENT.size == 688, EVENT.size
@@ -332,10 +350,11 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple
     shapes, texts, peers = _SHAPE_MEMO, _TEXT_MEMO, _HOSTPORT_MEMO
     new_span = make_span
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, status,
-         method_len, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
+         method_lo, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
          method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
-        key = (status, major, minor, tls, method_b[:method_len], host_b[:host_len], pattern_b[:pattern_len],
-               ua_b[:ua_len])
+        mo = method_lo >> 8
+        key = (status, major, minor, tls, method_b[mo:mo + (method_lo & 0xFF)], host_b[:host_len],
+               pattern_b[:pattern_len], ua_b[:ua_len])
         shape = shapes.get(key)
         if shape is None:
             shape = _bounded(shapes)[key] = _shape(*key)

@@ -69,6 +69,17 @@ def test_status_zero_is_200_and_unknown_method_is_other() -> None:
     assert s.attributes["http.response.status_code"] == 200
 
 
+def test_method_read_with_the_path_from_the_request_line() -> None:
+    # One read from "GET /items/1": the path at `path`, the method 4 bytes before it (method[12:15]),
+    # method_off in the high byte of method_len.
+    raw = bytearray(record())
+    raw[96:112] = b"\0" * 12 + b"GET "
+    raw[80:82] = (3 | (12 << 8)).to_bytes(2, "little")
+    ((_, s),) = spans_of(bytes(raw))
+    assert s.name == "GET /items/{id}" and s.attributes["http.request.method"] == "GET"
+    assert s.attributes["url.path"] == "/items/1"
+
+
 def test_http2_has_no_status_read() -> None:
     ((_, s),) = spans_of(record(status=0, major=2, minor=0))
     assert "http.response.status_code" not in s.attributes
