@@ -182,6 +182,43 @@ def _key_value(buf: bytes, i: int, end: int) -> tuple[str, AttrValue]:
     return key, value
 
 
+def _usual_key_value(raw: bytes) -> tuple[str, AttrValue] | None:
+    """A KeyValue in the shape every encoder writes (key, then a value of one scalar field, lengths
+    under 128), read without a loop; None for any other shape. Attributes that are new in every span
+    (ids, paths with ids in them) all come this way, so it must not cost much more than protobuf."""
+    n = len(raw)
+    if n < 4 or raw[0] != 0x0A or raw[1] >= 0x80:
+        return None
+    j = 2 + raw[1]
+    if j + 2 > n or raw[j] != 0x12 or raw[j + 1] != n - j - 2 or raw[j + 1] >= 0x80:
+        return None
+    try:
+        key = raw[2:j].decode()
+        j += 2
+        if j == n:
+            return key, None
+        t = raw[j]
+        if t == 0x0A:
+            if j + 1 < n and raw[j + 1] == n - j - 2 and raw[j + 1] < 0x80:
+                return key, raw[j + 2:].decode()
+        elif t == 0x18:
+            v, e = _varint(raw, j + 1)
+            if e == n:
+                return key, v - _U64 if v >= _I64_MIN else v
+        elif t == 0x21:
+            if j + 9 == n:
+                return key, _unpack_d(raw, j + 1)[0]
+        elif t == 0x10:
+            if j + 2 == n and raw[j + 1] < 0x80:
+                return key, raw[j + 1] != 0
+        elif t == 0x3A:
+            if j + 1 < n and raw[j + 1] == n - j - 2 and raw[j + 1] < 0x80:
+                return key, raw[j + 2:]
+    except UnicodeDecodeError:
+        raise DecodeError("string field holds invalid UTF-8") from None
+    return None
+
+
 class OTLPDecoder:
     """Decodes requests. Keeps the decoded form of recent KeyValues (by their bytes) whose value is
     immutable, and of span names. Safe to share between the receiver's threads (a cache miss racing
@@ -193,11 +230,14 @@ class OTLPDecoder:
         self._names: dict[bytes, str] = {}
 
     def _kv_miss(self, raw: bytes) -> tuple[str, AttrValue]:
-        kv = _key_value(raw, 0, len(raw))
-        if not isinstance(kv[1], list | dict):
-            if len(self._kv) >= self._cache_size:
-                self._kv.clear()
-            self._kv[raw] = kv
+        kv = _usual_key_value(raw)
+        if kv is None:
+            kv = _key_value(raw, 0, len(raw))
+            if isinstance(kv[1], list | dict):
+                return kv
+        if len(self._kv) >= self._cache_size:
+            self._kv.clear()
+        self._kv[raw] = kv
         return kv
 
     def _name_miss(self, raw: bytes) -> str:

@@ -120,6 +120,40 @@ def test_repeated_scalar_fields_last_wins_and_status_merges() -> None:
     assert (s.name, s.kind, s.status_code, s.status_message) == ("b", 3, 2, "hi")
 
 
+def test_key_values_in_every_shape() -> None:
+    """KeyValues as other encoders may write them: value before key, a field twice, an empty value,
+    two fields of the value's oneof, long keys and values (two-byte lengths), non-minimal varints;
+    read by a fresh decoder (cache misses) and by a warm one (hits)."""
+    def kv(body: bytes) -> bytes:
+        return b"\x4a" + _varint(len(body)) + body
+
+    def s_(tag: int, text: bytes) -> bytes:
+        return bytes([tag]) + _varint(len(text)) + text
+
+    any_str = s_(0x12, s_(0x0A, b"v"))
+    attrs = [
+        kv(s_(0x0A, b"k") + any_str), kv(any_str + s_(0x0A, b"rev")), kv(s_(0x0A, b"twice") + s_(0x0A, b"k2") + any_str),
+        kv(s_(0x0A, b"empty") + b"\x12\x00"), kv(s_(0x0A, b"novalue")),
+        kv(s_(0x0A, b"both") + s_(0x12, s_(0x0A, b"x") + b"\x18\x05")),
+        kv(s_(0x0A, b"k" * 127 + b"\x12") + s_(0x12, s_(0x0A, b"v" * 15))),
+        kv(s_(0x0A, b"long" * 40) + s_(0x12, s_(0x0A, "é".encode() * 100))),
+        kv(s_(0x0A, b"bool2") + b"\x12\x03\x10\x81\x00"),  # true as a two-byte varint
+        kv(s_(0x0A, b"len2") + b"\x12\x84\x00\x0a\x02hi"),  # the value's length as a two-byte varint
+        kv(s_(0x0A, b"neg") + b"\x12\x0b\x18" + b"\xff" * 9 + b"\x01"),
+        kv(s_(0x0A, b"d") + b"\x12\x09\x21" + b"\x00" * 7 + b"\x80"),
+        kv(s_(0x0A, b"b") + s_(0x12, s_(0x3A, b"\x00" * 200))),
+        kv(s_(0x0A, b"f") + b"\x12\x02\x10\x00"),
+    ]
+    span = b"\x0a\x10" + b"\x01" * 16 + b"\x12\x08" + b"\x02" * 8 + b"".join(attrs)
+    ss = b"\x12" + _varint(len(span)) + span
+    rs = b"\x12" + _varint(len(ss)) + ss
+    data = b"\x0a" + _varint(len(rs)) + rs
+    warm = OTLPDecoder()
+    for dec in (OTLPDecoder(), warm, warm):
+        got = same(data, dec)
+    assert got.resource_spans[0].scope_spans[0].spans[0].attributes["both"] == 5
+
+
 def test_list_and_map_values_are_never_shared_between_spans() -> None:
     batch = SpanBatch([ResourceSpans(Resource(), [ScopeSpans(Scope(), [
         Span(b"\x01" * 16, bytes([i]) * 8, "s", attributes={"l": [1, 2], "m": {"k": "v"}, "s": "x"})
