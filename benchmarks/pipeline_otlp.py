@@ -275,6 +275,7 @@ def main() -> int:
                 label = Path(tree).name if tree else "this tree"
                 work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
                 run = Run(args, tree, work, sink_port, count)
+                print(f"round {rnd} {label}: collector pid {run.pid}", file=sys.stderr, flush=True)
                 try:
                     for rate in rates:
                         r = run.offered(rate, payloads)
