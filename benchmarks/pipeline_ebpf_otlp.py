@@ -335,7 +335,8 @@ def main() -> int:
         copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S)
         copier.add(ring, take, QUEUE_RINGS * ring.size)
         copier.start("copier")
-        take = functools.partial(copier.take, ring)   # the drain takes the copies, then the ring's rest
+        # as EbpfGoReceiver._drain: the copies (one ring-full at most), then the ring's rest
+        take = functools.partial(copier.take, ring, ring.size)
 
     sm = SelfMetrics()
     exp: Any = otlp_factory.create(ComponentID("otlp"), OTLPConfig.model_validate(

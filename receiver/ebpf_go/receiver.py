@@ -530,7 +530,9 @@ class EbpfGoReceiver(Receiver):
             ring = pp.collector.ring
             if ring is None:
                 continue
-            records = copier.remove(ring) if final else copier.take(ring)
+            # A reader behind takes its backlog one ring-full per drain: batches no larger than before
+            # the copier, and the rest waits as records (not spans in flight for the GC to walk).
+            records = copier.remove(ring) if final else copier.take(ring, ring.size)
             n += len(records)
             lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
             if lost != pp.lost_seen:

@@ -24,6 +24,7 @@ spans is busy; that thread takes from the queue (`RingCopier.take`).
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import select
@@ -167,7 +168,7 @@ class RecordQueue:
         self.ring = ring
         self.take = take            # reads the ring: e.g. a probe collector's take()
         self.max_bytes = max_bytes
-        self.chunks: list[list[Any]] = []
+        self.chunks: collections.deque[tuple[list[Any], int]] = collections.deque()  # (records, ring bytes)
         self.bytes = 0              # ring bytes of the records held
         self.records = 0            # records held
 
@@ -181,20 +182,29 @@ class RecordQueue:
         before = self.ring.position
         records = self.take()
         if records:
-            self.chunks.append(records)
+            nbytes = self.ring.position - before
+            self.chunks.append((records, nbytes))
             self.records += len(records)
-            self.bytes += self.ring.position - before
+            self.bytes += nbytes
         return len(records)
 
-    def pop(self) -> list[Any]:
-        """Every record held, then those in the ring now: oldest first."""
+    def pop(self, max_bytes: int | None = None) -> list[Any]:
+        """The records held, oldest first, whole copies until `max_bytes` of ring bytes are taken
+        (None: all); once none are left held, those in the ring now too."""
         chunks = self.chunks
-        self.chunks = []
-        self.bytes = self.records = 0
-        out = chunks[0] if chunks else []
-        for c in chunks[1:]:
-            out.extend(c)
-        out.extend(self.take())
+        out: list[Any] = []
+        taken = 0
+        while chunks and (max_bytes is None or taken < max_bytes):
+            records, nbytes = chunks.popleft()
+            if out:
+                out.extend(records)
+            else:
+                out = records
+            taken += nbytes
+            self.records -= len(records)
+            self.bytes -= nbytes
+        if not chunks:
+            out.extend(self.take())
         return out
 
 
@@ -252,11 +262,13 @@ class RingCopier:
                     pass
             return q.pop()
 
-    def take(self, ring: RingBuffer) -> list[Any]:
-        """The records copied from `ring` so far, then those in it now: oldest first (none if removed)."""
+    def take(self, ring: RingBuffer, max_bytes: int | None = None) -> list[Any]:
+        """The records copied from `ring` so far, then those in it now: oldest first (none if removed).
+        `max_bytes`: stop after the copies that hold this many ring bytes; the ring is read only
+        when no copy is left (a consumer behind takes its backlog in steps of about that size)."""
         with self._lock:
             q = self._queues.get(ring)
-            return q.pop() if q is not None else []
+            return q.pop(max_bytes) if q is not None else []
 
     def held(self, ring: RingBuffer) -> tuple[int, int]:
         """(records, ring bytes) held for `ring`."""

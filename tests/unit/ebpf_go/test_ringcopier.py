@@ -86,6 +86,23 @@ def test_a_full_queue_leaves_records_in_the_ring(ring: tuple[FakeRing, RingBuffe
     assert seqs(c.take(r)) == list(range(nxt - 10, nxt))
 
 
+def test_a_backlog_is_taken_in_steps(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """take(max_bytes): whole copies until that many ring bytes; the ring only once the queue is empty."""
+    f, r = ring
+    c = RingCopier()
+    c.add(r, lambda: r.read_unpacked(REC)[0], max_bytes=10 * SIZE)
+    nxt = 0
+    for _ in range(4):
+        nxt = put(f, nxt, 50)
+        c.copy_pass()
+    nxt = put(f, nxt, 5)                          # in the ring, after 4 copies of 50
+    assert seqs(c.take(r, 100 * IN_RING)) == list(range(100))
+    assert c.held(r) == (100, 100 * IN_RING) and r.pending() == 5 * IN_RING
+    assert seqs(c.take(r, 1)) == list(range(100, 150))          # at least one copy
+    assert seqs(c.take(r, 100 * IN_RING)) == list(range(150, 205))  # the last copy, then the ring
+    assert c.held(r) == (0, 0) and r.pending() == 0
+
+
 def test_thread_copies_while_the_consumer_takes(ring: tuple[FakeRing, RingBuffer]) -> None:
     """Producer, copier thread and consumer at once: every record once, in order."""
     f, r = ring
