@@ -23,6 +23,12 @@ exporter has them all.
 commit before a change; PYTHONPATH=DIR) and `--rounds N` alternates the trees N times: before/after
 side by side in one run. `--profile FILE` runs the collector under cProfile in every thread and
 writes the merged stats to FILE (slower: for where the time goes, not for the figures).
+
+`--stages`: the collector's per-span work on this path, in this process on one core (garbage
+collector on, as in the collector): the receiver's decode (protobuf parse + `from_proto`, the
+receiver before issue 8, and `OTLPDecoder`), the otlp exporter's `OTLPEncoder`, the file exporter's
+OTLP/JSON; for the benchmark's requests, and for requests whose spans carry 1 or 7 attribute values
+never seen before (ids, paths with ids in them: the decoder's cache misses).
 """
 
 from __future__ import annotations
@@ -243,6 +249,47 @@ def _note(f: Any, failed: dict[str, int], batch: int) -> bool:
     return False
 
 
+def stages(batch: int) -> int:
+    import gc
+    import timeit
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from collector.otlp_decode import OTLPDecoder
+    from collector.otlp_encode import OTLPEncoder
+    from collector.spans import from_proto, to_json_line
+
+    os.sched_setaffinity(0, {LOAD_CPU})
+    gc.enable()
+
+    def fresh(seq: int, new: int) -> bytes:
+        """A request like request() whose spans carry `new` attribute values seen nowhere else."""
+        b = SpanBatch([ResourceSpans(Resource({"service.name": "bench"}), [ScopeSpans(Scope("bench"), [
+            Span(seq.to_bytes(8, "big") + i.to_bytes(8, "big"), (i + 1).to_bytes(8, "big"), "GET /items/{id}",
+                 kind=KIND_SERVER, start_time_unix_nano=1, end_time_unix_nano=2,
+                 attributes={f"k{j}": (f"/items/{seq}/{i}/{j}" if j % 2 else seq * 10_000 + i * 10 + j)
+                             if j < new else "v" for j in range(7)})
+            for i in range(batch)])])])
+        return to_proto(b).SerializeToString()
+
+    def per_span(fn: Any, items: list[Any]) -> float:
+        """µs per span, best of 5 passes of `fn` over `items` (requests or batches)."""
+        best = min(timeit.repeat(lambda: [fn(x) for x in items], number=1, repeat=5))
+        return best * 1e6 / (len(items) * batch)
+
+    print(f"per-span cost in one thread on CPU {LOAD_CPU}, µs/span ({batch}-span requests, GC on)")
+    print("| requests | protobuf parse + from_proto (before) | OTLPDecoder.decode | OTLPEncoder.encode | OTLP/JSON (file) |")
+    print("|---|---|---|---|---|")
+    for label, datas in (("benchmark's (8 distinct)", [request(batch, s) for s in range(8)] * 5),
+                         ("1 new value per span", [fresh(s, 1) for s in range(40)]),
+                         ("7 new values per span", [fresh(s, 7) for s in range(40)])):
+        batches = [OTLPDecoder().decode(d) for d in datas]
+        print(f"| {label} | {per_span(lambda d: from_proto(ExportTraceServiceRequest.FromString(d)), datas):.2f} | "
+              f"{per_span(OTLPDecoder().decode, datas):.2f} | {per_span(OTLPEncoder().encode, batches):.2f} | "
+              f"{per_span(to_json_line, batches):.2f} |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--exporter", choices=("otlp", "file"), default="otlp")
@@ -257,7 +304,10 @@ def main() -> int:
                     help="run the collector from this source tree (repeatable; default: this one)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the trees this many times")
     ap.add_argument("--profile", help="write the collector's cProfile stats (all threads) here")
+    ap.add_argument("--stages", action="store_true", help="per-span cost of each stage, in this process")
     args = ap.parse_args()
+    if args.stages:
+        return stages(args.batch)
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     trees = args.tree or [""]
     os.sched_setaffinity(0, {LOAD_CPU})
