@@ -92,6 +92,7 @@ VARIANTS = {
     "before": Variant("before", end="emulated", before=True),
     "end-prandom-ids": Variant("end-prandom-ids", ["-DAB_PRANDOM_IDS"], end="emulated"),
     "end-split-line": Variant("end-split-line", ["-DAB_SPLIT_LINE"], end="emulated"),
+    "end-elem-read": Variant("end-elem-read", ["-DAB_ELEM_READ"], end="emulated"),
     "end-ctx-spans": Variant("end-ctx-spans", ["-DCTX_SPANS=1"], end="emulated"),
     "end-field-reads": Variant("end-field-reads", ["-DAB_FIELD_READS"], end="emulated"),
 }

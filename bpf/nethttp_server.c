@@ -30,7 +30,8 @@
  * (one user-memory read per Request field instead of one block), AB_HASH (inflight a plain hash),
  * AB_NO_MORESTACK_LOOKUP, AB_NO_ENTRY_READ (no Request read at entry: no header walk, no ctx_spans),
  * AB_NO_IDS (no span ids drawn), AB_PRANDOM_IDS (ids from bpf_get_prandom_u32, as before),
- * AB_SPLIT_LINE (method and path always read apart).
+ * AB_SPLIT_LINE (method and path always read apart), AB_ELEM_READ (a found header's []string read
+ * again from the process, not taken from the group/bucket copy).
  */
 #include "go_types.h"
 
@@ -194,8 +195,9 @@ static __always_inline void server_span_ids(struct trace_ctx *tc, int keep_trace
 #define KEY_USER_AGENT_LO 0x6567412d72657355ULL    /* "User-Age" */
 #define KEY_USER_AGENT_HI 0x746eULL                 /* "nt" */
 
-/* One map slot whose key header (read with its group/bucket) is `key`; value = []string at elem_addr. */
-static __always_inline void scan_slot(struct go_string key, u64 elem_addr, struct server_call *c) {
+/* One map slot whose key header and value ([]string header) were read with its group/bucket:
+ * `key`, and the value at `elem` in that copy (or, with AB_ELEM_READ, at user address elem_addr). */
+static __always_inline void scan_slot(struct go_string key, const u8 *elem, u64 elem_addr, struct server_call *c) {
     if (key.len != 11 && key.len != 10)
         return;
     u64 k[2] = {};
@@ -205,8 +207,14 @@ static __always_inline void scan_slot(struct go_string key, u64 elem_addr, struc
     int is_ua = key.len == 10 && k[0] == KEY_USER_AGENT_LO && k[1] == KEY_USER_AGENT_HI;
     if (!is_tp && !is_ua)
         return;
+#ifdef AB_ELEM_READ
     struct go_slice vals = {};
-    if (bpf_probe_read_user(&vals, sizeof(vals), (void *)elem_addr) != 0 || vals.len < 1 || vals.ptr == 0)
+    if (bpf_probe_read_user(&vals, sizeof(vals), (void *)elem_addr) != 0)
+        return;
+#else
+    struct go_slice vals = *(const struct go_slice *)elem;
+#endif
+    if (vals.len < 1 || vals.ptr == 0)
         return;
     if (is_tp && !c->hs.tp_found) {
         u32 n = 0;
@@ -240,7 +248,7 @@ static __always_inline void scan_group(u64 group, struct server_call *c) {
         if ((ctrl >> (8 * i)) & 0x80)   /* empty or deleted */
             continue;
         struct go_string key = *(struct go_string *)(wb->b + 8 + i * 40);
-        scan_slot(key, group + 8 + i * 40 + 16, c);
+        scan_slot(key, wb->b + 8 + i * 40 + 16, group + 8 + i * 40 + 16, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
@@ -293,7 +301,7 @@ static __always_inline void scan_bucket(u64 b, struct server_call *c) {
         if (wb->b[i] < 5)        /* tophash: empty or evacuated */
             continue;
         struct go_string key = *(struct go_string *)(wb->b + 8 + i * 16);
-        scan_slot(key, b + 8 + 8 * 16 + i * 24, c);
+        scan_slot(key, wb->b + 8 + 8 * 16 + i * 24, b + 8 + 8 * 16 + i * 24, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
