@@ -22,6 +22,9 @@ class ProcInfo:
     dev: int              # (dev, ino) of the executable: processes of one binary share a program
     ino: int
     comm: str
+    # False while an execve is still being set up: the new executable is linked but its arguments
+    # and environment (OTEL_SERVICE_NAME, selectors on them) are not in place yet.
+    exec_done: bool = True
 
     @property
     def binary_key(self) -> tuple[int, int]:
@@ -51,7 +54,9 @@ def read_proc(pid: int, proc: str = "/proc") -> ProcInfo | None:
         start = int(fields[19])
     except (IndexError, ValueError):
         return None
-    return ProcInfo(pid, start, exe, st.st_dev, st.st_ino, comm)
+    # arg_end (field 49) is 0 until the ELF loader has put argv and envp on the new stack.
+    exec_done = len(fields) <= 46 or fields[46] != b"0"
+    return ProcInfo(pid, start, exe, st.st_dev, st.st_ino, comm, exec_done)
 
 
 def read_environ(pid: int, name: str, proc: str = "/proc") -> str | None:
@@ -148,6 +153,8 @@ class ProcessWatcher:
         new: list[ProcInfo] = []
         for pid in pids - self.known.keys():
             info = read_proc(pid, self.proc)
+            if info is not None and not info.exec_done:
+                continue   # caught inside execve: seen whole at the next poll
             self.known[pid] = info.start_ticks if info else 0
             if info is not None:
                 new.append(info)
