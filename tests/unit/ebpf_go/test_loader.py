@@ -200,3 +200,29 @@ def test_cache_dir_others_can_write_is_not_used(tmp_path: Path, caplog: pytest.L
     caplog.set_level("WARNING")
     assert store._read_disk("k") is None and store.cache_dir is None
     assert any("BPF image cache disabled" in r.getMessage() and "777" in r.getMessage() for r in caplog.records)
+
+
+def _with_includes(path: Path, seen: set[Path] | None = None) -> str:
+    """The text of a bpf/ file with its quoted includes from bpf/ put in place (once each)."""
+    seen = seen if seen is not None else set()
+    out = []
+    for line in path.read_text().splitlines():
+        header = loader.BPF_DIR / line.split('"')[1] if line.strip().startswith('#include "') else None
+        if header is not None and header.exists():
+            if header not in seen:
+                seen.add(header)
+                out.append(_with_includes(header, seen))
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def test_bpf_sources_read_user_memory_after_go_types_h() -> None:
+    # BCC 0.26 re-reads /proc/kallsyms at each bpf_probe_read_user it sees by that name (~40 ms a
+    # call site); go_types.h renames it. A call before that header would bring the cost back.
+    for src in sorted(loader.BPF_DIR.glob("*.c")):
+        text = _with_includes(src)
+        first_call = text.find("bpf_probe_read_user(")
+        if first_call >= 0:
+            rename = text.find("#define bpf_probe_read_user otelgo_probe_read_user")
+            assert 0 <= rename < first_call, f"{src.name} calls bpf_probe_read_user before including go_types.h"
