@@ -1,7 +1,8 @@
 """Start-up and memory of the ebpf_go receiver: seconds to the first (and last) probe attached for 1
 and for N distinct binaries, and RSS at rest and under load.
 
-    .venv/bin/python benchmarks/startup_memory.py [--binaries 1,20] [--load-seconds 3] [--cache cold,warm]  (root)
+    .venv/bin/python benchmarks/startup_memory.py [--binaries 1,20] [--load-seconds 3] [--cache cold,warm]
+        [--propagation off|auto]  (root)
 
 Cache: "cold" starts with an empty `bpf_cache_dir` (every distinct program is compiled, in child
 processes), "warm" reuses the directory the cold run filled (no compile at all).
@@ -9,7 +10,8 @@ processes), "warm" reuses the directory the cold run filled (no compile at all).
 Binaries: the Go 1.27 httpserver fixture, copied N times with one distinct byte appended to each (a
 different file and inode, so the receiver treats each as its own binary and compiles its programs,
 exactly as for 20 distinct builds; the appended byte changes nothing Go or the ELF loader reads).
-The receiver runs in a child process (config: targets by pid, propagation off, the three probes on)
+The receiver runs in a child process (config: targets by pid, propagation off unless --propagation, the three
+probes on)
 so that RSS is the receiver's own: Python + loaded programs + ring buffers (BCC/LLVM run in
 short-lived compiler children since the loader rewrite, and are not counted).
 "Attached" = the `otelgo_ebpf_probes_attached` gauge is non-zero for that process's binary; times
@@ -39,7 +41,7 @@ def rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
-def child(pids: list[int], cache_dir: str, out: Any, go: Any) -> None:
+def child(pids: list[int], cache_dir: str, out: Any, go: Any, propagation: str = "off") -> None:
     from collector.component import ComponentID
     from collector.spans import SpanBatch
     from collector.telemetry import ComponentTelemetry, SelfMetrics
@@ -54,7 +56,7 @@ def child(pids: list[int], cache_dir: str, out: Any, go: Any) -> None:
     rss_import = rss_mb()
     t0 = time.monotonic()
     cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pids}], "discovery_interval": "100ms",
-                                       "propagation": "off", "bpf_cache_dir": cache_dir})
+                                       "propagation": propagation, "bpf_cache_dir": cache_dir})
     r: Any = factory.create(ComponentID("ebpf_go"), cfg, ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()),
                             Count())
     r.start(None)
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--load-seconds", type=int, default=3)
     ap.add_argument("--cache", default="cold,warm", help="cold, warm or both (cold,warm)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--propagation", default="off",
+                    help="the receiver's propagation mode (auto: the sk_msg program is prepared too, on its own thread)")
     args = ap.parse_args()
     from tests.support.gobuild import build_go_fixture
     src = build_go_fixture("httpserver", "1.27", "plain")
@@ -113,7 +117,7 @@ def main() -> int:
             addrs = [p.stdout.readline().split()[1] for p in procs]  # type: ignore[union-attr]
             out: Any = mp.Queue()
             go: Any = mp.Queue()
-            ch = mp.Process(target=child, args=([p.pid for p in procs], str(cache_dir), out, go))
+            ch = mp.Process(target=child, args=([p.pid for p in procs], str(cache_dir), out, go, args.propagation))
             ch.start()
             row = out.get(timeout=600)
             go.put(1)

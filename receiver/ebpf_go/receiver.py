@@ -183,6 +183,7 @@ class EbpfGoReceiver(Receiver):
         self.copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S, on_error=self._copy_error)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._propagation_chosen = threading.Event()   # set once self.propagation and common.skmsg are final
         self.enabled = False
         self.common = Common(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
         self.propagation: propagation.PropagationChoice | None = None
@@ -211,23 +212,13 @@ class EbpfGoReceiver(Receiver):
                              db_statement_max_length=self.config.db_statement_max_length)
         images = self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
                                                  log=self.log)
-        # Without client spans nothing can propagate: report "off".
-        requested = self.config.propagation if self.config.instrumentations.net_http_client else "off"
-        try:
-            # The sk_msg program comes from the image cache too (no compile on a warm start).
-            self.propagation = propagation.choose(
-                requested, self.log, self.telemetry.metrics, pin_dir=self.pin_dir,
-                make_skmsg=lambda pin_dir: propagation.SkMsgPropagation(pin_dir, images=images))
-        except Exception as e:  # propagation is optional: spans still flow without it
-            self.log.warning("propagation off: %s", e)
-            self.propagation = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
-        self.common.skmsg = self.propagation.mode == "sk_msg"
-        self.common.probe_write = self.propagation.mode == "probe_write"
-        if self.propagation.mode in ("sk_msg", "probe_write", "stitch"):
-            # In sk_msg and probe_write modes the stitcher is the fallback for requests left unchanged
-            # (TLS, h2, large headers, ...): injected client spans never wait in it.
-            self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
-                                     count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
+        # The propagation mode (sk_msg: a program to compile or load, sock_ops to attach) is chosen
+        # on a thread of its own: only the client probe's program depends on it, so discovery and the
+        # other probes' compiles need not wait for it (a cold sk_msg compile took ~0.5 s).
+        chooser = threading.Thread(target=self._choose_propagation, args=(images,), name=f"{self.id}-propagation",
+                                   daemon=True)
+        chooser.start()
+        self._threads.append(chooser)
         self.enabled = True
         inst = self.config.instrumentations
         if inst.grpc_client or inst.grpc_server:
@@ -240,6 +231,29 @@ class EbpfGoReceiver(Receiver):
             t = threading.Thread(target=fn, name=f"{self.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _choose_propagation(self, images: loader.ImageStore) -> None:
+        # Without client spans nothing can propagate: report "off".
+        requested = self.config.propagation if self.config.instrumentations.net_http_client else "off"
+        try:
+            try:
+                # The sk_msg program comes from the image cache too (no compile on a warm start).
+                chosen = propagation.choose(
+                    requested, self.log, self.telemetry.metrics, pin_dir=self.pin_dir,
+                    make_skmsg=lambda pin_dir: propagation.SkMsgPropagation(pin_dir, images=images))
+            except Exception as e:  # propagation is optional: spans still flow without it
+                self.log.warning("propagation off: %s", e)
+                chosen = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+            self.common.skmsg = chosen.mode == "sk_msg"
+            self.common.probe_write = chosen.mode == "probe_write"
+            if chosen.mode in ("sk_msg", "probe_write", "stitch"):
+                # In sk_msg and probe_write modes the stitcher is the fallback for requests left unchanged
+                # (TLS, h2, large headers, ...): injected client spans never wait in it.
+                self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
+                                         count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
+            self.propagation = chosen
+        finally:
+            self._propagation_chosen.set()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -338,7 +352,10 @@ class EbpfGoReceiver(Receiver):
         assert self.images is not None
         # Every probe's image is asked for first, so that compiles (child processes) run in parallel.
         pending: list[tuple[Probe, Any, list[str]]] = []
-        for pr in wanted:
+        # The client probe last: its program depends on the propagation mode, which may still be chosen.
+        for pr in sorted(wanted, key=lambda pr: pr.uses_propagation):
+            if pr.uses_propagation:
+                self._propagation_chosen.wait()
             try:
                 flags = pr.cflags(gb, self.common)
                 pending.append((pr, self.images.submit(pr.source, flags, self.kernel_source), flags))

@@ -421,6 +421,7 @@ def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
     try:
         wait_for_port(port, proc=proc)
         r.start(None)
+        wait_for(lambda: r.propagation is not None, 30, "propagation mode chosen (on its own thread)")
         assert r.enabled and r.propagation is not None and r.propagation.mode == "probe_write"
         assert r.common.probe_write and not r.common.skmsg and r.stitcher is not None
         wait_for(lambda: proc.pid in r.processes, 30, "pid traced")

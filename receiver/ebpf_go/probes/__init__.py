@@ -73,6 +73,7 @@ class Probe:
     scope = ""           # instrumentation scope, after "otelgo-collector/"
     ringbuf = "events"   # BPF map names in its C file
     lost_map = "lost"
+    uses_propagation = False   # its program depends on the propagation mode (Common.skmsg/probe_write)
 
     @property
     def source(self) -> Path:
@@ -132,6 +133,7 @@ class NetHttpServer(Probe):
 
 class NetHttpClient(Probe):
     name, scope, ringbuf, lost_map = "net_http_client", "net/http/client", "client_events", "client_lost"
+    uses_propagation = True
 
     @property
     def source(self) -> Path:
