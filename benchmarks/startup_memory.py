@@ -46,6 +46,7 @@ def child(pids: list[int], cache_dir: str, out: Any, go: Any, propagation: str =
     from collector.spans import SpanBatch
     from collector.telemetry import ComponentTelemetry, SelfMetrics
     from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from tests.support.procmaps import bcc_or_llvm_mapped
 
     class Count:
         n = 0
@@ -76,7 +77,7 @@ def child(pids: list[int], cache_dir: str, out: Any, go: Any, propagation: str =
     time.sleep(1.0)
     out.put({"first": min(seen.values()), "last": max(seen.values()), "attached": len(seen),
              "rss_import_mb": rss_import, "rss_rest_mb": rss_mb(), "compiles": compiles, "origins": origins,
-             "bcc_mapped": any("bcc" in line for line in Path("/proc/self/maps").read_text().splitlines())})
+             "bcc_mapped": bcc_or_llvm_mapped()})
     go.get()                        # parent runs the load now
     peak = 0.0
     while go.empty():

@@ -19,6 +19,7 @@ import pytest
 from receiver.ebpf_go.gobinary import GoBinary
 from tests.support.collector import CollectorProcess, wait_for
 from tests.support.gobuild import build_go_fixture
+from tests.support.procmaps import bcc_or_llvm_mapped
 
 pytestmark = [
     pytest.mark.root,
@@ -65,13 +66,6 @@ def metric(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def bcc_or_llvm_mapped(pid: int) -> list[str]:
-    """Mapped files of BCC, LLVM or clang (the path only: an address like 7f3bcc000000 is not BCC)."""
-    paths = {line.split()[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-             if len(line.split()) >= 6}
-    return sorted(p for p in paths if re.search(r"bcc|llvm|clang", os.path.basename(p), re.I))
 
 
 def run_collector(binary: Path, srv: Server, entry: int, tmp_path: Path, cache: Path, run: int) -> tuple[str, str]:
