@@ -149,7 +149,8 @@ def main() -> int:
               f"{c[len(c) // 2] if c else '-'} ({len(c)} compiled) | {origins} | {r['rss_import_mb']:.0f} | "
               f"{r['rss_rest_mb']:.0f} | {r['rss_load_mb']:.0f} | {r['spans']} |")
         if r["bcc_mapped"]:
-            print(f"WARNING: BCC mapped in the receiver process ({r['binaries']} binaries, {r['cache']})")
+            print(f"WARNING: BCC/LLVM mapped in the receiver process ({r['binaries']} binaries, {r['cache']}): "
+                  f"{', '.join(r['bcc_mapped'])}")
     return 0
 
 
