@@ -29,7 +29,8 @@ RUNS: list[tuple[str, list[str]]] = [
      ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,end,empty,empty-end,empty-entry"]),
     ("pipeline capacity: ring buffer -> otlp on one core",
      ["pipeline_ebpf_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3"]),
-    ("start-up and memory", ["startup_memory.py", "--binaries", "1,20"]),
+    ("start-up and memory", ["startup_memory.py", "--binaries", "1,20", "--propagation", "auto"]),
+    ("receiver threads tracing an idle server", ["receiver_idle.py", "--seconds", "5"]),
     ("collector pipeline: otlp receiver -> batch -> otlp exporter on one core",
      ["pipeline_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3", "--max-spans", "100000"]),
 ]
