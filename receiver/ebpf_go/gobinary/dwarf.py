@@ -196,14 +196,8 @@ def _uleb(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _sleb(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return (value - (1 << shift) if b & 0x40 else value), pos
+    value, end = _uleb(data, pos)
+    return (value - (1 << 7 * (end - pos)) if data[end - 1] & 0x40 else value), end
 
 
 def _location(v: Any) -> int | None:
