@@ -164,3 +164,10 @@ def test_unreadable_type_units_leave_a_warning_and_the_table_answers(monkeypatch
     ctx = b.struct_offset("net/http.Request", "ctx")
     assert ctx is not None and (ctx.value, ctx.source) == (248, "table")
     assert len(b.warnings) == 1 and b.warnings[0].startswith("unreadable DWARF: ")
+
+
+@pytest.mark.parametrize("encoded,value", [(b"\x02", 2), (b"\x7e", -2), (b"\xff\x00", 127), (b"\x81\x7f", -127),
+                                           (b"\x80\x7f", -128), (b"\x81\x01", 129), (b"\xc0\x00", 64)])
+def test_signed_leb128(encoded: bytes, value: int) -> None:
+    from receiver.ebpf_go.gobinary.dwarf import _sleb
+    assert _sleb(b"\x00" + encoded + b"\x05", 1) == (value, 1 + len(encoded))
