@@ -18,7 +18,7 @@ database CLIENT, the downstream SERVER) and traceparent insertions by sk_msg.
 
 Floor: the probe hits one request makes (counted from the binaries: entry points are the emulated
 jcc after the stack check or, without one, the single-stepped first instruction; every RET is
-single-stepped) times the cost of one hit measured by benchmarks/uprobe_floor.py in this run.
+single-stepped; the server span's end at the emulated point `nethttp_server.end_plan` chose) times the cost of one hit measured by benchmarks/uprobe_floor.py in this run.
 """
 
 from __future__ import annotations
@@ -52,24 +52,25 @@ SPANS_PER_REQUEST = 4
 
 def hits_per_request(front: GoBinary, down: GoBinary) -> tuple[int, int, list[str]]:
     """(single-stepped hits, emulated hits, description) of one composite request."""
-    calls = [  # (binary, label, function, RET hit too)
-        (front, "front", nethttp_server.SYMBOL, True),
-        (front, "front", nethttp_client.ROUND_TRIP, True),
-        (front, "front", nethttp_client.REQUEST_WRITE, False),
-        (front, "front", next(s for s in database_sql.SYMBOLS if s.endswith(").queryDC")), True),
-        (down, "downstream", nethttp_server.SYMBOL, True),
+    calls = [  # (binary, label, function, how its end is probed: "ret", "emulated" or "" for none)
+        (front, "front", nethttp_server.SYMBOL, nethttp_server.end_plan(front).mode),
+        (front, "front", nethttp_client.ROUND_TRIP, "ret"),
+        (front, "front", nethttp_client.REQUEST_WRITE, ""),
+        (front, "front", next(s for s in database_sql.SYMBOLS if s.endswith(").queryDC")), "ret"),
+        (down, "downstream", nethttp_server.SYMBOL, nethttp_server.end_plan(down).mode),
     ]
     ss = emu = 0
     desc = []
-    for gb, label, fn, ret in calls:
+    for gb, label, fn, end in calls:
         kind = gb.entry_probe(fn).kind
         if kind == "jcc-after-stack-check":
             emu += 1
         else:
             ss += 1
-        ss += int(ret)
+        ss += int(end == "ret")
+        emu += int(end == "emulated")   # HTTP/1.x: one point after the call of ServeHTTP
         desc.append(f"{label} {fn}: entry {'emulated' if kind == 'jcc-after-stack-check' else 'single-stepped'}"
-                    f"{' + RET' if ret else ''}")
+                    + {"ret": " + RET", "emulated": " + emulated end", "": ""}[end])
     return ss, emu, desc
 
 
