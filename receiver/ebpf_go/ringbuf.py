@@ -17,9 +17,14 @@ ring nearly empty (measured: one or two per second at 20-50k records/s, each at 
 Headers are read with one 4-byte load the same way (`"<I"` unpacks byte by byte). `read_unpacked(layout)` decodes fixed-layout records in place, one
 `struct.unpack_from` per record and no intermediate copy. One thread at a time reads a given ring buffer.
 
+`read_block()` copies the committed records as one bytes object (headers included) and releases
+their space; `unpack_block` / `split_block` decode such a block later, as `read_unpacked` / `read`.
+
 `RingCopier`: a thread that copies records out of ring buffers into a bounded `RecordQueue` per ring
 every 10 ms, so that ring space is released at once however long the thread that turns records into
-spans is busy; that thread takes from the queue (`RingCopier.take`).
+spans is busy; that thread takes from the queue (`RingCopier.take`). The receiver's copier copies
+blocks (`read_block`): its queue holds bytes, which the garbage collector neither tracks nor walks,
+and the decode runs on the consuming thread just before the records become spans.
 """
 
 from __future__ import annotations
@@ -118,6 +123,27 @@ class RingBuffer:
         self._commit(pos)
         return out, short
 
+    def read_block(self) -> list[bytes]:
+        """The committed records as one copy of the ring's bytes, headers included (oldest first,
+        up to the first still being written): [] or [block], one object however many records (the
+        garbage collector does not track bytes), decoded later by `unpack_block` or `split_block`."""
+        prod = self._prod_q[0]
+        pos = start = self._pos
+        if pos >= prod:
+            return []
+        mask, words = self.mask, self._words
+        while pos < prod:
+            hdr = words[((pos & mask) + PAGE) >> 2]
+            if hdr & BUSY:
+                break
+            pos += ((hdr & 0x3FFFFFFF) + HDR + 7) & ~7
+        if pos == start:
+            return []
+        off = (start & mask) + PAGE
+        block = self._prod[off:off + pos - start]   # contiguous: the data area is mapped twice in a row
+        self._commit(pos)
+        return [block]
+
     def _commit(self, pos: int) -> None:
         if pos != self._pos:
             self._pos = pos
@@ -143,6 +169,45 @@ class RingBuffer:
                 pass
 
 
+def unpack_block(block: bytes, layout: struct.Struct) -> tuple[list[tuple[Any, ...]], int]:
+    """`RingBuffer.read_block`'s records decoded with `layout`: as `read_unpacked`."""
+    out: list[tuple[Any, ...]] = []
+    if not block:
+        return out, 0
+    append = out.append
+    unpack, need = layout.unpack_from, layout.size
+    words = memoryview(block).cast("I")
+    pos, end, short = 0, len(block), 0
+    while pos < end:
+        hdr = words[pos >> 2]
+        n = hdr & 0x3FFFFFFF
+        if not hdr & DISCARD:
+            if n >= need:
+                append(unpack(block, pos + HDR))
+            else:
+                short += 1
+        pos += (n + HDR + 7) & ~7
+    words.release()
+    return out, short
+
+
+def split_block(block: bytes) -> list[bytes]:
+    """`RingBuffer.read_block`'s records, each as bytes: as `read`."""
+    out: list[bytes] = []
+    if not block:
+        return out
+    words = memoryview(block).cast("I")
+    pos, end = 0, len(block)
+    while pos < end:
+        hdr = words[pos >> 2]
+        n = hdr & 0x3FFFFFFF
+        if not hdr & DISCARD:
+            out.append(block[pos + HDR:pos + HDR + n])
+        pos += (n + HDR + 7) & ~7
+    words.release()
+    return out
+
+
 def wait_any(rings: Iterable[RingBuffer], timeout: float) -> bool:
     """Block until one of `rings` has data or `timeout` s passed (True: data). The kernel's poll is
     level-triggered on available data: a record already there returns at once; one submitted while
@@ -155,7 +220,8 @@ def wait_any(rings: Iterable[RingBuffer], timeout: float) -> bool:
 
 
 class RecordQueue:
-    """Records copied out of one ring buffer, oldest first, until the consumer takes them.
+    """Records copied out of one ring buffer, oldest first, until the consumer takes them: whatever
+    `take` returns, e.g. decoded records or `read_block`'s blocks (a "record" below is one such item).
 
     Bounded by the ring bytes its records took (headers included): once `max_bytes` are held the
     copier leaves the ring alone, the ring fills and the BPF program counts the records it cannot

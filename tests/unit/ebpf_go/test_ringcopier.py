@@ -21,9 +21,9 @@ from collector.component import ComponentID
 from collector.spans import KIND_SERVER, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry, SelfMetrics
 from receiver.ebpf_go import bpfsys, loader
-from receiver.ebpf_go.probes import Probe, StructCollector
-from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary
-from receiver.ebpf_go.ringbuf import RingBuffer, RingCopier
+from receiver.ebpf_go.probes import Probe, RawCollector, StructCollector
+from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary, records_of
+from receiver.ebpf_go.ringbuf import BUSY, DISCARD, RingBuffer, RingCopier, split_block, unpack_block
 
 from .test_ringbuf import IS_ROOT, FakeRing, _ringbuf_output_prog
 
@@ -65,6 +65,48 @@ def test_copies_in_order_and_frees_the_ring(ring: tuple[FakeRing, RingBuffer]) -
     nxt = put(f, nxt, 5)             # still in the ring: comes after the copied ones
     assert seqs(c.take(r)) == list(range(805))
     assert c.held(r) == (0, 0) and c.take(r) == []
+
+
+def test_blocks_hold_the_records_the_readers_return(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """read_block copies the committed records as bytes (what the receiver's copier queues); decoded
+    by unpack_block / split_block they are what read_unpacked / read return: across the ring's wrap,
+    without discarded records, short ones counted, up to the first record still being written."""
+    f, r = ring
+    f2 = FakeRing(SIZE)
+    r2 = RingBuffer(f2.fd, SIZE)
+    try:
+        nxt = 0
+        for _ in range(30):                      # 30 x 60 records through a ring of ~100: it wraps
+            for fk in (f, f2):
+                put(fk, nxt, 60)
+                fk.put(b"short")                 # shorter than REC: skipped, counted
+                fk.put(REC.pack(10**9), flags=DISCARD)
+            nxt += 60
+            blocks = r.read_block()
+            assert len(blocks) == 1 and all(type(b) is bytes for b in blocks)
+            assert f.cons() == f.prod and r.read_block() == []   # ring space released
+            assert unpack_block(blocks[0], REC) == r2.read_unpacked(REC) == ([REC.unpack(REC.pack(i))
+                                                                          for i in range(nxt - 60, nxt)], 1)
+        put(f, 0, 3)
+        f.set_header(f.prod - IN_RING, BUSY | REC.size)   # the last one still being written
+        assert seqs(unpack_block(r.read_block()[0], REC)[0]) == [0, 1]
+        assert r.read_block() == []
+        f.set_header(f.prod - IN_RING, REC.size)           # committed now
+        assert split_block(r.read_block()[0]) == [REC.pack(2)]
+    finally:
+        r2.close()
+        f2.close()
+
+
+def test_records_of_decodes_as_the_collector_would(ring: tuple[FakeRing, RingBuffer]) -> None:
+    f, r = ring
+    put(f, 0, 5)
+    f.put(b"x")
+    blocks = r.read_block()
+    col = StructCollector(REC)
+    assert seqs(records_of(col, blocks)) == list(range(5)) and col.short == 1
+    assert records_of(RawCollector(), blocks) == [REC.pack(i) for i in range(5)] + [b"x"]
+    assert records_of(col, []) == []
 
 
 def test_a_full_queue_leaves_records_in_the_ring(ring: tuple[FakeRing, RingBuffer]) -> None:
@@ -280,7 +322,7 @@ def receiver_with(r: RingBuffer) -> tuple[EbpfGoReceiver, TracedBinary, Spans]:
     pp = ProbeProgram(probe, loader.Program(FakeBpf(r), "seq.c", 0.0), col, None)  # type: ignore[arg-type]
     tb = TracedBinary((1, 2), None, "/bin/seq", [pp])  # type: ignore[arg-type]
     rcv.binaries[tb.key] = tb
-    rcv.copier.add(r, col.take, 4 * SIZE)   # as _binary_for does
+    rcv.copier.add(r, r.read_block, 4 * SIZE)   # as _binary_for does
     return rcv, tb, out
 
 
@@ -290,7 +332,7 @@ def test_receiver_shutdown_pushes_copied_and_ring_records(ring: tuple[FakeRing, 
     rcv.copier.start()
     put(f, 0, 50)
     deadline = time.monotonic() + 10
-    while rcv.copier.held(r)[0] < 50 and time.monotonic() < deadline:
+    while rcv.copier.held(r)[1] < 50 * IN_RING and time.monotonic() < deadline:
         time.sleep(0.001)
     put(f, 50, 25)                    # not copied yet
     bpf = tb.programs[0].program.bpf
@@ -306,11 +348,11 @@ def test_receiver_drain_then_release_loses_nothing(ring: tuple[FakeRing, RingBuf
     f, r = ring
     rcv, tb, out = receiver_with(r)
     put(f, 0, 10)
-    assert rcv.copier.copy_pass() == (10, False)
+    assert rcv.copier.copy_pass() == (1, False)     # one block of 10 records
     with rcv._lock:
         assert rcv._drain(tb) == 10
     put(f, 10, 5)
-    assert rcv.copier.copy_pass() == (5, False)
+    assert rcv.copier.copy_pass() == (1, False)
     put(f, 15, 5)
     tb.idle_since = time.monotonic() - 1e6
     rcv._close_idle()
