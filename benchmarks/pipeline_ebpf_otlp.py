@@ -1,7 +1,7 @@
 """Spans/s from ring-buffer records to the OTLP exporter, on one core, at controlled event rates.
 
     .venv/bin/python benchmarks/pipeline_ebpf_otlp.py [--rates 20000,50000,100000,200000] [--seconds 4]   (root)
-        [--reader bcc|mmap] [--no-copier]
+        [--reader bcc|mmap] [--no-copier | --decoded-copy] [--queue-rings N]
     .venv/bin/python benchmarks/pipeline_ebpf_otlp.py --stages [--spans 100000]   (no root, no BPF)
 
 Producer (CPU 0): a C loop calls a function starting with `push` (an emulated uprobe hit) at a set
@@ -10,15 +10,18 @@ the net/http server probe's layout, GET /hello), counting records it could not r
 (as bpf/nethttp_server.c does: `otelgo_ebpf_events_lost_total`).
 Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the ring buffer read
 by the receiver's copier (`receiver/ebpf_go/ringbuf.py`: `RingCopier`, with the receiver's period,
-idle wait and queue bound, copying through the net/http server probe's `StructCollector`, i.e. the
-mmap reader's `read_unpacked`, every 10 ms on its own thread), the copies drained as
+idle wait and queue bound, copying the committed records as one bytes block per pass,
+`RingBuffer.read_block`, every 10 ms on its own thread), the copies drained as
 `EbpfGoReceiver._reader_loop` does (every 20 ms counted from the start of the previous drain; after
-a drain that found nothing, a wait for the copier's next copy), `nethttp_server.to_spans`,
+a drain that found nothing, a wait for the copier's next copy), decoded there as the receiver's
+`records_of` does (the net/http server probe's `StructCollector` layout), `nethttp_server.to_spans`,
 one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter;
 the heap frozen once set up, as the collector does (`collector.service.freeze_startup_heap`).
 `--no-copier`: the drain reads the ring itself, as the receiver did before the copier (after an
 empty drain, a wait on the ring's epoll of up to 100 ms); `--reader bcc` (BCC's ctypes callback per
-record, one precompiled Struct) implies it.
+record, one precompiled Struct) implies it. `--decoded-copy`: the copier decodes the records
+(`read_unpacked`) and queues the tuples, as the receiver did from f0446e9 to e2a981b.
+`--queue-rings N`: another copier queue bound (ring-fulls per ring; default the receiver's).
 Sink (CPU 0): a Python OTLP/gRPC server in a child process that counts spans.
 Reports per rate: produced, exported, lost, spans/s exported, pipeline CPU µs/span, the time the
 pipeline process spent in the garbage collector (collections per generation and their mean pause),
@@ -59,7 +62,8 @@ from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
-from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
+from receiver.ebpf_go.probes import StructCollector  # noqa: E402
+from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS, records_of  # noqa: E402
 from receiver.ebpf_go.ringbuf import RingCopier, wait_any  # noqa: E402
 
 C_SOURCE = r"""
@@ -298,6 +302,10 @@ def main() -> int:
     ap.add_argument("--period", type=float, default=0.02, help="drain period, s")
     ap.add_argument("--no-copier", action="store_true",
                     help="the drain reads the ring itself (the receiver before its copier thread)")
+    ap.add_argument("--queue-rings", type=int, default=QUEUE_RINGS,
+                    help="the copier's queue bound in ring-fulls (default: the receiver's QUEUE_RINGS)")
+    ap.add_argument("--decoded-copy", action="store_true",
+                    help="the copier decodes and queues tuples (the receiver before its block copies)")
     ap.add_argument("--spans", type=int, default=100_000, help="records for --stages")
     ap.add_argument("--trace-lost", action="store_true",
                     help="print each failed reserve (time, records submitted) next to the drains around it")
@@ -333,10 +341,16 @@ def main() -> int:
     copier: RingCopier | None = None
     if ring is not None and not args.no_copier:   # as EbpfGoReceiver: start() and _binary_for
         copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S)
-        copier.add(ring, take, QUEUE_RINGS * ring.size)
+        copier.add(ring, take if args.decoded_copy else ring.read_block, args.queue_rings * ring.size)
         copier.start("copier")
-        # as EbpfGoReceiver._drain: the copies (one ring-full at most), then the ring's rest
+        # as EbpfGoReceiver._drain: the copies (one ring-full at most), then the ring's rest, decoded
         take = functools.partial(copier.take, ring, ring.size)
+        if not args.decoded_copy:
+            take_blocks, col = take, StructCollector(nethttp_server.EVENT)
+
+            def take_decoded() -> list[Any]:
+                return records_of(col, take_blocks())
+            take = take_decoded
 
     sm = SelfMetrics()
     exp: Any = otlp_factory.create(ComponentID("otlp"), OTLPConfig.model_validate(
