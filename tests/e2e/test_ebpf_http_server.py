@@ -204,7 +204,7 @@ def test_server_spans(version: str, variant: str) -> None:
                                                                                s.end_time_unix_nano, t1)
             assert len(s.trace_id) == 16 and len(s.span_id) == 8 and any(s.span_id)
             if headers.get("traceparent") == f"00-{TRACE_ID}-{PARENT_ID}-01":
-                assert s.trace_id.hex() == TRACE_ID and s.parent_span_id.hex() == PARENT_ID
+                assert (s.trace_id.hex(), s.parent_span_id.hex()) == (TRACE_ID, PARENT_ID), (method, path, headers)
             else:
                 assert s.parent_span_id == b"" and s.trace_id.hex() != TRACE_ID and any(s.trace_id)
             assert res["service.name"] == "shop"
