@@ -14,7 +14,7 @@ idle wait and queue bound, copying the committed records as one bytes block per 
 `RingBuffer.read_block`, every 10 ms on its own thread), the copies drained as
 `EbpfGoReceiver._reader_loop` does (every 20 ms counted from the start of the previous drain; after
 a drain that found nothing, a wait for the copier's next copy), decoded there as the receiver's
-`records_of` does (the net/http server probe's `StructCollector` layout), `nethttp_server.to_spans`,
+`StructCollector.decode` does (the net/http server probe's layout), `nethttp_server.to_spans`,
 one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter;
 the heap frozen once set up, as the collector does (`collector.service.freeze_startup_heap`).
 `--no-copier`: the drain reads the ring itself, as the receiver did before the copier (after an
@@ -63,7 +63,7 @@ from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, Sp
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import StructCollector  # noqa: E402
-from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS, records_of  # noqa: E402
+from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
 from receiver.ebpf_go.ringbuf import RingCopier, wait_any  # noqa: E402
 
 C_SOURCE = r"""
@@ -349,7 +349,7 @@ def main() -> int:
             take_blocks, col = take, StructCollector(nethttp_server.EVENT)
 
             def take_decoded() -> list[Any]:
-                return records_of(col, take_blocks())
+                return col.decode(take_blocks())
             take = take_decoded
 
     sm = SelfMetrics()

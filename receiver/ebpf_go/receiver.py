@@ -24,9 +24,9 @@ from collector.telemetry import ComponentTelemetry
 
 from . import discovery, events, loader, propagation
 from .gobinary import BinaryError, GoBinary
-from .probes import PROBES, Common, Probe, RawCollector, StructCollector
+from .probes import PROBES, Common, Probe, RawCollector
 from .propagation.stitch import Stitcher
-from .ringbuf import RingCopier, split_block, unpack_block
+from .ringbuf import RingCopier
 
 DISTRO = "otelgo-collector"
 VERSION = "0.1.0"
@@ -38,22 +38,6 @@ COPY_PERIOD_S = 0.01         # the copier empties every ring buffer this often (
 DRAIN_PERIOD_S = 0.02        # the reader turns the copied records into spans this often (ditto)
 IDLE_WAIT_S = 0.1            # longest idle sleep of the copier (epoll) and of the reader holding stitch spans
 QUEUE_RINGS = 4              # records copied and not yet read, per ring buffer: at most this many ring-fulls
-
-
-def records_of(col: RawCollector, blocks: list[bytes]) -> list[Any]:
-    """The records in the copier's blocks (`RingBuffer.read_block`), decoded as `col.take()` would.
-    The decode runs here, on the reader thread, just before to_spans: the copier's queue holds bytes,
-    not a tuple and ~10 field objects per record for the garbage collector to count and walk."""
-    out: list[Any] = []
-    if isinstance(col, StructCollector):
-        for block in blocks:
-            records, short = unpack_block(block, col.layout)
-            col.short += short
-            out.extend(records)
-    else:
-        for block in blocks:
-            out.extend(split_block(block))
-    return out
 
 
 # ---------------------------------------------------------------- config
@@ -566,8 +550,9 @@ class EbpfGoReceiver(Receiver):
                 continue
             # A reader behind takes its backlog one ring-full per drain: batches no larger than before
             # the copier, and the rest waits as records (not spans in flight for the GC to walk).
-            records = records_of(pp.collector,
-                                 copier.remove(ring) if final else copier.take(ring, ring.size))
+            # The copier's queue holds bytes blocks (no objects for the GC to count and walk): decoded
+            # here, just before to_spans.
+            records = pp.collector.decode(copier.remove(ring) if final else copier.take(ring, ring.size))
             n += len(records)
             lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
             if lost != pp.lost_seen:

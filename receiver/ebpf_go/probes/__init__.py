@@ -19,7 +19,7 @@ from typing import Any
 from collector.spans import Span
 
 from ..gobinary import GoBinary
-from ..ringbuf import RingBuffer
+from ..ringbuf import RingBuffer, split_block, unpack_block
 
 
 @dataclass
@@ -49,6 +49,10 @@ class RawCollector:
         """The records committed since the last call, as one batch."""
         return self.ring.read() if self.ring is not None else []
 
+    def decode(self, blocks: list[bytes]) -> list[Any]:
+        """The records in blocks of `RingBuffer.read_block` (the receiver's copier), as `take` gives them."""
+        return [r for block in blocks for r in split_block(block)]
+
 
 class StructCollector(RawCollector):
     """Decodes each record in place with one precompiled Struct (no copy of the record)."""
@@ -64,6 +68,14 @@ class StructCollector(RawCollector):
         records, short = self.ring.read_unpacked(self.layout)
         self.short += short
         return records
+
+    def decode(self, blocks: list[bytes]) -> list[Any]:
+        out: list[Any] = []
+        for block in blocks:
+            records, short = unpack_block(block, self.layout)
+            self.short += short
+            out.extend(records)
+        return out
 
 
 class Probe:

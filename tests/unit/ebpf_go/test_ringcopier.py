@@ -22,7 +22,7 @@ from collector.spans import KIND_SERVER, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry, SelfMetrics
 from receiver.ebpf_go import bpfsys, loader
 from receiver.ebpf_go.probes import Probe, RawCollector, StructCollector
-from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary, records_of
+from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary
 from receiver.ebpf_go.ringbuf import BUSY, DISCARD, RingBuffer, RingCopier, split_block, unpack_block
 
 from .test_ringbuf import IS_ROOT, FakeRing, _ringbuf_output_prog
@@ -98,15 +98,15 @@ def test_blocks_hold_the_records_the_readers_return(ring: tuple[FakeRing, RingBu
         f2.close()
 
 
-def test_records_of_decodes_as_the_collector_would(ring: tuple[FakeRing, RingBuffer]) -> None:
+def test_collector_decodes_blocks_as_it_reads_the_ring(ring: tuple[FakeRing, RingBuffer]) -> None:
     f, r = ring
     put(f, 0, 5)
     f.put(b"x")
     blocks = r.read_block()
     col = StructCollector(REC)
-    assert seqs(records_of(col, blocks)) == list(range(5)) and col.short == 1
-    assert records_of(RawCollector(), blocks) == [REC.pack(i) for i in range(5)] + [b"x"]
-    assert records_of(col, []) == []
+    assert seqs(col.decode(blocks)) == list(range(5)) and col.short == 1
+    assert RawCollector().decode(blocks) == [REC.pack(i) for i in range(5)] + [b"x"]
+    assert col.decode([]) == []
 
 
 def test_a_full_queue_leaves_records_in_the_ring(ring: tuple[FakeRing, RingBuffer]) -> None:
