@@ -29,6 +29,8 @@
 #define N_COUNTERS 16
 #define COUNT_SAME_THREAD 12
 #define COUNT_OTHER_THREAD 13
+#define COUNT_SOCK_HELD 14      /* connections another sk_msg program already holds (EBUSY) */
+#define COUNT_SOCK_NOT_ADDED 15 /* connections not added for any other reason (map full, ...) */
 
 /* socks: connection 4-tuple -> socket; filled by sock_ops, its sends run skmsg_traceparent. */
 struct sock_key {
@@ -74,7 +76,14 @@ int sockops_track(struct bpf_sock_ops *skops) {
     } else {
         return 0;
     }
-    socks.sock_hash_update(skops, &k, BPF_NOEXIST);
+    int err = socks.sock_hash_update(skops, &k, BPF_NOEXIST);
+    /* A socket joins one sk_msg program only: one attached earlier (a second collector, a CNI's
+     * socket acceleration, a leaked attach) takes it and ours never sees its sends. Counted so that
+     * the collector can say so instead of injecting nothing in silence. */
+    if (err == -16 /* EBUSY */)
+        count(COUNT_SOCK_HELD);
+    else if (err && err != -17 /* EEXIST: the 4-tuple is already in */)
+        count(COUNT_SOCK_NOT_ADDED);
     return 0;
 }
 

@@ -25,6 +25,7 @@ from collector.telemetry import ComponentTelemetry
 from . import discovery, events, loader, propagation
 from .gobinary import BinaryError, GoBinary
 from .probes import PROBES, Common, Probe, RawCollector
+from .propagation.skmsg import HELD_ELSEWHERE_HINT
 from .propagation.stitch import Stitcher
 from .ringbuf import RingCopier
 
@@ -37,6 +38,7 @@ COMPILE_PARALLEL = 2         # BPF compiler children at once (each ~1.5 s of one
 COPY_PERIOD_S = 0.01         # the copier empties every ring buffer this often (while records come)
 DRAIN_PERIOD_S = 0.02        # the reader turns the copied records into spans this often (ditto)
 IDLE_WAIT_S = 0.1            # longest idle sleep of the copier (epoll) and of the reader holding stitch spans
+CHOOSER_JOIN_S = 60.0        # how long shutdown waits for the propagation chooser (see shutdown)
 QUEUE_RINGS = 4              # records copied and not yet read, per ring buffer: at most this many ring-fulls
 
 
@@ -162,6 +164,10 @@ class EbpfGoReceiver(Receiver):
                                        "Requests whose traceparent sk_msg inserted at the socket.")
         self.m_tp_skipped = m.counter("otelgo_ebpf_propagation_skipped",
                                       "Requests sk_msg left unchanged, by reason.", ["reason"])
+        self.m_tp_sockets_skipped = m.counter(
+            "otelgo_ebpf_propagation_connections_skipped",
+            "Client connections sk_msg cannot watch, by reason (held_elsewhere: another sk_msg program "
+            "holds them; not_added: map full or other): their requests are sent unchanged.", ["reason"])
         self.m_stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome.",
                                   ["outcome"])
         self.m_compiles = m.counter("otelgo_ebpf_bpf_programs",
@@ -184,6 +190,8 @@ class EbpfGoReceiver(Receiver):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._propagation_chosen = threading.Event()   # set once self.propagation and common.skmsg are final
+        self._propagation_lock = threading.Lock()      # self.propagation: the chooser vs shutdown
+        self._chooser: threading.Thread | None = None
         self.enabled = False
         self.common = Common(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
         self.propagation: propagation.PropagationChoice | None = None
@@ -218,6 +226,7 @@ class EbpfGoReceiver(Receiver):
         chooser = threading.Thread(target=self._choose_propagation, args=(images,), name=f"{self.id}-propagation",
                                    daemon=True)
         chooser.start()
+        self._chooser = chooser
         self._threads.append(chooser)
         self.enabled = True
         inst = self.config.instrumentations
@@ -244,6 +253,15 @@ class EbpfGoReceiver(Receiver):
             except Exception as e:  # propagation is optional: spans still flow without it
                 self.log.warning("propagation off: %s", e)
                 chosen = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+            with self._propagation_lock:
+                # A shutdown that came first (it did not wait for this thread) leaves the stop to us:
+                # an attached sock_ops link must not outlive the receiver.
+                late = self._stop.is_set()
+                if not late:
+                    self.propagation = chosen
+            if late:
+                chosen.stop()
+                return
             self.common.skmsg = chosen.mode == "sk_msg"
             self.common.probe_write = chosen.mode == "probe_write"
             if chosen.mode in ("sk_msg", "probe_write", "stitch"):
@@ -251,15 +269,22 @@ class EbpfGoReceiver(Receiver):
                 # (TLS, h2, large headers, ...): injected client spans never wait in it.
                 self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
                                          count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
-            self.propagation = chosen
         finally:
             self._propagation_chosen.set()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self.images is not None:
+            self.images.close()     # cancels compiles, so the chooser and discovery return promptly
         self.copier.stop(timeout)   # wakes the reader too
         for t in self._threads:
-            t.join(timeout)
+            # The chooser may be inside the kernel's verifier (the sk_msg programs take 1.6 s on an idle
+            # host, several times that on a busy one) and cannot be interrupted: wait for it, so that
+            # what it attaches is stopped here and not some time after the receiver is gone.
+            t.join(max(timeout, CHOOSER_JOIN_S) if t is self._chooser else timeout)
+            if t.is_alive():
+                self.log.warning("ebpf_go shutdown: thread %s still running after %.0f s; going on without it",
+                                 t.name, timeout)
         self._threads.clear()
         with self._lock:
             for tb in list(self.binaries.values()):
@@ -271,12 +296,13 @@ class EbpfGoReceiver(Receiver):
             self.binaries.clear()
             self.processes.clear()
         self.m_processes.set(0)
-        if self.propagation is not None:
-            self._read_skmsg_counts()
-            self.propagation.stop()
-            self.propagation = None
-        if self.images is not None:
-            self.images.close()
+        with self._propagation_lock:
+            chosen = self.propagation
+            if chosen is not None:
+                self._read_skmsg_counts()
+                self.propagation = None
+        if chosen is not None:
+            chosen.stop()
         self._unpin()
 
     def _unpin(self) -> None:
@@ -520,23 +546,36 @@ class EbpfGoReceiver(Receiver):
 
     def _read_skmsg_counts(self) -> None:
         """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
-        sk = self.propagation.skmsg if self.propagation is not None else None
+        chosen = self.propagation   # read once: shutdown may clear it
+        sk = chosen.skmsg if chosen is not None else None
         if sk is None:
             return
         try:
-            counts = sk.counts().outcomes
+            counts = sk.counts()
         except Exception:  # our bug or a map gone at shutdown: metrics only
             self.telemetry.warn_once_per("skmsg-counts", 60, "cannot read the sk_msg counters")
             return
-        for name, value in counts.items():
-            delta = value - self._skmsg_seen.get(name, 0)
-            if delta <= 0:
-                continue
-            self._skmsg_seen[name] = value
+        for name, delta in self._skmsg_deltas("request", counts.outcomes):
             if name == "injected":
                 self.m_tp_injected.inc(delta)
             else:
                 self.m_tp_skipped.labels(reason=name).inc(delta)
+        for name, delta in self._skmsg_deltas("connection", counts.sockets_skipped):
+            self.m_tp_sockets_skipped.labels(reason=name).inc(delta)
+            if name == "held_elsewhere":
+                self.telemetry.warn_once_per("skmsg-held", 600, "sk_msg propagation: %s; %d more client "
+                                             "connections sent unchanged (their spans are joined by stitching)",
+                                             HELD_ELSEWHERE_HINT, delta)
+
+    def _skmsg_deltas(self, kind: str, counts: dict[str, int]) -> list[tuple[str, int]]:
+        """(name, increase since the last read) of the sk_msg counters that grew."""
+        grown = []
+        for name, value in counts.items():
+            delta = value - self._skmsg_seen.get(f"{kind}:{name}", 0)
+            if delta > 0:
+                self._skmsg_seen[f"{kind}:{name}"] = value
+                grown.append((name, delta))
+        return grown
 
     def _drain(self, tb: TracedBinary, final: bool = False) -> int:
         """Push one batch per probe of this binary: the records the copier holds, then those still in

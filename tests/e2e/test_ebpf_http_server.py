@@ -25,6 +25,7 @@ from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanB
 from collector.telemetry import ComponentTelemetry, SelfMetrics
 from tests.support.collector import wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
+from tests.support.held import open_fds
 
 IS_ROOT = os.geteuid() == 0
 pytestmark = [
@@ -114,17 +115,6 @@ def our_uprobes(pid: int) -> list[dict[str, Any]]:
         if os.path.exists(f):
             held += [{"tracefs": line} for line in Path(f).read_text().splitlines() if "httpserver" in line]
     return held
-
-
-def fds() -> set[str]:
-    """What this process has open (fd targets: maps, programs, perf events, files)."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +384,7 @@ def test_byte_identical_and_clean_detach() -> None:
 def test_lifecycle_started_after_exit_restart_and_selection() -> None:
     binary = fixture_binary("1.24")
     gc.collect()
-    fds0 = fds()
+    fds0 = open_fds()
     r, sink = start_receiver({"targets": [{"exe_path": str(binary)}], "program_linger": "2s"})
     try:
         # A target started after the collector, that then exits: traced, then cleaned up.
@@ -427,7 +417,7 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
     finally:
         r.shutdown()
     gc.collect()
-    assert fds() == fds0
+    assert open_fds() == fds0
 
     # Ten processes of one binary, a selector matching five by pid: spans only from those five.
     servers = [Server(binary) for _ in range(10)]
@@ -452,7 +442,7 @@ def test_lifecycle_started_after_exit_restart_and_selection() -> None:
         for s in servers:
             s.stop()
     gc.collect()
-    assert fds() == fds0
+    assert open_fds() == fds0
 
 
 # ---------------------------------------------------------------- the real CLI

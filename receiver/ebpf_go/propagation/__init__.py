@@ -79,22 +79,27 @@ def choose(requested: str, log: logging.Logger | logging.LoggerAdapter[Any], met
             choice = PropagationChoice("sk_msg", f"sock_ops on {sk.cgroup} and sk_msg attached", sk)
         except PropagationError as e:
             tried.append(f"sk_msg: {e}")
-    if choice is None and requested == "auto":
-        choice = try_probe_write()
-    if choice is None:
-        why = "configured" if requested == "stitch" else "fallback"
-        choice = PropagationChoice("stitch", why)
-    choice.tried = tried
-    if requested == "probe_write" and choice.mode != "probe_write":
-        log.warning("propagation: probe_write unavailable, %s: falling back to %s", refused, choice.mode)
-    elif requested not in ("auto", choice.mode):
-        log.warning("propagation: %s requested but unavailable, using %s (%s)", requested, choice.mode,
-                    "; ".join(tried))
-    log.info("propagation mode %s (requested %s): %s%s", choice.mode, requested, choice.reason,
-             f" [{'; '.join(tried)}]" if tried else "")
-    if metrics is not None:
-        g = metrics.gauge("otelgo_ebpf_propagation_mode", "Cross-process trace propagation mode in use (1).",
-                          ["mode"])
-        for m in ACTIVE_MODES:
-            g.labels(mode=m).set(1 if m == choice.mode else 0)
-    return choice
+    try:
+        if choice is None and requested == "auto":
+            choice = try_probe_write()
+        if choice is None:
+            why = "configured" if requested == "stitch" else "fallback"
+            choice = PropagationChoice("stitch", why)
+        choice.tried = tried
+        if requested == "probe_write" and choice.mode != "probe_write":
+            log.warning("propagation: probe_write unavailable, %s: falling back to %s", refused, choice.mode)
+        elif requested not in ("auto", choice.mode):
+            log.warning("propagation: %s requested but unavailable, using %s (%s)", requested, choice.mode,
+                        "; ".join(tried))
+        log.info("propagation mode %s (requested %s): %s%s", choice.mode, requested, choice.reason,
+                 f" [{'; '.join(tried)}]" if tried else "")
+        if metrics is not None:
+            g = metrics.gauge("otelgo_ebpf_propagation_mode", "Cross-process trace propagation mode in use (1).",
+                              ["mode"])
+            for m in ACTIVE_MODES:
+                g.labels(mode=m).set(1 if m == choice.mode else 0)
+        return choice
+    except BaseException:
+        if choice is not None:
+            choice.stop()   # sock_ops must not stay attached for a choice nobody holds
+        raise

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import os
+import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ OUTCOMES: dict[int, str] = {
 BPF_F_ALLOW_MULTI = bpfsys.BPF_F_ALLOW_MULTI
 COUNT_SAME_THREAD = 12
 COUNT_OTHER_THREAD = 13
+# Client connections sock_ops could not put into `socks`, by reason (their requests go unchanged).
+SOCKETS_SKIPPED: dict[int, str] = {
+    14: "held_elsewhere",   # another sk_msg program holds the socket (EBUSY)
+    15: "not_added",        # anything else (map full, ...)
+}
+HELD_ELSEWHERE_HINT = ("another sk_msg program holds this host's client sockets (a second otelgo-collector, a "
+                       "CNI's socket acceleration, or a sock_ops attach left behind: `bpftool cgroup tree` "
+                       "lists them)")
 
 
 def _cgroup_link(prog_fd: int, cgroup_fd: int) -> int:
@@ -97,9 +106,10 @@ def ensure_bpffs(path: str = "/sys/fs/bpf") -> None:
 
 @dataclass
 class SkMsgCounts:
-    outcomes: dict[str, int]
+    outcomes: dict[str, int]           # requests, by OUTCOMES name
     same_thread: int
     other_thread: int
+    sockets_skipped: dict[str, int] = field(default_factory=dict)   # connections, by SOCKETS_SKIPPED name
 
 
 class SkMsgPropagation:
@@ -154,6 +164,7 @@ class SkMsgPropagation:
                 # BPF_F_ALLOW_MULTI: another collector's sock_ops on the same cgroup stays attached
                 # (without it the last attach replaces the others and silently ends their injection).
                 bpfsys.prog_attach(self._sockops, self._cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+            self._check_sockets_reach_us()
         except PropagationError:
             self.stop()
             raise
@@ -163,11 +174,26 @@ class SkMsgPropagation:
 
     def counts(self) -> SkMsgCounts:
         if self._bpf is None:
-            return SkMsgCounts({}, 0, 0)
+            return SkMsgCounts({}, 0, 0, {})
         tab = self._bpf["counts"]
         vals = {i: tab.read_u64(i) for i in range(tab.spec.max_entries)}
         return SkMsgCounts({name: vals.get(i, 0) for i, name in OUTCOMES.items()},
-                           vals.get(COUNT_SAME_THREAD, 0), vals.get(COUNT_OTHER_THREAD, 0))
+                           vals.get(COUNT_SAME_THREAD, 0), vals.get(COUNT_OTHER_THREAD, 0),
+                           {name: vals.get(i, 0) for i, name in SOCKETS_SKIPPED.items()})
+
+    def _check_sockets_reach_us(self) -> None:
+        """One loopback connection of the collector's own: if another sk_msg program took it, every
+        connection goes to that one first and nothing would ever be inserted: refuse now, with the
+        reason, rather than run a propagation mode that silently does nothing."""
+        before = self.counts().sockets_skipped.get("held_elsewhere", 0)
+        try:
+            with socket.create_server(("127.0.0.1", 0)) as srv, \
+                    socket.create_connection(srv.getsockname()[:2], timeout=2.0):
+                pass
+        except OSError:
+            return   # no loopback here: nothing to learn from it
+        if self.counts().sockets_skipped.get("held_elsewhere", 0) > before:
+            raise PropagationError(HELD_ELSEWHERE_HINT)
 
     def table(self, name: str) -> Any:
         """A map of the program (loader.BpfMap); the maps shared with the client probe have their

@@ -319,3 +319,51 @@ def test_attach_hooks_write_subset_only_in_probe_write_mode(chain: tuple[GoBinar
     assert b"uprobe_client_writeSubset" not in {f for _, f, _ in off.calls}
     assert on.calls[:len(off.calls)] == off.calls
     assert on.calls[len(off.calls):] == [(gb.entry_probe(nc.WRITE_SUBSET).addr, b"uprobe_client_writeSubset", 42)]
+
+
+def test_sk_msg_is_stopped_when_the_choice_fails_after_it_attached() -> None:
+    class BrokenMetrics(Metrics):
+        def gauge(self, name: str, help: str, labels: list[str]) -> Gauge:
+            raise RuntimeError("registry refused the gauge")
+    sk = FakeSkMsg(True)
+    with pytest.raises(RuntimeError, match="registry refused"):
+        choose("auto", logging.getLogger("test.propagation"), BrokenMetrics(), make_skmsg=sk)
+    assert not sk.started   # not left attached for a choice nobody holds
+
+
+def test_connections_held_by_another_sk_msg_program_are_counted_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    from collector.component import ComponentID
+    from collector.telemetry import ComponentTelemetry, SelfMetrics
+    from receiver.ebpf_go.propagation import PropagationChoice
+    from receiver.ebpf_go.propagation.skmsg import SkMsgCounts
+    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+
+    class Counters:
+        """The sk_msg program's counters as three successive reads find them."""
+        reads = [({"injected": 2}, {"held_elsewhere": 0, "not_added": 0}),
+                 ({"injected": 3}, {"held_elsewhere": 4, "not_added": 1}),
+                 ({"injected": 3}, {"held_elsewhere": 9, "not_added": 1})]
+
+        def counts(self) -> SkMsgCounts:
+            outcomes, sockets = self.reads.pop(0)
+            return SkMsgCounts(outcomes, 0, 0, sockets)
+
+        def stop(self) -> None:
+            pass
+
+    metrics = SelfMetrics()
+    r = factory.create(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go", metrics),
+                       None)
+    r.propagation = PropagationChoice("sk_msg", "test", Counters())  # type: ignore[arg-type]
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        r._read_skmsg_counts()
+    get = metrics.registry.get_sample_value
+    assert get("otelgo_ebpf_propagation_injected_total") == 3
+    assert get("otelgo_ebpf_propagation_connections_skipped_total", {"reason": "held_elsewhere"}) == 9
+    assert get("otelgo_ebpf_propagation_connections_skipped_total", {"reason": "not_added"}) == 1
+    # Said once (at most every 10 minutes), with what to look at.
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "sk_msg propagation: another sk_msg program holds this host's client sockets (a second otelgo-collector, "
+        "a CNI's socket acceleration, or a sock_ops attach left behind: `bpftool cgroup tree` lists them); 4 more "
+        "client connections sent unchanged (their spans are joined by stitching)"]

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.root
 if os.geteuid() != 0 and os.environ.get("CI") != "true":
     pytest.skip("needs root and eBPF (never skipped under CI=true)", allow_module_level=True)
 
-from receiver.ebpf_go.propagation.skmsg import SkMsgPropagation  # noqa: E402
+from receiver.ebpf_go.propagation.skmsg import PropagationError, SkMsgPropagation  # noqa: E402
+from tests.support.held import open_fds, sock_ops_on_root  # noqa: E402
 
 TRACE = bytes(range(1, 17))
 SPAN = bytes(range(0xA0, 0xA8))
@@ -142,3 +143,21 @@ def test_no_pending_no_change(skmsg: SkMsgPropagation) -> None:
     req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert send(skmsg, [req], pending=False) == req
     assert outcome_delta(skmsg, before) == {}
+
+
+def test_refused_when_another_sk_msg_program_holds_the_sockets(skmsg: SkMsgPropagation) -> None:
+    # `skmsg`, attached first, stands for the other program (a second collector, a CNI): every new
+    # connection joins its sockhash, so a second one would never see a send. It must say so at start
+    # and leave nothing behind, and the first one keeps working.
+    attached, fds0 = sock_ops_on_root(), open_fds()
+    second = SkMsgPropagation(pin_dir="/sys/fs/bpf/otelgo_test_skmsg_second")
+    with pytest.raises(PropagationError, match=r"^another sk_msg program holds this host's client sockets "
+                                               r"\(a second otelgo-collector"):
+        second.start()
+    assert sock_ops_on_root() == attached
+    assert open_fds() == fds0
+    assert os.listdir("/sys/fs/bpf/otelgo_test_skmsg_second") == []
+    os.rmdir("/sys/fs/bpf/otelgo_test_skmsg_second")
+    assert skmsg.counts().sockets_skipped == {"held_elsewhere": 0, "not_added": 0}
+    req = b"GET /still HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert send(skmsg, [req]) == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)
