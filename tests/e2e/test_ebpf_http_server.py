@@ -23,7 +23,7 @@ import pytest
 from collector.component import ComponentID
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanBatch, from_json_dict
 from collector.telemetry import ComponentTelemetry, SelfMetrics
-from tests.support.collector import wait_for
+from tests.support.collector import json_lines, wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
 from tests.support.held import open_fds
 
@@ -469,9 +469,7 @@ def test_cli_file_exporter(tmp_path: Path) -> None:
             srv.request("GET", f"/items/{n}")
             n += 1
             time.sleep(0.3)
-            if out.exists():
-                got = [s for line in out.read_text().splitlines() if line.strip()
-                       for _, _, s in from_json_dict(json.loads(line)).iter_spans()]
+            got = [s for doc in json_lines(out) for _, _, s in from_json_dict(doc).iter_spans()]
         assert len(got) >= 3, "no spans in the file exporter's output"
         assert all(s.name == "GET /items/{id}" for s in got)
     finally:

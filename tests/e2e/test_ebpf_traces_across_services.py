@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ if os.geteuid() != 0 and os.environ.get("CI") != "true":
     pytest.skip("needs root and eBPF (never skipped under CI=true)", allow_module_level=True)
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, Span, from_json_dict  # noqa: E402
-from tests.support.collector import CollectorProcess, free_port, wait_for_port  # noqa: E402
+from tests.support.collector import CollectorProcess, free_port, json_lines, wait_for_port  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 # probe_write: this kernel refuses bpf_probe_write_user (lockdown), so it falls back to sk_msg
@@ -138,14 +137,10 @@ class Traced:
 
     def _read(self) -> None:
         """Index the new lines of the file exporter's output by request id."""
-        if not self.out.exists():
-            return
-        lines = self.out.read_text().splitlines()
+        docs = json_lines(self.out, skip=self._lines)
         roles = self.chain.role_of_pid
-        for line in lines[self._lines:]:
-            if not line.strip():
-                continue
-            for rs, _, span in from_json_dict(json.loads(line)).iter_spans():
+        for doc in docs:
+            for rs, _, span in from_json_dict(doc).iter_spans():
                 a = span.attributes
                 m = ID.search(str(a.get("url.path") or a.get("url.full") or ""))
                 if m is None:
@@ -153,7 +148,7 @@ class Traced:
                 role = roles.get(int(rs.resource.attributes.get("process.pid", 0)), "?")
                 side = "server" if span.kind == KIND_SERVER else "client" if span.kind == KIND_CLIENT else "?"
                 self._by_id.setdefault(m.group(1), []).append((f"{role} {side}", span))
-        self._lines = len(lines)
+        self._lines += len(docs)
 
     def traces(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Span]]:
         """Wait until every id has its five spans (and one window more for strays); by id, role -> span."""

@@ -15,13 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.spans import STATUS_ERROR, SpanBatch, from_json_dict
-from tests.support.collector import CollectorProcess, free_port, wait_for_port
+from tests.support.collector import CollectorProcess, free_port, json_lines, wait_for_port
 from tests.support.otelsdk import send_traces
 
 
 def read_file_export(path: Path) -> list[SpanBatch]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [from_json_dict(json.loads(line)) for line in lines]
+    return [from_json_dict(doc) for doc in json_lines(path)]
 
 
 def wait_for_spans(path: Path, n: int, timeout: float = 20.0) -> SpanBatch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -39,6 +40,15 @@ def wait_for(cond: Any, timeout: float = 30.0, what: str = "") -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def json_lines(path: Path, skip: int = 0) -> list[Any]:
+    """The complete lines of a JSON-lines file another process is writing (the file exporter's
+    output), from line `skip` on, parsed; a last line without its newline is still being written and
+    is left for later."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n")[skip:-1]]
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:

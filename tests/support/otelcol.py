@@ -9,7 +9,6 @@ binary on free loopback ports, waits until it listens, and reads back what its f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tests.support.collector import json_lines
 from tests.support.gobuild import file_lock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,15 +150,7 @@ class RealCollector:
 
     def received(self) -> list[dict[str, Any]]:
         """Each line of the file exporter's output: an OTLP/JSON TracesData document."""
-        if not self.out.exists():
-            return []
-        docs = []
-        text = self.out.read_text()
-        text = text[:text.rfind("\n") + 1]  # a line still being written is read next time
-        for line in text.splitlines():
-            if line.strip():
-                docs.append(json.loads(line))
-        return docs
+        return json_lines(self.out)
 
     def spans(self) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
         """(resource, scope, span) for every span received so far."""
