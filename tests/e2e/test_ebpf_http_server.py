@@ -155,8 +155,9 @@ def test_server_spans(version: str, variant: str) -> None:
              "GET /users/{id}/posts" if patterns else "GET", "/users/{id}/posts" if patterns else None),
             ("GET", "/hello?x=1", {"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"}, b"", 200, "GET /hello", "/hello"),
             # Many headers. Swiss maps (Go >= 1.24): 30, a table directory, walked whole. Classic maps:
-            # 8 keys, one full bucket; the walk does not follow overflow buckets (documented limit), and
-            # where 30 keys land depends on the process's hash seed, so 30 would make this test a lottery.
+            # 8 lines and Host, 2 buckets; the walk follows one overflow bucket (and no chain of them: where
+            # 30 keys land depends on each map's hash seed, so 30 would make this test a lottery; see
+            # test_classic_map_overflow_bucket_walked).
             ("GET", "/hello", {**{f"X-Filler-{i}": "v" * i for i in range(n_fill)}, "traceparent": good_tp}, b"",
              200, "GET /hello", "/hello"),
         ]
@@ -210,6 +211,30 @@ def test_server_spans(version: str, variant: str) -> None:
         r.shutdown()
         srv.stop()
     assert our_uprobes(os.getpid()) == []
+
+
+@pytest.mark.parametrize("version", ["1.19", "1.23"])
+def test_classic_map_overflow_bucket_walked(version: str) -> None:
+    # 12 header lines (Host included, which net/http deletes after) make a classic map of 2 buckets
+    # (the hint counts 13 lines); each map has its own hash seed, so in about 1 request of 7 one bucket
+    # takes 9 or more keys and the last ones, traceparent among them, go to an overflow bucket. Before
+    # the walk followed it, 26 of 200 such requests lost their parent.
+    binary = fixture_binary(version)
+    srv = Server(binary)
+    r, sink = start_receiver({"targets": [{"pid": srv.pid}]})
+    try:
+        wait_for(lambda: srv.pid in r.processes, 30, "attach")
+        tp = f"00-{TRACE_ID}-{PARENT_ID}-01"
+        for _ in range(200):
+            srv.request("GET", "/hello", {**{f"X-Filler-{j}": "v" for j in range(8)}, "traceparent": tp})
+        spans = wait_spans(sink, 200)
+        assert len(spans) == 200
+        joined = [s for _, _, s in spans if (s.trace_id.hex(), s.parent_span_id.hex()) == (TRACE_ID, PARENT_ID)]
+        assert len(joined) == 200
+        assert all(s.attributes["user_agent.original"] == "e2e-client/1.0" for _, _, s in spans)
+    finally:
+        r.shutdown()
+        srv.stop()
 
 
 # ---------------------------------------------------------------- where the request ends: h2, hijack, panic
