@@ -40,6 +40,7 @@ DRAIN_PERIOD_S = 0.02        # the reader turns the copied records into spans th
 IDLE_WAIT_S = 0.1            # longest idle sleep of the copier (epoll) and of the reader holding stitch spans
 CHOOSER_JOIN_S = 60.0        # how long shutdown waits for the propagation chooser (see shutdown)
 QUEUE_RINGS = 4              # records copied and not yet read, per ring buffer: at most this many ring-fulls
+QUEUE_TOTAL_RINGS = 16       # ... and for all ring buffers together (64 MiB at the default ring_buffer_size)
 
 
 # ---------------------------------------------------------------- config
@@ -186,7 +187,8 @@ class EbpfGoReceiver(Receiver):
         self._lock = threading.Lock()     # binaries/programs: discovery thread vs reader thread
         # Copies every ring buffer into a bounded queue on its own thread (its own lock, so it never
         # waits for the reader's pipeline); the reader takes from it. See _reader_loop.
-        self.copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S, on_error=self._copy_error)
+        self.copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S, on_error=self._copy_error,
+                                 max_total_bytes=QUEUE_TOTAL_RINGS * config.ring_buffer_size)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._propagation_chosen = threading.Event()   # set once self.propagation and common.skmsg are final

@@ -288,9 +288,13 @@ class RingCopier:
     be closed and unmapped). `ready` is set after a pass that copied records."""
 
     def __init__(self, period: float = 0.01, idle_wait: float = 0.1,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None, max_total_bytes: int | None = None) -> None:
         self.period = period
         self.idle_wait = idle_wait
+        # All queues together hold at most ~this many ring bytes (None: only each queue's own bound):
+        # under overload many traced binaries would otherwise hold their per-ring bound each.
+        self.max_total_bytes = max_total_bytes
+        self._first = 0              # where the last pass started (see copy_pass)
         self.on_error = on_error     # an exception out of a pass (our bug); the copier goes on
         self.ready = threading.Event()
         self._lock = threading.Lock()
@@ -343,15 +347,26 @@ class RingCopier:
             return (q.records, q.bytes) if q is not None else (0, 0)
 
     def copy_pass(self) -> tuple[int, bool]:
-        """Copy every ring whose queue has room once: (records copied, some queue was full)."""
+        """Copy every ring whose queue has room once, while all of them together have room too:
+        (records copied, some queue or the total was full)."""
         n, full = 0, False
         with self._lock:
-            for q in self._queues.values():
-                if q.full():
+            limit = self.max_total_bytes
+            queues = list(self._queues.values())
+            if limit is not None and queues:
+                # Each pass starts at the next ring: when the total bound stops a pass, no ring is
+                # always the one left behind.
+                self._first = (self._first + 1) % len(queues)
+                queues = queues[self._first:] + queues[:self._first]
+            total = sum(q.bytes for q in queues) if limit is not None else 0
+            for q in queues:
+                if q.full() or (limit is not None and total >= limit):
                     full = True
                     continue
                 try:
+                    before = q.bytes
                     n += q.copy()
+                    total += q.bytes - before
                 except Exception as e:  # our bug (a decode in take): report it, copy the other rings
                     if self.on_error is None:
                         raise

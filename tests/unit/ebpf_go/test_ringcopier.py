@@ -359,3 +359,37 @@ def test_receiver_drain_then_release_loses_nothing(ring: tuple[FakeRing, RingBuf
     assert out.names == [str(i) for i in range(20)]
     assert rcv.copier.take(r) == [] and rcv.copier.copy_pass() == (0, False)
     rcv.shutdown()
+
+
+def test_the_total_bound_holds_across_rings_and_turns(ring: tuple[FakeRing, RingBuffer]) -> None:
+    # Three rings, each allowed 4 ring-fulls, all together 2: under overload the queues never hold
+    # much more than the total (plus one copy), every ring gets its turn, and nothing is lost.
+    f, r = ring
+    others = [FakeRing(SIZE) for _ in range(2)]
+    fakes = [f, *others]
+    rings = [r, *(RingBuffer(o.fd, SIZE) for o in others)]
+    try:
+        c = RingCopier(max_total_bytes=2 * SIZE)
+        for rb in rings:
+            c.add(rb, lambda rb=rb: rb.read_unpacked(REC)[0], max_bytes=4 * SIZE)
+        nxt = [0, 0, 0]
+        copied_from: set[int] = set()
+        for _ in range(12):
+            for i, fk in enumerate(fakes):
+                if rings[i].pending() == 0:
+                    nxt[i] = put(fk, nxt[i], 60)   # each ring refilled once emptied: a steady overload
+            before = [c.held(rb)[0] for rb in rings]
+            c.copy_pass()
+            copied_from |= {i for i, rb in enumerate(rings) if c.held(rb)[0] > before[i]}
+            assert sum(c.held(rb)[1] for rb in rings) < 2 * SIZE + 60 * IN_RING
+        assert copied_from == {0, 1, 2}            # no ring always left behind
+        n, full = c.copy_pass()
+        assert (n, full) == (0, True)              # total reached: the rings keep their records
+        for i, rb in enumerate(rings):
+            assert seqs(c.take(rb)) == list(range(nxt[i]))   # nothing lost, in order
+        assert c.copy_pass() == (0, False)
+    finally:
+        for rb in rings[1:]:
+            rb.close()
+        for o in others:
+            o.close()
