@@ -255,22 +255,26 @@ class EbpfGoReceiver(Receiver):
             except Exception as e:  # propagation is optional: spans still flow without it
                 self.log.warning("propagation off: %s", e)
                 chosen = propagation.choose("off", self.log, self.telemetry.metrics, pin_dir=self.pin_dir)
+            try:
+                self.common.skmsg = chosen.mode == "sk_msg"
+                self.common.probe_write = chosen.mode == "probe_write"
+                if chosen.mode in ("sk_msg", "probe_write", "stitch"):
+                    # In sk_msg and probe_write modes the stitcher is the fallback for requests left
+                    # unchanged (TLS, h2, large headers, ...): injected client spans never wait in it.
+                    self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
+                                             count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
+            except BaseException:
+                chosen.stop()   # nobody would hold it
+                raise
             with self._propagation_lock:
-                # A shutdown that came first (it did not wait for this thread) leaves the stop to us:
-                # an attached sock_ops link must not outlive the receiver.
+                # Published last, once the flags and the stitcher are set. A shutdown that came first
+                # (it did not wait for this thread) leaves the stop to us: an attached sock_ops link
+                # must not outlive the receiver.
                 late = self._stop.is_set()
                 if not late:
                     self.propagation = chosen
             if late:
                 chosen.stop()
-                return
-            self.common.skmsg = chosen.mode == "sk_msg"
-            self.common.probe_write = chosen.mode == "probe_write"
-            if chosen.mode in ("sk_msg", "probe_write", "stitch"):
-                # In sk_msg and probe_write modes the stitcher is the fallback for requests left unchanged
-                # (TLS, h2, large headers, ...): injected client spans never wait in it.
-                self.stitcher = Stitcher(window_s=STITCH_WINDOW_S, max_pending=STITCH_MAX_PENDING,
-                                         count=lambda outcome, n: self.m_stitch.labels(outcome=outcome).inc(n))
         finally:
             self._propagation_chosen.set()
 
