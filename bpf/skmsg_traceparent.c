@@ -99,8 +99,6 @@ struct scan_state {
     u32 next;           /* offset the next chunk starts at */
     u32 first_nl;       /* index of the request line's '\n' (0: not found yet) */
     u32 end;            /* index just past "\r\n\r\n" (0: not found yet) */
-    u32 tp_match;       /* chars of "\ntraceparent:" matched so far */
-    u32 crlf;           /* chars of "\r\n\r\n" matched so far */
     u32 has_tp;
     u32 out;            /* ran out of bytes (this send) */
 };
@@ -109,30 +107,24 @@ BPF_PERCPU_ARRAY(scan, struct scan_state, 1);
 /* scan_progs[1] = skmsg_scan_more (set by skmsg.py). */
 BPF_PROG_ARRAY(scan_progs, 2);
 
-static __always_inline u8 lower(u8 c) {
-    return (c >= 'A' && c <= 'Z') ? c + 32 : c;
+/* "traceparent:" in any case, at q (q + 12 <= end checked by the caller): letters compare with bit 5
+ * set (ASCII lower case), ':' exactly. Bytes are combined so that there is one branch, not twelve:
+ * the verifier keeps a pending state per branch of every loop iteration and gives up past 8192. */
+static __always_inline int is_traceparent(const u8 *q) {
+    u64 a = 0;
+    u32 b = 0;
+    __builtin_memcpy(&a, q, 8);
+    __builtin_memcpy(&b, q + 8, 4);
+    return ((a | 0x2020202020202020ULL) ^ 0x7261706563617274ULL /* "tracepar" */) == 0 &&
+           ((b | 0x00202020U) ^ 0x3a746e65U /* "ent:" */) == 0;
 }
 
-/* "\ntraceparent:" char by char. */
-static __always_inline u8 tp_char(u32 m) {
-    switch (m) {
-    case 0: return '\n';
-    case 1: return 't';
-    case 2: return 'r';
-    case 3: return 'a';
-    case 4: return 'c';
-    case 5: return 'e';
-    case 6: return 'p';
-    case 7: return 'a';
-    case 8: return 'r';
-    case 9: return 'e';
-    case 10: return 'n';
-    case 11: return 't';
-    default: return ':';
-    }
-}
-
-/* Scan [st->next, st->next + CHUNK); returns 1 when the scan is over (found or out of bytes). */
+/* Scan [st->next, st->next + CHUNK); returns 1 when the scan is over (found or out of bytes).
+ * Only a '\n' needs a look: the first ends the request line; one after "\r\n\r" ends the header
+ * block; one before "traceparent:" starts that header. The bytes are contiguous (pulled at once), so
+ * a look back or ahead may cross a chunk's edge. One path per other byte keeps the verifier's work
+ * per iteration small (it walks every iteration: 600k instructions and 1.1 s when every byte ran a
+ * state machine). */
 static __always_inline int scan_chunk(struct sk_msg_md *msg, volatile struct scan_state *st) {
     u32 base = st->next;
     if (base > SCAN_MAX - CHUNK)
@@ -146,28 +138,22 @@ static __always_inline int scan_chunk(struct sk_msg_md *msg, volatile struct sca
             st->out = 1;
             return 1;
         }
-        u8 c = *q;
-        if (c == '\n' && st->first_nl == 0)
+        if (*q != '\n')
+            continue;
+        if (st->first_nl == 0)
             st->first_nl = j;
-        u32 k = st->crlf;
-        if (c == ((k & 1) ? '\n' : '\r'))
-            k++;
-        else
-            k = (c == '\r') ? 1 : 0;
-        st->crlf = k;
-        if (k >= 4) {
-            st->end = j + 1;
-            return 1;
-        }
-        u32 m = st->tp_match;
-        if (lower(c) == tp_char(m)) {
-            st->tp_match = m + 1;
-            if (m + 1 >= 13) {
-                st->has_tp = 1;
+        if (j >= 3) {
+            u8 *b = data + ((j - 3) & (SCAN_MAX - 1));   /* j >= 3: the mask only shows a bound */
+            /* b + 3 is q: hide that, or the compiler checks q and the verifier sees b unchecked */
+            asm volatile("" : "+r"(b));
+            if (b + 3 <= end && ((b[0] ^ '\r') | (b[1] ^ '\n') | (b[2] ^ '\r')) == 0) {
+                st->end = j + 1;
                 return 1;
             }
-        } else {
-            st->tp_match = (c == '\n') ? 1 : 0;
+        }
+        if (q + 13 <= end && is_traceparent(q + 1)) {
+            st->has_tp = 1;
+            return 1;
         }
     }
     st->next = base + CHUNK;

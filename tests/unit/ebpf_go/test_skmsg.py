@@ -120,6 +120,29 @@ def test_headers_near_4k(skmsg: SkMsgPropagation) -> None:
     assert got == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)
 
 
+@pytest.mark.parametrize("header", [b"X-Traceparent: 1", b"Traceparentx: 1", b"Trace-Parent: 1", b"Tracepar: 1",
+                                    b"traceparent 1", b"X: traceparent:"])
+def test_lookalikes_are_not_a_traceparent_header(skmsg: SkMsgPropagation, header: bytes) -> None:
+    before = skmsg.counts().outcomes
+    req = b"GET / HTTP/1.1\r\nHost: a\r\n" + header + b"\r\n\r\n"
+    assert send(skmsg, [req]) == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)
+    assert outcome_delta(skmsg, before) == {"injected": 1}
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 3, 500, 509, 510, 511, 512, 513, 1023, 1024])
+def test_header_block_end_and_existing_header_across_chunk_edges(skmsg: SkMsgPropagation, where: int) -> None:
+    # The scan goes 512 bytes per program run and looks back 3 bytes (for "\r\n\r") and ahead 12
+    # (for "traceparent:") from each '\n': both must work where a chunk ends.
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: "
+    pad = b"p" * (where + 512 - len(head))
+    before = skmsg.counts().outcomes
+    req = head + pad + b"\r\n\r\n"
+    assert send(skmsg, [req]) == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)
+    tp = head + pad + b"\r\ntRaCePaReNt: 00-ab-cd-01\r\n\r\n"
+    assert send(skmsg, [tp]) == tp
+    assert outcome_delta(skmsg, before) == {"injected": 1, "existing_traceparent": 1}
+
+
 @pytest.mark.parametrize("case,payloads,method,age,reason", [
     ("existing", [b"GET / HTTP/1.1\r\nHost: a\r\nTraceParent: 00-ab-cd-01\r\n\r\n"], b"GET", 0,
      "existing_traceparent"),
