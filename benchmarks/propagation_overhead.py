@@ -72,6 +72,7 @@ def main() -> None:
             wait_for_port(port, proc=proc)
             if traced:
                 sk.start()
+                sk.watch(proc.pid)   # as the receiver does for a traced process
                 b = BPF(src_file=str(nc.BPF_SOURCE).encode(),
                         cflags=[*nc.cflags(gb, skmsg=True, pin_dir=sk.pin_dir), f"-I{nc.BPF_SOURCE.parent}"])
                 nc.attach(b, gb, path, proc.pid)

@@ -31,6 +31,8 @@ RUNS: list[tuple[str, list[str]]] = [
      ["pipeline_ebpf_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3"]),
     ("start-up and memory", ["startup_memory.py", "--binaries", "1,20", "--propagation", "auto"]),
     ("receiver threads tracing an idle server", ["receiver_idle.py", "--seconds", "5"]),
+    ("sk_msg propagation: a TCP send of a traced process and of any other",
+     ["skmsg_send_cost.py", "--rounds", "3", "--sends", "20000"]),
     ("collector pipeline: otlp receiver -> batch -> otlp exporter on one core",
      ["pipeline_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3", "--max-spans", "100000"]),
 ]

@@ -140,7 +140,7 @@ def main() -> int:
             if r is not None:
                 time.sleep(0.3)
                 r.shutdown()
-                out.update(spans=sink.n, injected=r._skmsg_seen.get("injected", 0))
+                out.update(spans=sink.n, injected=r._skmsg_seen.get("request:injected", 0))
                 r = None
             return out
         finally:

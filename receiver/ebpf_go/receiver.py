@@ -460,6 +460,9 @@ class EbpfGoReceiver(Receiver):
         tb.pids[p.pid] = p
         tb.idle_since = None
         self.processes[p.pid] = ProcessState(p, self._resource(p, gb, sel), tb.key)
+        sk = self._skmsg()
+        if sk is not None:
+            sk.watch(p.pid)    # its connections from now on can carry an inserted traceparent
         self._update_gauges()
         self.log.info("tracing pid %d %s (%s): %d uprobes (%s)", p.pid, p.exe, gb.go_version, n,
                       ", ".join(pp.probe.name for pp in tb.programs if p.pid in pp.program.links),
@@ -469,6 +472,9 @@ class EbpfGoReceiver(Receiver):
         st = self.processes.pop(pid, None)
         if st is None:
             return
+        sk = self._skmsg()
+        if sk is not None:
+            sk.unwatch(pid)
         tb = self.binaries.get(st.binary_key)
         if tb is None:
             return
@@ -550,10 +556,14 @@ class EbpfGoReceiver(Receiver):
     def _copy_error(self, e: BaseException) -> None:
         self.telemetry.warn_once_per("copy", 60, "cannot copy ring buffer records: %s", e)
 
+    def _skmsg(self) -> propagation.SkMsgPropagation | None:
+        """The sk_msg propagation in use, if that is the mode."""
+        chosen = self.propagation   # read once: shutdown may clear it
+        return chosen.skmsg if chosen is not None else None
+
     def _read_skmsg_counts(self) -> None:
         """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
-        chosen = self.propagation   # read once: shutdown may clear it
-        sk = chosen.skmsg if chosen is not None else None
+        sk = self._skmsg()
         if sk is None:
             return
         try:

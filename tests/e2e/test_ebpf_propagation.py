@@ -94,6 +94,8 @@ class Traced:
         nxt = next_url or f"http://127.0.0.1:{self.raw.port}/chain"
         self.proc = subprocess.Popen([path, "-name", "A", "-listen", f"127.0.0.1:{self.port}", "-next", nxt, *extra],
                                      stderr=subprocess.DEVNULL)
+        self.skmsg = skmsg
+        skmsg.watch(self.proc.pid)   # as the receiver does for a traced process: its connections join the sockhash
         wait_for_port(self.port, proc=self.proc)
         from bcc import BPF
         self.bpf = BPF(src_file=str(nc.BPF_SOURCE).encode(),
@@ -117,6 +119,7 @@ class Traced:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self.skmsg.unwatch(self.proc.pid)
         release_bpf(self.bpf)
         self.raw.close()
 
@@ -226,6 +229,9 @@ def test_injection_overhead(skmsg: SkMsgPropagation) -> None:
     port = free_port()
     proc = subprocess.Popen([path, "-listen", f"127.0.0.1:{port}", "-next", f"http://127.0.0.1:{raw.port}/chain"],
                             stderr=subprocess.DEVNULL)
+    # Watched from the start: the keep-alive connection the untraced rounds open is the one the traced
+    # rounds use (only a watched process's new connections join the sockhash).
+    skmsg.watch(proc.pid)
     t = None
     try:
         wait_for_port(port, proc=proc)
@@ -254,6 +260,7 @@ def test_injection_overhead(skmsg: SkMsgPropagation) -> None:
             release_bpf(t.bpf)
         proc.kill()
         proc.wait()
+        skmsg.unwatch(proc.pid)
         raw.close()
 
 

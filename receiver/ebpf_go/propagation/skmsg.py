@@ -1,7 +1,7 @@
 """sk_msg propagation: insert `traceparent` into outgoing HTTP/1.x requests at the socket.
 
 Loads bpf/skmsg_traceparent.c once per collector: a sock_ops program on the cgroup v2 root puts
-every client socket into a sockhash, and an sk_msg program on that sockhash rewrites the first
+every client socket of a watched (traced) process into a sockhash, and an sk_msg program on that sockhash rewrites the first
 send of a request for which the uprobe side (bpf/nethttp_client.c) left a pending trace context.
 The maps the two sides share are pinned under `pin_dir` (bpffs); this module owns them: it
 creates them at start and unlinks them at stop. Compiled in a child process (loader.run_compiler)
@@ -181,17 +181,33 @@ class SkMsgPropagation:
                            vals.get(COUNT_SAME_THREAD, 0), vals.get(COUNT_OTHER_THREAD, 0),
                            {name: vals.get(i, 0) for i, name in SOCKETS_SKIPPED.items()})
 
+    def watch(self, tgid: int) -> None:
+        """The connections `tgid` opens from now on join the sockhash (and only a watched process's
+        do: a socket there sends through the kernel's slower sk_msg path)."""
+        if self._bpf is not None:
+            self._bpf["traced"].update(tgid.to_bytes(4, "little"), b"\x01")
+
+    def unwatch(self, tgid: int) -> None:
+        if self._bpf is not None:
+            self._bpf["traced"].delete(tgid.to_bytes(4, "little"))
+
     def _check_sockets_reach_us(self) -> None:
         """One loopback connection of the collector's own: if another sk_msg program took it, every
         connection goes to that one first and nothing would ever be inserted: refuse now, with the
         reason, rather than run a propagation mode that silently does nothing."""
         before = self.counts().sockets_skipped.get("held_elsewhere", 0)
+        me = os.getpid()
+        watched = self._bpf is not None and self._bpf["traced"].lookup(me.to_bytes(4, "little")) is not None
+        self.watch(me)
         try:
             with socket.create_server(("127.0.0.1", 0)) as srv, \
                     socket.create_connection(srv.getsockname()[:2], timeout=2.0):
                 pass
         except OSError:
             return   # no loopback here: nothing to learn from it
+        finally:
+            if not watched:
+                self.unwatch(me)
         if self.counts().sockets_skipped.get("held_elsewhere", 0) > before:
             raise PropagationError(HELD_ELSEWHERE_HINT)
 

@@ -30,6 +30,7 @@ LINE = b"traceparent: 00-" + TRACE.hex().encode() + b"-" + SPAN.hex().encode() +
 def skmsg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SkMsgPropagation]:
     p = SkMsgPropagation(pin_dir="/sys/fs/bpf/otelgo_test_skmsg")
     p.start()
+    p.watch(os.getpid())   # this process stands for the traced Go service
     yield p
     p.stop()
 
@@ -184,3 +185,22 @@ def test_refused_when_another_sk_msg_program_holds_the_sockets(skmsg: SkMsgPropa
     assert skmsg.counts().sockets_skipped == {"held_elsewhere": 0, "not_added": 0}
     req = b"GET /still HTTP/1.1\r\nHost: a\r\n\r\n"
     assert send(skmsg, [req]) == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)
+
+
+def test_connections_of_a_process_not_traced_are_left_on_the_plain_path(skmsg: SkMsgPropagation) -> None:
+    # Only a traced process's sockets join the sockhash (each send there goes through the kernel's
+    # sk_msg path): with this process unwatched, even a pending context changes nothing, and the
+    # program never runs for the connection (no outcome counted, the pending entry left).
+    before = skmsg.counts().outcomes
+    req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    skmsg.unwatch(os.getpid())
+    try:
+        assert send(skmsg, [req]) == req
+    finally:
+        skmsg.watch(os.getpid())
+    assert outcome_delta(skmsg, before) == {}
+    assert len(list(skmsg.table("tp_pending").keys())) == 1
+    for k in list(skmsg.table("tp_pending").keys()):
+        skmsg.table("tp_pending").delete(k)
+    assert send(skmsg, [req]) == req.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n" + LINE, 1)   # watched again
+    assert outcome_delta(skmsg, before) == {"injected": 1}
