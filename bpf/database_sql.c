@@ -59,6 +59,8 @@ struct sql_event {
 /* sql_inflight: goroutine_key -> sql_call; written at entry, read and deleted at RET. LRU: a call
  * that panics never returns. */
 BPF_TABLE("lru_hash", struct goroutine_key, struct sql_call, sql_inflight, MAX_INFLIGHT);
+/* id_rng[0]: this CPU's span id generator state (new_span_ids, go_types.h). */
+BPF_PERCPU_ARRAY(id_rng, u64, 1);
 /* sql_scratch: one sql_call per CPU, built there because it does not fit the 512-byte stack. */
 BPF_PERCPU_ARRAY(sql_scratch, struct sql_call, 1);
 /* sql_out: one sql_event per CPU, assembled there and copied out with its text's length only. */
@@ -142,14 +144,16 @@ static __always_inline void sql_entry(struct pt_regs *ctx, u8 fn, u64 db, u64 ct
 
     int found = parent_from_ctx(ctx_data, k.tgid, &c->tc);
     c->parent_source = found == 0;
+    u32 zero = 0;
+    u64 *rng = id_rng.lookup(&zero);
     if (found == 0) {
         /* the parent's span id becomes ours as parent; keep its trace id and flags */
         __builtin_memcpy(c->tc.parent_span_id, c->tc.span_id, sizeof(c->tc.parent_span_id));
         c->tc.remote_parent = 0;
-        new_span_ids(&c->tc, 1);
+        new_span_ids(rng, &c->tc, 1);
     } else {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
-        new_span_ids(&c->tc, 0);
+        new_span_ids(rng, &c->tc, 0);
     }
     sql_inflight.update(&k, c);
 }

@@ -82,8 +82,33 @@ static __always_inline void random_bytes(u8 *dst, int words) {
     }
 }
 
-/* Fresh ids: a new trace unless the caller already set trace_id from a parent. */
-static __always_inline void new_span_ids(struct trace_ctx *tc, int keep_trace) {
+static __always_inline u64 splitmix64(u64 *state) {
+    u64 z = (*state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* Fresh ids: a new trace (sampled) unless keep_trace (the caller set trace_id from a parent), and a
+ * new span id, from `rng`: the per-CPU state of a splitmix64 generator, seeded from
+ * bpf_get_prandom_u32 on first use (one helper call per id word costs ~50 ns here, six of them
+ * ~0.3 us per span). Each program declares its own (BCC rewrites map calls in the .c file only):
+ *     BPF_PERCPU_ARRAY(id_rng, u64, 1);   ...   new_span_ids(id_rng.lookup(&zero), &tc, keep);
+ * rng NULL, or AB_PRANDOM_IDS (benchmarks/server_probe_ab.py): one bpf_get_prandom_u32 per word. */
+static __always_inline void new_span_ids(u64 *rng, struct trace_ctx *tc, int keep_trace) {
+#ifndef AB_PRANDOM_IDS
+    if (rng) {
+        if (*rng == 0)
+            *rng = ((u64)bpf_get_prandom_u32() << 32) ^ bpf_get_prandom_u32() ^ bpf_ktime_get_ns();
+        if (!keep_trace) {
+            *(u64 *)tc->trace_id = splitmix64(rng);
+            *(u64 *)(tc->trace_id + 8) = splitmix64(rng);
+            tc->flags = 1;
+        }
+        *(u64 *)tc->span_id = splitmix64(rng);
+        return;
+    }
+#endif
     if (!keep_trace) {
         random_bytes(tc->trace_id, 4);
         tc->flags = 1;

@@ -109,6 +109,8 @@ struct http_client_event {
 
 /* client_inflight: goroutine_key -> client_call; roundTrip entry to RET. LRU: panics never return. */
 BPF_TABLE("lru_hash", struct goroutine_key, struct client_call, client_inflight, MAX_INFLIGHT);
+/* id_rng[0]: this CPU's span id generator state (new_span_ids, go_types.h). */
+BPF_PERCPU_ARRAY(id_rng, u64, 1);
 /* client_by_hdr: hdr_key -> client_conn; written at roundTrip entry, completed by the write
  * probe, read and deleted at roundTrip RET. */
 BPF_TABLE("lru_hash", struct hdr_key, struct client_conn, client_by_hdr, MAX_INFLIGHT);
@@ -182,7 +184,8 @@ int uprobe_client_roundTrip(struct pt_regs *ctx) {
             break;
         p = next;
     }
-    new_span_ids(&c.tc, keep);
+    u32 zero = 0;
+    new_span_ids(id_rng.lookup(&zero), &c.tc, keep);
     client_inflight.update(&k, &c);
 
     struct hdr_key hk = {.tgid = k.tgid};

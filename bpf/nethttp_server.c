@@ -121,6 +121,8 @@ struct walk_buf {
     u8 b[8 + 8 * 16 + 8 * 24 + 8];   /* the larger of a classic bucket (336) and a swiss group (328) */
 };
 BPF_PERCPU_ARRAY(walk_buf, struct walk_buf, 1);
+/* id_rng[0]: this CPU's span id generator state (new_span_ids, go_types.h). */
+BPF_PERCPU_ARRAY(id_rng, u64, 1);
 /* req_block: the first REQ_BLOCK_LEN bytes of the *http.Request, per CPU, read in one go at the end
  * (one user-memory read instead of one per field: each costs ~0.1 us on the test VMs). */
 #if !defined(REQ_BLOCK_LEN) || defined(AB_FIELD_READS)
@@ -151,40 +153,6 @@ BPF_PERCPU_ARRAY(submitted, u64, 1);
 #undef CTX_SPANS
 #define CTX_SPANS 0
 #endif
-
-/* id_rng[0]: per CPU, the state of a splitmix64 generator seeded from bpf_get_prandom_u32 on first
- * use; span and trace ids come from it (one helper call per id word costs ~50 ns here, six of them
- * ~0.3 us per request). */
-BPF_PERCPU_ARRAY(id_rng, u64, 1);
-
-static __always_inline u64 splitmix64(u64 *state) {
-    u64 z = (*state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-/* Fresh span id, and a fresh trace id (sampled) unless keep_trace: the trace came from a parent. */
-static __always_inline void server_span_ids(struct trace_ctx *tc, int keep_trace) {
-#ifdef AB_PRANDOM_IDS
-    new_span_ids(tc, keep_trace);
-#else
-    u32 z = 0;
-    u64 *st = id_rng.lookup(&z);
-    if (!st) {
-        new_span_ids(tc, keep_trace);
-        return;
-    }
-    if (*st == 0)
-        *st = ((u64)bpf_get_prandom_u32() << 32) ^ bpf_get_prandom_u32() ^ bpf_ktime_get_ns();
-    if (!keep_trace) {
-        *(u64 *)tc->trace_id = splitmix64(st);
-        *(u64 *)(tc->trace_id + 8) = splitmix64(st);
-        tc->flags = 1;
-    }
-    *(u64 *)tc->span_id = splitmix64(st);
-#endif
-}
 
 /* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
 
@@ -437,7 +405,7 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
     }
 #ifndef AB_NO_IDS
-    server_span_ids(&c->tc, keep);
+    new_span_ids(id_rng.lookup(&z), &c->tc, keep);
 #endif
 #if CTX_SPANS
     c->ctx_data = rctx.data;

@@ -265,7 +265,7 @@ int fake_server_entry(struct pt_regs *ctx) {
     bpf_probe_read_user(&ic, sizeof(ic), (void *)(req + REQ_CTX_POS));
     struct ctx_key k = {.ptr = ic.data, .tgid = bpf_get_current_pid_tgid() >> 32};
     struct trace_ctx tc = {};
-    new_span_ids(&tc, 0);
+    new_span_ids(0, &tc, 0);   /* no generator state: bpf_get_prandom_u32 ids */
     ctx_spans.update(&k, &tc);
     fake_servers.ringbuf_output(&tc, sizeof(tc), 0);
     return 0;
