@@ -7,6 +7,7 @@ receiver/ebpf_go/README.md.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -107,6 +108,38 @@ class EbpfGoConfig(ComponentConfig):
         if self.discovery_interval <= 0:
             raise ValueError("discovery_interval: must be greater than 0, e.g. 1s")
         return self
+
+
+PIN_DIR_RE = re.compile(r"^otelgo-(\d+)-")   # a receiver's pin directory: otelgo-<collector pid>-<id>
+
+
+def remove_pin_dir(path: str) -> None:
+    """Unlink what is pinned in `path`, then the directory (a map's memory is freed once nothing
+    holds it: a pin is such a holder, and outlives the collector)."""
+    try:
+        for f in os.listdir(path):
+            os.unlink(os.path.join(path, f))
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def remove_stale_pin_dirs(base: str) -> list[str]:
+    """Remove the pin directories of collectors that are gone (killed: no shutdown ran), so that
+    their maps do not stay in kernel memory for good; returns their names. A directory whose pid
+    runs is left alone: it may be another collector's."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        m = PIN_DIR_RE.match(name)
+        if m is None or os.path.exists(f"/proc/{m.group(1)}"):
+            continue
+        remove_pin_dir(os.path.join(base, name))
+        removed.append(name)
+    return removed
 
 
 # ---------------------------------------------------------------- state
@@ -211,6 +244,10 @@ class EbpfGoReceiver(Receiver):
             loader.check_bcc()
             loader.check_privileges()
             self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
+            stale = remove_stale_pin_dirs(os.path.dirname(self.pin_dir))
+            if stale:
+                self.log.info("removed the BPF maps pinned by %d collector(s) that exited without cleaning up: %s",
+                              len(stale), ", ".join(stale))
             os.makedirs(self.pin_dir, exist_ok=True)
         except (UserError, OSError) as e:
             # One clear line; the rest of the collector keeps running.
@@ -312,12 +349,7 @@ class EbpfGoReceiver(Receiver):
         self._unpin()
 
     def _unpin(self) -> None:
-        try:
-            for f in os.listdir(self.pin_dir):
-                os.unlink(os.path.join(self.pin_dir, f))
-            os.rmdir(self.pin_dir)
-        except OSError:
-            pass
+        remove_pin_dir(self.pin_dir)
 
     # -------------------------------------------------------- discovery
 

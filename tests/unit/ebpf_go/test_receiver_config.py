@@ -1,6 +1,10 @@
-"""ebpf_go receiver config: defaults with no options, selectors, validation messages."""
+"""ebpf_go receiver config: defaults with no options, selectors, validation messages; what a start
+leaves behind of a collector that was killed."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -79,3 +83,22 @@ def test_missing_privileges_disable_the_receiver_with_one_line(monkeypatch: pyte
     (rec,) = [x for x in caplog.records if "disabled" in x.getMessage()]
     assert "CAP_BPF" in rec.getMessage() and "\n" not in rec.getMessage()
     r.shutdown()
+
+
+def test_pin_dirs_of_exited_collectors_are_removed(tmp_path: Path) -> None:
+    # A collector killed without a shutdown leaves its pinned maps in bpffs, in kernel memory for
+    # good; the next one removes them, and leaves alone those of collectors still running.
+    import subprocess
+    import sys
+
+    from receiver.ebpf_go.receiver import remove_stale_pin_dirs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for name in (f"otelgo-{gone}-ebpf_go", f"otelgo-{gone}-ebpf_go_2", f"otelgo-{os.getpid()}-ebpf_go",
+                 "otelgo-1-ebpf_go", "otelgo_test_skmsg", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ctx_spans").write_text("")
+    assert remove_stale_pin_dirs(str(tmp_path)) == [f"otelgo-{gone}-ebpf_go", f"otelgo-{gone}-ebpf_go_2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"otelgo-{os.getpid()}-ebpf_go", "otelgo-1-ebpf_go", "otelgo_test_skmsg", "other"])
+    assert remove_stale_pin_dirs(str(tmp_path / "missing")) == []
