@@ -127,7 +127,8 @@ def remove_pin_dir(path: str) -> None:
 def remove_stale_pin_dirs(base: str) -> list[str]:
     """Remove the pin directories of collectors that are gone (killed: no shutdown ran), so that
     their maps do not stay in kernel memory for good; returns their names. A directory whose pid
-    runs is left alone: it may be another collector's."""
+    runs is left alone: it may be another collector's (or the pid was reused: kept, the safe side).
+    The pid is read in our pid namespace, the host's, as the uprobes' pid filters already need."""
     removed: list[str] = []
     try:
         names = os.listdir(base)
