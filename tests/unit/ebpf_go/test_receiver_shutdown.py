@@ -68,8 +68,9 @@ def test_a_chooser_done_after_shutdown_stops_what_it_attached(monkeypatch: pytes
     assert len(sock_ops_on_root()) == len(attached) + 1
     caplog.set_level(logging.WARNING)
     r.shutdown(timeout=0.2)
-    assert [rec.getMessage() for rec in caplog.records] == [
-        "ebpf_go shutdown: thread ebpf_go-propagation still running after 0 s; going on without it"]
+    # (other threads may be named too on a busy machine: each had only 0.2 s)
+    assert "ebpf_go shutdown: thread ebpf_go-propagation still running after 0 s; going on without it" in [
+        rec.getMessage() for rec in caplog.records]
     release.set()
     r._chooser.join(30)
     assert r.propagation is None
