@@ -1,4 +1,4 @@
-"""`otelgo-collector`: run (default), validate, components, inspect."""
+"""`otelgo-collector`: run (default), validate, components, inspect, check."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EPILOG = """examples:
   otelgo-collector components
   otelgo-collector inspect /usr/local/bin/myservice --json
   otelgo-collector inspect 4242
+  otelgo-collector check
 
 exit codes: 0 ok, 1 runtime failure, 2 invalid configuration or usage"""
 
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show what would be traced in a Go binary or process")
     ins.add_argument("target", metavar="PATH|PID")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("check", help="what this host allows the eBPF receiver, with the fix for each gap "
+                                 "(0 tracing can work, 1 not)")
     return p
 
 
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "components":
         return _components()
+    if args.command == "check":
+        from receiver.ebpf_go import hostcheck
+
+        return hostcheck.main([])
     if args.command == "inspect":
         from receiver.ebpf_go.gobinary import inspect  # type: ignore[attr-defined]
 

@@ -39,7 +39,7 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 STUB_HEADERS = Path("/tmp/otelgo-collector-kheaders")
 
 # Capability bits (linux/capability.h) a BPF tracer needs.
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 19, 21, 38, 39
 
 
 def import_bcc() -> Any:
@@ -54,22 +54,35 @@ def import_bcc() -> Any:
     return bcc
 
 
-def check_privileges() -> None:
-    """PrivilegeError unless we may load BPF programs and open uprobe perf events."""
+def missing_capabilities() -> list[str]:
+    """The capabilities this process lacks to trace others: loading BPF and opening uprobe perf
+    events (CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON), and reading other users' /proc/<pid>/exe and
+    memory (CAP_SYS_PTRACE). Empty when it may trace."""
     try:
         with open("/proc/self/status") as f:
             cap_eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
     except (OSError, StopIteration, ValueError):
         cap_eff = 0
     has = lambda bit: bool(cap_eff >> bit & 1)  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
-        return
-    missing = [n for n, b in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
-               if not has(b)]
-    raise PrivilegeError(
-        f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_BPF and CAP_PERFMON "
-        f"(or CAP_SYS_ADMIN), plus CAP_DAC_READ_SEARCH/CAP_SYS_PTRACE to read other processes; missing: "
-        f"{', '.join(missing)}. Run as root or `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep`")
+    missing = []
+    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
+        missing += [n for n, b in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON)) if not has(b)]
+    if not has(CAP_SYS_PTRACE):
+        missing.append("CAP_SYS_PTRACE")
+    return missing
+
+
+PRIVILEGE_FIX = ("run as root, or grant `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep` "
+                 "(in a container: --privileged --pid=host)")
+
+
+def check_privileges() -> None:
+    """PrivilegeError unless we may load BPF programs, open uprobe perf events and read other processes."""
+    missing = missing_capabilities()
+    if missing:
+        raise PrivilegeError(
+            f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_BPF, CAP_PERFMON "
+            f"and CAP_SYS_PTRACE; missing: {', '.join(missing)}: {PRIVILEGE_FIX}")
 
 
 def _usable_tree(path: Path) -> bool:

@@ -19,11 +19,11 @@ from pydantic import Field, field_validator, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
 from collector.configtypes import Duration
-from collector.errors import ConsumerError, UserError
+from collector.errors import ConsumerError, KernelError, UserError
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry
 
-from . import discovery, events, loader, propagation
+from . import discovery, events, hostfs, loader, propagation
 from .gobinary import BinaryError, GoBinary
 from .probes import PROBES, Common, Probe, RawCollector
 from .propagation.skmsg import HELD_ELSEWHERE_HINT
@@ -74,12 +74,24 @@ class TargetConfig(ComponentConfig):
         return v
 
 
+NOT_YET_INSTRUMENTED = ("grpc_client", "grpc_server")   # libraries the receiver has no probe for yet
+
+
 class InstrumentationsConfig(ComponentConfig):
     net_http_server: bool = True
     net_http_client: bool = True
     database_sql: bool = True
-    grpc_client: bool = True
-    grpc_server: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_yet(cls, data: Any) -> Any:
+        # `false` says what happens today; `true` would promise spans that cannot come.
+        if isinstance(data, dict):
+            for key in NOT_YET_INSTRUMENTED:
+                if data.get(key) is True:
+                    raise ValueError(f"{key}: gRPC is not instrumented yet, so it cannot be enabled; remove {key}")
+            data = {k: v for k, v in data.items() if not (k in NOT_YET_INSTRUMENTED and v is False)}
+        return data
 
 
 class EbpfGoConfig(ComponentConfig):
@@ -241,19 +253,20 @@ class EbpfGoReceiver(Receiver):
     # -------------------------------------------------------- lifecycle
 
     def start(self, host: Host) -> None:
+        # What the receiver cannot do without (BCC, privileges, headers, bpffs) fails the collector's
+        # start, as in the Go collector: a collector that runs but traces nothing misleads its user.
+        loader.check_bcc()
+        loader.check_privileges()
+        self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
+        self._mount_host_filesystems()
+        stale = remove_stale_pin_dirs(os.path.dirname(self.pin_dir))
+        if stale:
+            self.log.info("removed the BPF maps pinned by %d collector(s) that exited without cleaning up: %s",
+                          len(stale), ", ".join(stale))
         try:
-            loader.check_bcc()
-            loader.check_privileges()
-            self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
-            stale = remove_stale_pin_dirs(os.path.dirname(self.pin_dir))
-            if stale:
-                self.log.info("removed the BPF maps pinned by %d collector(s) that exited without cleaning up: %s",
-                              len(stale), ", ".join(stale))
             os.makedirs(self.pin_dir, exist_ok=True)
-        except (UserError, OSError) as e:
-            # One clear line; the rest of the collector keeps running.
-            self.log.error("ebpf_go receiver disabled: %s", e)
-            return
+        except OSError as e:
+            raise KernelError(f"cannot create the pin directory {self.pin_dir}: {e.strerror}") from None
         self.common = Common(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
                              include_db_statement=self.config.include_db_statement,
                              sanitize_db_statement=self.config.sanitize_db_statement,
@@ -269,10 +282,6 @@ class EbpfGoReceiver(Receiver):
         self._chooser = chooser
         self._threads.append(chooser)
         self.enabled = True
-        inst = self.config.instrumentations
-        if inst.grpc_client or inst.grpc_server:
-            # Said once, so nobody waits for gRPC spans that cannot come yet.
-            self.log.info("gRPC instrumentation is not available yet: grpc_client and grpc_server have no effect")
         self.log.info("ebpf_go receiver started: %s; tracing %s", how,
                       "every Go process" if not self.selectors else f"{len(self.selectors)} target selector(s)")
         self.copier.start(f"{self.id}-copier")
@@ -280,6 +289,22 @@ class EbpfGoReceiver(Receiver):
             t = threading.Thread(target=fn, name=f"{self.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _mount_host_filesystems(self) -> None:
+        """bpffs (required: the pins) and securityfs (the lockdown mode, told to the operator once)."""
+        base = os.path.dirname(self.pin_dir)
+        if hostfs.ensure_bpffs(base):
+            self.log.info("mounted bpffs at %s (nothing was mounted there; it stays mounted)", base)
+        try:
+            if hostfs.ensure_securityfs():
+                self.log.info("mounted securityfs at %s to read the kernel lockdown mode", hostfs.SECURITYFS)
+        except OSError as e:
+            self.log.info("lockdown mode unknown: securityfs not mounted at %s and mounting failed (%s)",
+                          hostfs.SECURITYFS, e.strerror)
+            return
+        mode = hostfs.read_lockdown()
+        if mode is not None:
+            self.log.info("kernel lockdown: %s (%s)", mode, hostfs.LOCKDOWN_MEANING.get(mode, "unknown mode"))
 
     def _choose_propagation(self, images: loader.ImageStore) -> None:
         # Without client spans nothing can propagate: report "off".

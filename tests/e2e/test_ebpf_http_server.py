@@ -25,6 +25,7 @@ from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanB
 from collector.telemetry import ComponentTelemetry, SelfMetrics
 from tests.support.collector import json_lines, wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
+from tests.support.goserver import Server
 from tests.support.held import open_fds
 
 IS_ROOT = os.geteuid() == 0
@@ -39,45 +40,6 @@ PARENT_ID = "b7ad6b7169203331"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class Server:
-    """The httpserver fixture on a free port."""
-
-    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, **(env or {})})
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        assert line.startswith("LISTENING "), line
-        host, port = line.split()[1].rsplit(":", 1)
-        self.host, self.port, self.pid = host, int(port), self.proc.pid
-
-    def raw(self, request: bytes) -> bytes:
-        """Send one HTTP/1.1 request (Connection: close) and return the whole response."""
-        with socket.create_connection((self.host, self.port), timeout=10) as s:
-            s.sendall(request)
-            chunks = []
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                chunks.append(b)
-        return b"".join(chunks)
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close",
-                 "User-Agent: e2e-client/1.0"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        if body or method in ("POST", "PUT"):
-            lines.append(f"Content-Length: {len(body)}")
-        return self.raw(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 class Collect:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from receiver.ebpf_go.gobinary import GoBinary
 from tests.support.collector import CollectorProcess, wait_for
 from tests.support.gobuild import build_go_fixture
+from tests.support.goserver import Server
 from tests.support.procmaps import bcc_or_llvm_mapped
 
 pytestmark = [
@@ -28,30 +28,6 @@ pytestmark = [
 ]
 
 SYMBOL = "net/http.serverHandler.ServeHTTP"
-
-
-class Server:
-    def __init__(self, binary: Path) -> None:
-        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        assert line.startswith("LISTENING "), line
-        self.addr = line.split()[1]
-        self.pid = self.proc.pid
-
-    def get(self, path: str) -> None:
-        import urllib.request
-        with urllib.request.urlopen(f"http://{self.addr}{path}", timeout=5) as r:
-            r.read()
-
-    def byte_at(self, vaddr: int) -> int:
-        """The byte of the running process's text at `vaddr` (0xCC while a uprobe sits there)."""
-        with open(f"/proc/{self.pid}/mem", "rb") as f:
-            f.seek(vaddr)
-            return f.read(1)[0]
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def config(binary: Path, out: Path, **receiver: Any) -> dict[str, Any]:

@@ -34,13 +34,22 @@ if os.geteuid() != 0 and os.environ.get("CI") != "true":
     pytest.skip("needs root and eBPF (never skipped under CI=true)", allow_module_level=True)
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, Span, from_json_dict  # noqa: E402
+from receiver.ebpf_go import hostfs  # noqa: E402
 from tests.support.collector import CollectorProcess, free_port, json_lines, wait_for_port  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 # probe_write: this kernel refuses bpf_probe_write_user (lockdown), so it falls back to sk_msg
 MODES = ["auto", "sk_msg", "stitch", "probe_write"]
-REFUSED = ("the kernel refuses bpf_probe_write_user (verifier: program of this type cannot use helper "
-           "bpf_probe_write_user#36); kernel lockdown likely")
+
+
+def refused() -> str:
+    """The collector mounts securityfs at start (in this mount namespace too), so it names the mode."""
+    mode = hostfs.read_lockdown()
+    why = f"kernel lockdown is {mode}" if mode not in (None, "none") else "kernel lockdown likely"
+    return ("the kernel refuses bpf_probe_write_user (verifier: program of this type cannot use helper "
+            f"bpf_probe_write_user#36); {why}")
+
+
 ID = re.compile(r"/chain/([A-Za-z0-9_-]+)")
 
 
@@ -208,11 +217,11 @@ def test_mode_chosen_and_reported(traced: Traced) -> None:
             assert traced.metric("otelgo_ebpf_propagation_mode", mode=other) == 0
     log = traced.col.log()
     assert f"propagation mode {mode} (requested {traced.mode})" in log
-    fallback = f"propagation: probe_write unavailable, {REFUSED}: falling back to sk_msg"
+    fallback = f"propagation: probe_write unavailable, {refused()}: falling back to sk_msg"
     assert log.count(fallback) == (1 if traced.mode == "probe_write" else 0), log[-3000:]
     if traced.mode == "probe_write":  # the test load's refusal is in the mode line
         assert "propagation mode sk_msg (requested probe_write): sock_ops on " in log
-        assert f"[probe_write: {REFUSED}]" in log
+        assert f"[probe_write: {refused()}]" in log
     if traced.mode == "auto":  # sk_msg comes first in auto: probe_write is not even test-loaded
         assert "propagation mode sk_msg (requested auto): sock_ops on " in log
         assert "[probe_write:" not in log

@@ -73,7 +73,8 @@ class CollectorProcess:
     """The collector running a config; `metrics_port` serves /metrics."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> None:
+        """`wrapper`: a command the collector runs under (e.g. `unshare -m ...`), which must exec it."""
         self.metrics_port = free_port()
         service = config.setdefault("service", {})
         service.setdefault("telemetry", {}).setdefault("metrics", {"address": f"127.0.0.1:{self.metrics_port}"})
@@ -81,7 +82,7 @@ class CollectorProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"collector-{self.metrics_port}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(BINARY), "--config", str(self.config_path), *extra_args],
+        self.proc = subprocess.Popen([*wrapper, str(BINARY), "--config", str(self.config_path), *extra_args],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, cwd=workdir,
                                      preexec_fn=_term_with_parent)

@@ -1,8 +1,8 @@
 """Can this kernel run `bpf_probe_write_user`? Answered by test-loading a tiny program.
 
 Lockdown (integrity or confidentiality) refuses the helper at load time; securityfs may not be
-mounted, so reading /sys/kernel/security/lockdown gives no answer we can trust
-(ebpf-on-this-platform.md §6.2). Loading is the only reliable test. The program is assembled here
+mounted and a missing lockdown file says nothing (ebpf-on-this-platform.md §6.2), so loading is the
+only reliable test; the lockdown mode, when readable, only explains a refusal. The program is assembled here
 and loaded with bpf(2) directly (no compiler, no BCC in the collector process); it is never
 attached, and its fd is closed at once. A control program without the call is loaded first, so a
 refusal of the helper is told apart from bpf(2) refusing everything (no privilege, no BPF).
@@ -15,6 +15,8 @@ import errno
 import os
 import struct
 from dataclasses import dataclass
+
+from .. import hostfs
 
 SYS_BPF = 321                   # x86-64
 BPF_PROG_LOAD = 5
@@ -113,5 +115,7 @@ def check() -> Capability:
     if test.fd >= 0:
         os.close(test.fd)
         return Capability(True, "a test program calling bpf_probe_write_user loaded")
-    return Capability(False, f"the kernel refuses bpf_probe_write_user (verifier: {test.reason}); "
-                             "kernel lockdown likely", test.reason)
+    mode = hostfs.read_lockdown()
+    why = f"kernel lockdown is {mode}" if mode not in (None, "none") else "kernel lockdown likely"
+    return Capability(False, f"the kernel refuses bpf_probe_write_user (verifier: {test.reason}); {why}",
+                      test.reason)

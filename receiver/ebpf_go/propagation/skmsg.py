@@ -14,12 +14,13 @@ import contextlib
 import ctypes as ct
 import os
 import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import bpfsys, loader
+from collector.errors import KernelError
+
+from .. import bpfsys, hostfs, loader
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/otelgo"
@@ -86,22 +87,10 @@ class PropagationError(RuntimeError):
 
 def cgroup2_root() -> str:
     """Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` or, on hybrid hosts, `.../unified`)."""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            return parts[1]
-    raise PropagationError("no cgroup v2 hierarchy mounted (sock_ops needs one)")
-
-
-def ensure_bpffs(path: str = "/sys/fs/bpf") -> None:
-    """Mount bpffs at `path` if nothing is mounted there (pinned maps live on it)."""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == path and parts[2] == "bpf":
-            return
-    proc = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PropagationError(f"bpffs not mounted at {path} and mounting failed: {proc.stderr.strip()}")
+    root = hostfs.cgroup2_root()
+    if root is None:
+        raise PropagationError("no cgroup v2 hierarchy mounted (sock_ops needs one)")
+    return root
 
 
 @dataclass
@@ -140,7 +129,10 @@ class SkMsgPropagation:
             loader.check_bcc()
         except Exception as e:
             raise PropagationError(str(e)) from None
-        ensure_bpffs(str(Path(self.pin_dir).parent))
+        try:
+            hostfs.ensure_bpffs(str(Path(self.pin_dir).parent))
+        except KernelError as e:
+            raise PropagationError(str(e)) from None
         self._clear_pins()
         os.makedirs(self.pin_dir, exist_ok=True)
         self.cgroup = cgroup2_root()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from receiver.ebpf_go import hostfs
 from receiver.ebpf_go.gobinary import GoBinary
 from receiver.ebpf_go.probes import nethttp_client as nc
 from receiver.ebpf_go.propagation import choose, probe_write
@@ -58,8 +59,10 @@ def test_this_kernel_refuses_with_the_verifiers_reason() -> None:
     c = probe_write.check()
     assert c.supported is False
     assert c.verifier == "program of this type cannot use helper bpf_probe_write_user#36"
+    mode = hostfs.read_lockdown()   # securityfs may or may not be mounted on the test host
+    why = f"kernel lockdown is {mode}" if mode not in (None, "none") else "kernel lockdown likely"
     assert c.reason == ("the kernel refuses bpf_probe_write_user (verifier: program of this type cannot use "
-                        "helper bpf_probe_write_user#36); kernel lockdown likely")
+                        f"helper bpf_probe_write_user#36); {why}")
     # the control program (no helper call) loads: the refusal is the helper's, not bpf(2)'s
     ctl = probe_write.prog_load(probe_write.CONTROL, b"otelgo_pwu_ctl")
     assert ctl.fd >= 0 and ctl.errno == 0

@@ -22,7 +22,7 @@ def test_defaults_need_no_options() -> None:
     assert c.discovery_interval == 1.0
     assert c.program_linger == 30.0
     i = c.instrumentations
-    assert (i.net_http_server, i.net_http_client, i.database_sql, i.grpc_client, i.grpc_server) == (True,) * 5
+    assert (i.net_http_server, i.net_http_client, i.database_sql) == (True,) * 3
     assert factory.type == "ebpf_go" and factory.config_model is EbpfGoConfig
 
 
@@ -64,25 +64,37 @@ def test_bad_values_are_named(doc: dict, words: str) -> None:
     assert words in str(e.value)
 
 
-def test_missing_privileges_disable_the_receiver_with_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_privileges_fail_the_start_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in the Go collector, a receiver that cannot start fails the collector's start (the service
+    # prints `failed to start "ebpf_go" receiver: <this>` and exits 1): a collector that runs and
+    # traces nothing would mislead.
     from collector.component import ComponentID
     from collector.errors import PrivilegeError
     from collector.telemetry import ComponentTelemetry, SelfMetrics
     from receiver.ebpf_go import loader
 
-    def refuse() -> None:
-        raise PrivilegeError("the ebpf_go receiver needs root or CAP_BPF and CAP_PERFMON")
-    monkeypatch.setattr(loader, "check_privileges", refuse)
-    monkeypatch.setattr(loader, "import_bcc", lambda: None)
+    monkeypatch.setattr(loader, "missing_capabilities", lambda: ["CAP_BPF", "CAP_SYS_PTRACE"])
+    monkeypatch.setattr(loader, "check_bcc", lambda: None)
     r = factory.create(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go",
                                                                                   SelfMetrics()), None)
-    caplog.set_level("ERROR")
-    r.start(None)  # does not raise: the rest of the collector keeps running
+    with pytest.raises(PrivilegeError) as e:
+        r.start(None)
     assert not r.enabled
-    (rec,) = [x for x in caplog.records if "disabled" in x.getMessage()]
-    assert "CAP_BPF" in rec.getMessage() and "\n" not in rec.getMessage()
+    assert str(e.value) == (
+        f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_BPF, CAP_PERFMON and "
+        "CAP_SYS_PTRACE; missing: CAP_BPF, CAP_SYS_PTRACE: run as root, or grant `setcap "
+        "cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep` (in a container: --privileged --pid=host)")
     r.shutdown()
+
+
+@pytest.mark.parametrize("key", ["grpc_client", "grpc_server"])
+def test_grpc_cannot_be_enabled_before_it_is_instrumented(key: str) -> None:
+    # `true` would promise spans that cannot come; `false` says what happens.
+    with pytest.raises(ValidationError) as e:
+        EbpfGoConfig.model_validate({"instrumentations": {key: True}})
+    assert f"{key}: gRPC is not instrumented yet, so it cannot be enabled; remove {key}" in str(e.value)
+    cfg = EbpfGoConfig.model_validate({"instrumentations": {key: False, "database_sql": False}})
+    assert cfg.instrumentations.database_sql is False and not hasattr(cfg.instrumentations, key)
 
 
 def test_pin_dirs_of_exited_collectors_are_removed(tmp_path: Path) -> None:
