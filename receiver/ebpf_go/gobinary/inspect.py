@@ -1,6 +1,7 @@
 """`otelgo-collector inspect PATH|PID [--json]`: what the eBPF receiver would do with a Go binary.
 
-Prints the Go version, the modules, which instrumentations apply and, per hooked function, its
+Prints the Go version, the modules, which instrumentations the receiver attaches (and, for each it
+does not, why: the receiver's own checks are run) and, per hooked function, its
 address, the entry probe point, every return site, and the struct offsets the probes need with
 where each came from (DWARF, the bundled table, or a guess from the nearest known version).
 Exit status: 0 done, 1 the file is not a usable Go binary, 2 bad usage.
@@ -23,14 +24,13 @@ from .errors import BinaryError
 @dataclass(frozen=True)
 class Instrumentation:
     name: str
+    probe: str                  # the receiver's probe (its key under `instrumentations:`)
     functions: tuple[str, ...]  # at least one must exist for the instrumentation to apply
     optional: tuple[str, ...] = ()  # hooked when present
     offsets: tuple[tuple[str, str], ...] = ()
-    min_go: tuple[int, int] = (1, 17)
     notes: tuple[str, ...] = field(default_factory=tuple)
     # where the probe ends its span in this binary ({"mode", "points": [{"addr", "program"}], "reason"})
     end_report: Callable[[GoBinary], dict[str, Any]] | None = None
-
 
 
 def _probe_instrumentations() -> tuple[Instrumentation, ...]:
@@ -43,55 +43,31 @@ def _probe_instrumentations() -> tuple[Instrumentation, ...]:
         return tuple((struct, fld) for _, struct, fld, _ in offsets)
 
     return (
-        Instrumentation("net/http server", (nethttp_server.SYMBOL,), (), fields(nethttp_server.OFFSETS),
-                        end_report=nethttp_server.end_report),
-        Instrumentation("net/http client", (nethttp_client.ROUND_TRIP,), (nethttp_client.REQUEST_WRITE,),
-                        fields(nethttp_client.OFFSETS)),
-        Instrumentation("database/sql", tuple(database_sql.SYMBOLS[:2]), tuple(database_sql.SYMBOLS[2:]),
+        Instrumentation("net/http server", "net_http_server", (nethttp_server.SYMBOL,), (),
+                        fields(nethttp_server.OFFSETS), end_report=nethttp_server.end_report),
+        Instrumentation("net/http client", "net_http_client", (nethttp_client.ROUND_TRIP,),
+                        (nethttp_client.REQUEST_WRITE,), fields(nethttp_client.OFFSETS)),
+        Instrumentation("database/sql", "database_sql", tuple(database_sql.SYMBOLS[:2]), tuple(database_sql.SYMBOLS[2:]),
                         fields(database_sql.OFFSETS)),
     )
 
 
-# gRPC: the functions and fields a probe will need; the receiver attaches none yet.
-GRPC_INSTRUMENTATIONS: tuple[Instrumentation, ...] = (
-    Instrumentation(
-        "grpc client",
-        ("google.golang.org/grpc.(*ClientConn).Invoke",),
-        (
-            "google.golang.org/grpc/internal/transport.(*http2Client).NewStream",
-            "google.golang.org/grpc/internal/transport.(*loopyWriter).headerHandler",
-            "google.golang.org/grpc/internal/transport.(*loopyWriter).clientHeaderHandler",
-        ),
-        (
-            ("google.golang.org/grpc.ClientConn", "target"),
-            ("google.golang.org/grpc/internal/transport.http2Client", "nextID"),
-            ("google.golang.org/grpc/internal/transport.headerFrame", "streamID"),
-            ("google.golang.org/grpc/internal/transport.headerFrame", "hf"),
-            ("google.golang.org/grpc/internal/status.Error", "s"),
-            ("google.golang.org/grpc/internal/status.Status", "s"),
-            ("google.golang.org/genproto/googleapis/rpc/status.Status", "Code"),
-            ("google.golang.org/genproto/googleapis/rpc/status.Status", "Message"),
-        ),
-    ),
-    Instrumentation(
-        "grpc server",
-        ("google.golang.org/grpc.(*Server).handleStream",),
-        (
-            "google.golang.org/grpc/internal/transport.(*http2Server).operateHeaders",
-            "google.golang.org/grpc/internal/transport.(*http2Server).WriteStatus",
-            "google.golang.org/grpc/internal/transport.(*http2Server).writeStatus",
-        ),
-        (
-            ("google.golang.org/grpc/internal/transport.Stream", "method"),
-            ("google.golang.org/grpc/internal/transport.Stream", "id"),
-            ("google.golang.org/grpc/internal/transport.Stream", "ctx"),
-            ("google.golang.org/grpc/internal/transport.ServerStream", "Stream"),
-            ("google.golang.org/grpc/internal/transport.http2Server", "peer"),
-            ("golang.org/x/net/http2.MetaHeadersFrame", "Fields"),
-            ("golang.org/x/net/http2.FrameHeader", "StreamID"),
-        ),
-    ),
-)
+# Libraries a Go service may link that the receiver has no probe for yet: shown as `[ ]` with why.
+NOT_YET_INSTRUMENTED = {"google.golang.org/grpc": "gRPC client and server"}
+
+
+def _attach_verdict(b: GoBinary, inst: Instrumentation) -> tuple[bool, str]:
+    """(whether the receiver attaches this probe to `b`, why not): the receiver's own checks, run
+    the same way (present, then the program's constants, which fail when an offset is missing)."""
+    from receiver.ebpf_go.probes import PROBES, Common
+    probe = next(p for p in PROBES if p.name == inst.probe)
+    if not probe.present(b):
+        return False, f"not linked: no {' or '.join(inst.functions)} in this binary"
+    try:
+        probe.cflags(b, Common(pin_dir="/sys/fs/bpf/otelgo-inspect", max_inflight=16384, ringbuf_pages=1024))
+    except Exception as e:  # the probe module's ProbeUnavailable: the receiver leaves it off, logging this
+        return False, str(e)
+    return True, ""
 
 
 def _resolve(target: str) -> str:
@@ -144,13 +120,12 @@ def collect(b: GoBinary) -> dict[str, Any]:
     }
     if b.arch != "amd64":
         out["warnings"].append(f"{b.arch}: parsed but untested; entry probes stay at function entry")
-    for inst in (*_probe_instrumentations(), *GRPC_INSTRUMENTATIONS):
+    for inst in _probe_instrumentations():
         present = [n for n in inst.functions if b.function(n) is not None]
-        item: dict[str, Any] = {"name": inst.name, "applies": bool(present), "functions": [], "offsets": [],
-                                "warnings": []}
+        applies, reason = _attach_verdict(b, inst)
+        item: dict[str, Any] = {"name": inst.name, "applies": applies, "reason": reason, "functions": [],
+                                "offsets": [], "warnings": []}
         if present:
-            if b.go_version_tuple[:2] < inst.min_go and b.go_version_tuple != (0, 0, 0):
-                item["warnings"].append(f"Go {b.go_version} predates the register ABI; not supported")
             for n in (*present, *[o for o in inst.optional if b.function(o) is not None]):
                 rep = _function_report(b, n)
                 if rep is not None:
@@ -173,6 +148,11 @@ def collect(b: GoBinary) -> dict[str, Any]:
                     if off.source == "guess":
                         item["warnings"].append(f"{struct}.{fld}: {off.detail}")
         out["instrumentations"].append(item)
+    for module, what in NOT_YET_INSTRUMENTED.items():
+        if module in b.modules:
+            out["instrumentations"].append({
+                "name": what, "applies": False, "functions": [], "offsets": [], "warnings": [],
+                "reason": f"{module} {b.modules[module]} is linked, but the receiver has no probe for it yet"})
     out["warnings"].extend(b.warnings)
     return out
 
@@ -190,7 +170,8 @@ def render(rep: dict[str, Any]) -> str:
         lines += [f"    {p} {v}" for p, v in rep["modules"].items()]
     lines.append("  instrumentations:")
     for inst in rep["instrumentations"]:
-        lines.append(f"    [{'x' if inst['applies'] else ' '}] {inst['name']}")
+        lines.append(f"    [{'x' if inst['applies'] else ' '}] {inst['name']}"
+                     + ("" if inst["applies"] else f": {inst['reason']}"))
         for f in inst["functions"]:
             ep = f["entry_probe"]
             rets = ", ".join(f"{a:#x}" for a in f["return_sites"]) or "none"

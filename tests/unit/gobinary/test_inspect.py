@@ -20,7 +20,7 @@ def test_inspect_stripped_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "Go go1.27" in out and "functions from pclntab" in out
-    assert "[x] net/http server" in out and "[x] database/sql" in out and "[ ] grpc client" in out
+    assert "[x] net/http server" in out and "[x] database/sql" in out and "grpc" not in out.lower()
     assert "jcc-after-stack-check" in out and "[table]" in out
 
 
@@ -32,6 +32,33 @@ def test_inspect_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert rep["go_version"].startswith("go1.24")
     http = next(i for i in rep["instrumentations"] if i["name"] == "net/http server")
     assert not http["applies"]
+    assert http["reason"] == "not linked: no net/http.serverHandler.ServeHTTP in this binary"
+
+
+def test_inspect_says_why_a_probe_is_not_attached(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # `inspect` runs the receiver's own checks: a probe whose offsets are missing is `[ ]` with the
+    # reason the receiver logs, and a linked library without a probe is `[ ]`, never `[x]`.
+    from receiver.ebpf_go.gobinary import GoBinary
+    from receiver.ebpf_go.probes import nethttp_server
+    path = fixture_binary("1.27", "stripped")
+    real_open = GoBinary.open
+
+    def with_grpc(p: str) -> GoBinary:
+        b = real_open(p)
+        b.modules["google.golang.org/grpc"] = "v1.79.0"
+        return b
+    monkeypatch.setattr(GoBinary, "open", staticmethod(with_grpc))
+
+    def unavailable(*a: object, **k: object) -> list[str]:
+        raise nethttp_server.ProbeUnavailable("no offset for net/http.Request.ctx in go1.27")
+    monkeypatch.setattr(nethttp_server, "cflags", unavailable)
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "    [ ] net/http server: no offset for net/http.Request.ctx in go1.27\n" in out
+    assert ("    [ ] gRPC client and server: google.golang.org/grpc v1.79.0 is linked, but the receiver has no "
+            "probe for it yet\n") in out
+    assert "    [x] database/sql\n" in out
 
 
 def test_inspect_basic_json_offsets(capsys: pytest.CaptureFixture[str]) -> None:
