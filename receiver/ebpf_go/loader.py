@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import KernelError, PrivilegeError
+from collector.telemetry import LOG_NAME
 
 from . import bpfsys
 from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage, remove_pin_dir
 from .ringbuf import RingBuffer
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+COMPILER_LOG = logging.getLogger(f"{LOG_NAME}.receiver.ebpf_go.compiler")
 STUB_HEADERS = Path("/tmp/otelgo-collector-kheaders")
 
 # Capability bits (linux/capability.h) a BPF tracer needs.
@@ -207,7 +209,7 @@ class ImageStore:
     def __init__(self, cache_dir: str | None = None, parallel: int = 2,
                  log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.log = log or logging.getLogger(__name__)
+        self.log = log or logging.getLogger(f"{LOG_NAME}.receiver.ebpf_go.loader")
         self._pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="bpfcompile")
         self._lock = threading.Lock()
         self._memory: dict[str, ProgramImage] = {}
@@ -383,8 +385,10 @@ def _answer(source: Path, returncode: int, stdout: str, stderr: str) -> ProgramI
         except ValueError:
             continue
     if "image" in answer and proc.returncode == 0:
-        if proc.stderr.strip():
-            sys.stderr.write(proc.stderr)   # warnings, as BCC printed them in-process before
+        said = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        if said:   # clang's warnings are ours to read, not the operator's: one debug line, in the log tree
+            COMPILER_LOG.debug("BPF compile of %s: the compiler said %d line(s), first: %s", source.name,
+                               len(said), said[0])
         return ProgramImage.from_json(answer["image"])
     if answer.get("kind") == "import":
         check_bcc()  # the same message as the start-up check, if it fails here too

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, make_span
+from collector.telemetry import LOG_NAME
 
 from ..gobinary import GoBinary
 
@@ -34,7 +35,7 @@ H2_RUN_HANDLER = re.compile(r"^(?P<pkg>.*)\.\(\*(?P<pfx>http2)?serverConn\)\.run
 END_MODES = ("auto", "emulated", "ret")
 END_MODE = "auto"  # what attach() uses unless told; tests and benchmarks set "ret" to compare
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"{LOG_NAME}.receiver.ebpf_go.net_http_server")  # in the collector's log tree
 EVENT_KIND_HTTP_SERVER = 1
 SCOPE_NAME = "net/http"
 

@@ -48,7 +48,7 @@ def test_privilege_message_names_capabilities(monkeypatch: pytest.MonkeyPatch, t
     with pytest.raises(PrivilegeError) as e:
         loader.check_privileges()
     msg = str(e.value)
-    assert "CAP_BPF" in msg and "CAP_PERFMON" in msg and "CAP_SYS_ADMIN" in msg and "\n" not in msg
+    assert "missing: CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE: run as root, or grant `setcap " in msg and "\n" not in msg
 
 
 @pytest.mark.root
@@ -60,6 +60,23 @@ def test_compile_failure_names_the_compiler_error(tmp_path: Path) -> None:
         loader.compile_program(src, [], loader.find_kernel_headers("auto")[0])
     msg = str(e.value)
     assert "BPF compile of bad.c failed" in msg and "undefined_thing" in msg and "\n" not in msg
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root and BCC")
+def test_compiler_warnings_stay_out_of_the_operators_log(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # clang's own lines (here a #warning) reached the collector's stderr raw; now they are one debug
+    # line in the log tree, shown only at debug level.
+    src = tmp_path / "warns.c"
+    src.write_text('#include "go_types.h"\n#warning otelgo-test-warning\n'
+                   'int uprobe_x(struct pt_regs *ctx) { return 0; }\n')
+    caplog.set_level("DEBUG", logger="otelgo.receiver.ebpf_go.compiler")
+    loader.run_compiler(src, [f"-I{loader.BPF_DIR}"], loader.find_kernel_headers("auto")[0])
+    assert "otelgo-test-warning" not in capfd.readouterr().err
+    (rec,) = [r for r in caplog.records if r.name == "otelgo.receiver.ebpf_go.compiler"]
+    assert rec.levelname == "DEBUG" and rec.getMessage().startswith("BPF compile of warns.c: the compiler said ")
+    assert "otelgo-test-warning" in rec.getMessage() and "\n" not in rec.getMessage()
 
 
 # ---------------------------------------------------------------- compiler child, images, cache
