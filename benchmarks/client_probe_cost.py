@@ -26,6 +26,7 @@ from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_client as nc  # noqa: E402
 from tests.e2e.test_ebpf_propagation import RawHTTP  # noqa: E402
+from tests.support.bpffs import make_pin_dir  # noqa: E402
 from tests.support.collector import free_port, wait_for_port  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
@@ -50,8 +51,7 @@ def main() -> None:
     port = free_port()
     proc = subprocess.Popen([path, "-listen", f"127.0.0.1:{port}", "-next", f"http://127.0.0.1:{raw.port}/chain"],
                             stderr=subprocess.DEVNULL)
-    pin = "/sys/fs/bpf/otelgo_bench_client"
-    os.makedirs(pin, exist_ok=True)
+    pin = make_pin_dir("otelgo_bench_client")
     total: dict[str, list[float]] = {b: [] for b in BUILDS}
     per_prog: dict[str, list[tuple[float, float]]] = {}
     subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)

@@ -45,6 +45,7 @@ from http_server_overhead import cpu_seconds  # noqa: E402
 from receiver.ebpf_go import bpfsys, loader  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
+from tests.support.bpffs import make_pin_dir  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 # The server program before the issue-8 body cuts (the A/B switches only): variant "before".
@@ -144,8 +145,7 @@ def main() -> int:
     ksrc, _ = loader.find_kernel_headers("auto")
     exe = build_go_fixture("httpserver", args.go, "plain")
     gb = GoBinary.open(str(exe))
-    pin_dir = f"/sys/fs/bpf/otelgo-ab-{os.getpid()}"
-    os.makedirs(pin_dir, exist_ok=True)
+    pin_dir = make_pin_dir(f"otelgo-ab-{os.getpid()}")
     base = nethttp_server.cflags(gb, pin_dir=pin_dir, max_inflight=16384, ringbuf_pages=1024)
     variants = [VARIANTS[v] for v in args.variants.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

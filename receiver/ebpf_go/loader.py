@@ -32,7 +32,7 @@ from typing import Any
 from collector.errors import KernelError, PrivilegeError
 from collector.telemetry import LOG_NAME
 
-from . import bpfsys
+from . import bpfsys, hostfs
 from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage, remove_pin_dir
 from .ringbuf import RingBuffer
 
@@ -345,7 +345,9 @@ def run_compiler(source: Path, cflags: list[str], kernel_source: str | None,
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     try:
-        # The child pins into a directory we remove whatever happens to it (a crash included).
+        # The child pins into a directory we remove whatever happens to it (a crash included), on
+        # bpffs: mounted here if nothing is (the first pin of a run may be this one).
+        hostfs.ensure_bpffs(COMPILE_PIN_PARENT)
         pin_dir = tempfile.mkdtemp(prefix="otelgo-compile-", dir=COMPILE_PIN_PARENT)
     except OSError as e:
         raise KernelError(f"BPF compile of {source.name} failed: cannot make a pin directory in "

@@ -31,6 +31,7 @@ from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from receiver.ebpf_go.gobinary import GoBinary
 from receiver.ebpf_go.loader import release_bpf
 from receiver.ebpf_go.probes import database_sql as dbsql
+from tests.support.bpffs import make_pin_dir
 from tests.support.collector import CollectorProcess
 from tests.support.gobuild import build_go_fixture
 from tests.support.postgres import PostgresServer
@@ -161,7 +162,7 @@ def expected_spans(db: str, op: str, pg_port: int, with_text: bool) -> list[tupl
 
 def pin_dir(name: str) -> str:
     """A bpffs directory of this test process (parallel sessions must not share pinned maps)."""
-    return f"/sys/fs/bpf/otelgo_test_{name}_{os.getpid()}"
+    return make_pin_dir(f"otelgo_test_{name}_{os.getpid()}")
 
 
 # ---- the probe alone

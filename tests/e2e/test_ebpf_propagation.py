@@ -32,6 +32,7 @@ from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_client as nc  # noqa: E402
 from receiver.ebpf_go.propagation.skmsg import SkMsgPropagation  # noqa: E402
+from tests.support.bpffs import make_pin_dir  # noqa: E402
 from tests.support.collector import free_port, wait_for_port  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
@@ -287,7 +288,7 @@ def _calls(code: bytes) -> set[int]:
 
 @pytest.fixture
 def pw_pin() -> Iterator[str]:
-    os.makedirs(PW_PIN, exist_ok=True)
+    make_pin_dir(os.path.basename(PW_PIN))
     yield PW_PIN
     for f in os.listdir(PW_PIN):
         os.unlink(os.path.join(PW_PIN, f))

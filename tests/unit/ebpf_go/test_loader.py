@@ -13,6 +13,7 @@ import pytest
 
 from collector.errors import KernelError, PrivilegeError
 from receiver.ebpf_go import loader
+from tests.support.bpffs import make_pin_dir
 from tests.support.ci import skip_or_fail_in_ci
 
 
@@ -169,6 +170,7 @@ def test_cache_key_changes_with_inputs(tmp_path: Path) -> None:
 def test_compiler_crash_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(loader, "COMPILER_MODULE", "tests.unit.ebpf_go.segv_compiler")
     monkeypatch.setattr(loader, "COMPILE_PIN_PARENT", str(tmp_path))
+    monkeypatch.setattr(loader.hostfs, "ensure_bpffs", lambda path: False)   # a plain directory will do here
     src = tmp_path / "x.c"
     src.write_text("")
     with pytest.raises(KernelError) as e:
@@ -188,8 +190,7 @@ def test_check_bcc_does_not_import_it() -> None:
 @pytest.mark.root
 def test_loaded_program_maps_and_pins(server_image: tuple[Path, list[str], loader.ProgramImage]) -> None:
     _src, _flags, img = server_image
-    pin = "/sys/fs/bpf/otelgo-test-loader"
-    os.makedirs(pin, exist_ok=True)
+    pin = make_pin_dir("otelgo-test-loader")
     try:
         a = loader.LoadedProgram(img, pin)
         b = loader.LoadedProgram(img, pin)      # a second program opens the same pinned map
