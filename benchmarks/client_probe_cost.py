@@ -62,7 +62,7 @@ def main() -> None:
                 b = BPF(src_file=str(nc.BPF_SOURCE).encode(),
                         cflags=[*nc.cflags(gb, skmsg=False, pin_dir=pin), f"-I{nc.BPF_SOURCE.parent}", *extra])
                 nc.attach(b, gb, path, proc.pid)
-                b[b"client_events"].open_ring_buffer(lambda *a: 0)
+                b[b"events"].open_ring_buffer(lambda *a: 0)
                 s0 = prog_stats()
                 for _ in range(args.n):
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/chain", timeout=10) as r:

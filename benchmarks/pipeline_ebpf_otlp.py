@@ -200,7 +200,7 @@ def stages(n: int) -> int:
     ev = nethttp_server.EVENT
     rng = random.Random(1)
     buf = b"".join(ev.pack(1, 4242, 10**9 + i, 10**9 + i + 20000, 1, rng.randbytes(12) + b"\1\0\0\0",
-                           rng.randbytes(4) + b"\2\0\0\0", b"\0" * 8, 1, 0, 200, 3, 6, 15, 14, 10, 3, 1, 1, 0,
+                           rng.randbytes(4) + b"\2\0\0\0", b"\0" * 8, 1, 0, 200, 3, 0, 6, 15, 14, 10, 3, 1, 1, 0,
                            b"GET", b"/hello", b"127.0.0.1:50000", b"127.0.0.1:8080", b"GET /hello", b"wrk")
                    for i in range(n))
     drain = 2000  # records per 20 ms drain at 100k/s

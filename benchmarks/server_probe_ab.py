@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/server_probe_ab.py [--rounds 3] [--seconds 3] [--variants a,b,...]   (root)
 
-Compiles variants of the server program with pieces switched off (-D flags, see the file's head),
+Compiles variants of the server program with pieces switched off (-DAB_* flags of the program as of
+--ab-rev, the last with such switches: today's program has none),
 or attached differently, then measures the server's CPU per request under `wrk -t1 -c4` for each,
 in rotating order within every round (the first variant of round r is variant r mod n), all against
 the one server process (Go 1.27 httpserver fixture, GOMAXPROCS=1, pinned to CPU 0; wrk on CPU 1).
@@ -50,6 +51,9 @@ from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 # The server program before the issue-8 body cuts (the A/B switches only): variant "before".
 BEFORE_REV = "63eb9d3"
+# The last revision whose server program has the AB_* switches (they left the production C with the
+# probe packages): the AB variants compile bpf/nethttp_server.c as of it, with its own headers.
+AB_REV = "c44cf6b"
 EMPTY_BPF = "".join(f"int {fn}(void *ctx) {{ return 0; }}\n" for fn in (
     "uprobe_server_ServeHTTP", "uprobe_server_ServeHTTP_return", "uprobe_server_end_h1", "uprobe_server_end_h2"))
 
@@ -128,6 +132,18 @@ def wrk(url: str, seconds: int, headers: list[str] | None = None) -> tuple[float
     return rps, total
 
 
+def server_source_at(rev: str, tmp: Path) -> Path:
+    """bpf/nethttp_server.c as of `rev`, with the headers of its bpf/ directory beside it (a quoted
+    include is found beside the file first, so today's headers do not mix in)."""
+    dest = tmp / f"bpf-{rev}"
+    if not dest.exists():
+        dest.mkdir()
+        archive = subprocess.run(["git", "archive", rev, "bpf/"], cwd=Path(__file__).resolve().parents[1],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "bpf" / "nethttp_server.c"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--go", default="1.27")
@@ -136,6 +152,8 @@ def main() -> int:
     ap.add_argument("--variants", default="none,full,end,empty,empty-end,empty-entry,empty-ret,empty-endonly")
     ap.add_argument("--before-rev", default=BEFORE_REV,
                     help="git revision whose bpf/nethttp_server.c the variant 'before' compiles")
+    ap.add_argument("--ab-rev", default=AB_REV,
+                    help="git revision whose bpf/nethttp_server.c (with its AB_* switches) the AB variants compile")
     ap.add_argument("--headers", action="store_true",
                     help="send User-Agent and traceparent (wrk sends only Host): the header walk finds both")
     args = ap.parse_args()
@@ -159,11 +177,8 @@ def main() -> int:
             flags = [f for f in base if f.split("=")[0] not in names] + v.defines
             if v.empty_text:
                 v.bpf = loader.compile_program(empty_src, [], ksrc).bpf
-            elif v.before:
-                old = Path(tmp) / "nethttp_server_before.c"
-                old.write_text(subprocess.run(["git", "show", f"{args.before_rev}:bpf/nethttp_server.c"],
-                                              cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                                              text=True, check=True).stdout)
+            elif v.before or any(d.startswith("-DAB_") for d in v.defines):
+                old = server_source_at(args.before_rev if v.before else args.ab_rev, Path(tmp))
                 v.bpf = loader.compile_program(old, flags, ksrc).bpf
             else:
                 v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, flags, ksrc).bpf

@@ -36,7 +36,7 @@ from . import bpfsys, hostfs
 from .bpfcompile import IMAGE_FORMAT, MapImage, ProgramImage, remove_pin_dir
 from .ringbuf import RingBuffer
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_DIR = Path(__file__).resolve().parent / "bpf"   # the headers every program includes (-I)
 COMPILER_LOG = logging.getLogger(f"{LOG_NAME}.receiver.ebpf_go.compiler")
 STUB_HEADERS = Path("/tmp/otelgo-collector-kheaders")
 
@@ -352,7 +352,9 @@ def run_compiler(source: Path, cflags: list[str], kernel_source: str | None,
     except OSError as e:
         raise KernelError(f"BPF compile of {source.name} failed: cannot make a pin directory in "
                           f"{COMPILE_PIN_PARENT} (bpffs): {e}") from None
-    req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", *cflags], "kernel_source": kernel_source,
+    # A probe's own headers sit beside its C (the key above hashes that directory too).
+    req = {"source": str(source), "cflags": [f"-I{BPF_DIR}", f"-I{source.parent}", *cflags],
+           "kernel_source": kernel_source,
            "pin_dir": pin_dir}
     try:
         try:

@@ -6,6 +6,7 @@ receiver/ebpf_go/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -15,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
 from collector.configtypes import Duration
@@ -25,7 +26,8 @@ from collector.telemetry import ComponentTelemetry
 
 from . import discovery, events, hostfs, loader, propagation
 from .gobinary import BinaryError, GoBinary
-from .probes import PROBES, Common, Probe, RawCollector
+from .probes import PROBES, Build, Probe, RawCollector, ctx_readers
+from .probes.spec import LOST_MAP, RINGBUF
 from .propagation.skmsg import HELD_ELSEWHERE_HINT
 from .propagation.stitch import Stitcher
 from .ringbuf import RingCopier
@@ -77,10 +79,8 @@ class TargetConfig(ComponentConfig):
 NOT_YET_INSTRUMENTED = ("grpc_client", "grpc_server")   # libraries the receiver has no probe for yet
 
 
-class InstrumentationsConfig(ComponentConfig):
-    net_http_server: bool = True
-    net_http_client: bool = True
-    database_sql: bool = True
+class _Instrumentations(ComponentConfig):
+    """`instrumentations`: one switch per probe of the registry (probes/__init__.py), on by default."""
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +92,10 @@ class InstrumentationsConfig(ComponentConfig):
                     raise ValueError(f"{key}: gRPC is not instrumented yet, so it cannot be enabled; remove {key}")
             data = {k: v for k, v in data.items() if not (k in NOT_YET_INSTRUMENTED and v is False)}
         return data
+
+
+InstrumentationsConfig = create_model(  # type: ignore[call-overload]
+    "InstrumentationsConfig", __base__=_Instrumentations, **{p.name: (bool, True) for p in PROBES})
 
 
 class EbpfGoConfig(ComponentConfig):
@@ -120,6 +124,11 @@ class EbpfGoConfig(ComponentConfig):
         if self.discovery_interval <= 0:
             raise ValueError("discovery_interval: must be greater than 0, e.g. 1s")
         return self
+
+
+def probe_options(cfg: EbpfGoConfig) -> dict[str, Any]:
+    """Each probe's options, read from this receiver's config by the probe itself."""
+    return {p.name: p.options_from(cfg) for p in PROBES}
 
 
 PIN_DIR_RE = re.compile(r"^otelgo-(\d+)-")   # a receiver's pin directory: otelgo-<collector pid>-<id>
@@ -166,6 +175,7 @@ class ProbeProgram:
     program: loader.Program
     collector: RawCollector
     state: Any
+    build: Build         # what the program was compiled with: attach and spans use the same
     lost_seen: int = 0
 
 
@@ -241,7 +251,7 @@ class EbpfGoReceiver(Receiver):
         self._propagation_lock = threading.Lock()      # self.propagation: the chooser vs shutdown
         self._chooser: threading.Thread | None = None
         self.enabled = False
-        self.common = Common(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
+        self.common = Build(self.pin_dir, config.max_inflight_calls, config.ring_buffer_size // 4096)
         self.propagation: propagation.PropagationChoice | None = None
         self.stitcher: Stitcher | None = None
         self._skmsg_seen: dict[str, int] = {}
@@ -267,10 +277,8 @@ class EbpfGoReceiver(Receiver):
             os.makedirs(self.pin_dir, exist_ok=True)
         except OSError as e:
             raise KernelError(f"cannot create the pin directory {self.pin_dir}: {e.strerror}") from None
-        self.common = Common(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
-                             include_db_statement=self.config.include_db_statement,
-                             sanitize_db_statement=self.config.sanitize_db_statement,
-                             db_statement_max_length=self.config.db_statement_max_length)
+        self.common = Build(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
+                            options=probe_options(self.config))
         images = self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
                                                  log=self.log)
         # The propagation mode (sk_msg: a program to compile or load, sock_ops to attach) is chosen
@@ -308,7 +316,7 @@ class EbpfGoReceiver(Receiver):
 
     def _choose_propagation(self, images: loader.ImageStore) -> None:
         # Without client spans nothing can propagate: report "off".
-        requested = self.config.propagation if self.config.instrumentations.net_http_client else "off"
+        requested = self.config.propagation if any(p.uses_propagation for p in self.probes) else "off"
         try:
             try:
                 # The sk_msg program comes from the image cache too (no compile on a warm start).
@@ -441,27 +449,29 @@ class EbpfGoReceiver(Receiver):
         tb = TracedBinary(key, gb, p.exe)
         assert self.images is not None
         # Every probe's image is asked for first, so that compiles (child processes) run in parallel.
-        pending: list[tuple[Probe, Any, list[str]]] = []
+        pending: list[tuple[Probe, Any, list[str], Build]] = []
+        readers = ctx_readers(wanted)
         # The client probe last: its program depends on the propagation mode, which may still be chosen.
         for pr in sorted(wanted, key=lambda pr: pr.uses_propagation):
             if pr.uses_propagation:
                 self._propagation_chosen.wait()
             try:
-                flags = pr.cflags(gb, self.common)
-                pending.append((pr, self.images.submit(pr.source, flags, self.kernel_source), flags))
-            except Exception as e:  # ProbeUnavailable of the module (offsets): this probe is off
+                build = dataclasses.replace(self.common, ctx_readers=readers)
+                flags = pr.cflags(gb, build)
+                pending.append((pr, self.images.submit(pr.source, flags, self.kernel_source), flags, build))
+            except Exception as e:  # ProbeUnavailable (an offset or a function missing), or our bug: this probe is off
                 self._probe_off(pr, p, e)
-        for pr, fut, flags in pending:
+        for pr, fut, flags, build in pending:
             try:
                 result = fut.result()
                 prog = loader.load_program(result, loader.pin_dir_of(flags))
                 col = pr.collector()
-                col.bind(prog.bpf.ring_buffer(pr.ringbuf))
+                col.bind(prog.bpf.ring_buffer(RINGBUF))
             except Exception as e:  # KernelError (compile, map creation): this probe is off
                 self._probe_off(pr, p, e)
                 continue
             self.m_compiles.labels(origin=result.origin).inc()
-            tb.programs.append(ProbeProgram(pr, prog, col, pr.binary_state(gb, self.common)))
+            tb.programs.append(ProbeProgram(pr, prog, col, pr.binary_state(gb, build), build))
             how = {"compiled": "compiled", "memory": "reused the image of another binary",
                    "disk": "loaded from the image cache"}[result.origin]
             self.log.info("%s program for %s (%s): %s in %.2fs", pr.name, p.exe, gb.go_version, how,
@@ -502,7 +512,7 @@ class EbpfGoReceiver(Receiver):
             try:
                 probe = pp.probe
                 loader.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid,  # noqa: B023
-                                                                            self.common))
+                                                                            pp.build))  # noqa: B023
                 n += len(pp.program.links.get(p.pid, []))
             except Exception as e:  # KernelError or the module's ProbeUnavailable: this probe is off here
                 loader.detach_pid(pp.program, p.pid)
@@ -667,7 +677,7 @@ class EbpfGoReceiver(Receiver):
             # here, just before to_spans.
             records = pp.collector.decode(copier.remove(ring) if final else copier.take(ring, ring.size))
             n += len(records)
-            lost = pp.program.bpf[pp.probe.lost_map].read_u64(0)
+            lost = pp.program.bpf[LOST_MAP].read_u64(0)
             if lost != pp.lost_seen:
                 self.m_lost.inc(lost - pp.lost_seen)
                 self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d %s records lost so far "
@@ -677,7 +687,7 @@ class EbpfGoReceiver(Receiver):
                 continue
             self.m_events.inc(len(records))
             try:
-                spans = pp.probe.spans(records, pp.state, tb.binary, self.mono_to_unix, self.common)
+                spans = pp.probe.spans(records, pp.state, tb.binary, self.mono_to_unix, pp.build)
             except Exception:  # our bug: keep reading
                 self.telemetry.warn_once_per(f"decode-{pp.probe.name}", 60, "%s: cannot decode records",
                                              pp.probe.name)

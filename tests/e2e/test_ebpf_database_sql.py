@@ -28,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, from_json_dict
+from receiver.ebpf_go import loader
 from receiver.ebpf_go.gobinary import GoBinary
 from receiver.ebpf_go.loader import release_bpf
 from receiver.ebpf_go.probes import database_sql as dbsql
@@ -192,7 +193,7 @@ class LoadedProbe:
             self.raw.append(bytes(ct.string_at(data, size)))
 
         self._cb = on_event
-        self.bpf[b"sql_events"].open_ring_buffer(on_event)
+        self.bpf[b"events"].open_ring_buffer(on_event)
 
     def spans(self) -> list[Span]:
         self.bpf.ring_buffer_consume()
@@ -219,7 +220,11 @@ close_bpf = release_bpf  # closes PMU uprobes without tracefs, then frees the BP
 def test_probe_alone_exact_spans(dbapp: Path, app: App, postgres: PostgresServer) -> None:
     """Every endpoint of dbapp, both databases: one span per statement with the exact shape."""
     with LoadedProbe(dbapp, app.pid, dbsql.Options(include_db_statement=True), pin_dir("dbsql")) as probe:
-        assert len(probe.attached) == 4, probe.attached
+        # every hooked function: its entry, and its RETs
+        entries = sorted(fn for _, fn in probe.attached if "return" not in fn)
+        assert entries == sorted(entry for _, entry, _ in dbsql.FUNCTIONS), probe.attached
+        assert {fn for _, fn in probe.attached if "return" in fn} == {"uprobe_sql_return_rows",
+                                                                     "uprobe_sql_return_result"}
         for db in SYSTEMS:
             for op in OPS:
                 status = app.get(f"/{db}/{op}")
@@ -257,8 +262,7 @@ def test_probe_alone_statement_off_and_truncation(dbapp: Path, app: App) -> None
 # the pinned ctx_spans map (as nethttp_server.c does) and reports the span ids it chose.
 FAKE_SERVER_C = r"""
 #include "go_types.h"
-struct ctx_key { u64 ptr; u32 tgid; u32 pad; };
-BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
+#include "ctx_spans.h"
 BPF_RINGBUF_OUTPUT(fake_servers, 8);
 int fake_server_entry(struct pt_regs *ctx) {
     u64 req = GO_PARAM4(ctx);
@@ -286,7 +290,7 @@ def test_probe_alone_parent_from_request_context(dbapp: Path, app: App) -> None:
     gb = GoBinary.open(dbapp)
     ctx_off = gb.struct_offset("net/http.Request", "ctx")
     assert ctx_off is not None
-    server = BPF(text=FAKE_SERVER_C.encode(), cflags=[f"-I{dbsql.BPF_SOURCE.parent}", f'-DPIN_DIR="{pin}"',
+    server = BPF(text=FAKE_SERVER_C.encode(), cflags=[f"-I{loader.BPF_DIR}", f'-DPIN_DIR="{pin}"',
                                                       f"-DREQ_CTX_POS={ctx_off.value}"])
     try:
         server.attach_uprobe(name=str(dbapp).encode(), addr=gb.entry_probe("net/http.serverHandler.ServeHTTP").addr,

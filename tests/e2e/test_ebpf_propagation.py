@@ -103,7 +103,7 @@ class Traced:
                        cflags=[*nc.cflags(gb, skmsg=True, pin_dir=skmsg.pin_dir), f"-I{nc.BPF_SOURCE.parent}"])
         nc.attach(self.bpf, gb, path, self.proc.pid)
         self.events: list[nc.ClientEvent] = []
-        self.bpf[b"client_events"].open_ring_buffer(self._cb)
+        self.bpf[b"events"].open_ring_buffer(self._cb)
 
     def _cb(self, _ctx: Any, data: Any, size: int) -> None:
         self.events.append(nc.decode(ct.string_at(data, size)))
@@ -352,9 +352,9 @@ def test_writer_dry_run_decides_on_a_real_go_client(pw_pin: str) -> None:
         wait_for_port(port, proc=proc)
         b = _compile(gb, pw_pin, "-DPW_VERIFY_ONLY", skmsg=False, probe_write=True)
         done = nc.attach(b, gb, path, proc.pid, probe_write=True)
-        assert any("writeSubset" in d for d in done)
+        assert any(fn == "uprobe_client_writeSubset" for _, fn in done), done
         events: list[nc.ClientEvent] = []
-        b[b"client_events"].open_ring_buffer(lambda _c, d, n: events.append(nc.decode(ct.string_at(d, n))))
+        b[b"events"].open_ring_buffer(lambda _c, d, n: events.append(nc.decode(ct.string_at(d, n))))
 
         def get(query: str, headers: dict[str, str] | None = None) -> nc.ClientEvent:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/chain{query}", headers=headers or {})
@@ -411,11 +411,11 @@ def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
     from tests.support.collector import wait_for
 
     allowed = probe_write.Capability(True, "allowed (test)")
-    real_choose, real_cflags = propagation.choose, nc.cflags
+    real_choose, real_cflags = propagation.choose, nc.PROBE.cflags
     monkeypatch.setattr(propagation, "choose",
                         lambda *a, **kw: real_choose(*a, **{**kw, "probe_write_check": lambda: allowed}))
-    monkeypatch.setattr(nc, "cflags", lambda *a, **kw: [*real_cflags(*a, **kw)]
-                        + (["-DPW_VERIFY_ONLY"] if kw.get("probe_write") else []))
+    monkeypatch.setattr(nc.PROBE, "cflags", lambda gb, build: [*real_cflags(gb, build)]
+                        + (["-DPW_VERIFY_ONLY"] if build.probe_write else []))
     path = str(build_go_fixture("httpchain", "1.26"))
     raw = RawHTTP()
     port = free_port()

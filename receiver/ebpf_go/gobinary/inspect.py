@@ -13,59 +13,32 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from .binary import GoBinary
 from .errors import BinaryError
 
-
-@dataclass(frozen=True)
-class Instrumentation:
-    name: str
-    probe: str                  # the receiver's probe (its key under `instrumentations:`)
-    functions: tuple[str, ...]  # at least one must exist for the instrumentation to apply
-    optional: tuple[str, ...] = ()  # hooked when present
-    offsets: tuple[tuple[str, str], ...] = ()
-    notes: tuple[str, ...] = field(default_factory=tuple)
-    # where the probe ends its span in this binary ({"mode", "points": [{"addr", "program"}], "reason"})
-    end_report: Callable[[GoBinary], dict[str, Any]] | None = None
-
-
-def _probe_instrumentations() -> tuple[Instrumentation, ...]:
-    """What the ebpf_go receiver really hooks, read from its probe modules (one source of truth).
-    Imported here, not at module level: the probes themselves import this package."""
-    from receiver.ebpf_go.probes import database_sql, nethttp_client, nethttp_server
-
-    def fields(offsets: list[tuple[str, str, str, int | None]] | list[tuple[str, str, str, int]]
-               ) -> tuple[tuple[str, str], ...]:
-        return tuple((struct, fld) for _, struct, fld, _ in offsets)
-
-    return (
-        Instrumentation("net/http server", "net_http_server", (nethttp_server.SYMBOL,), (),
-                        fields(nethttp_server.OFFSETS), end_report=nethttp_server.end_report),
-        Instrumentation("net/http client", "net_http_client", (nethttp_client.ROUND_TRIP,),
-                        (nethttp_client.REQUEST_WRITE,), fields(nethttp_client.OFFSETS)),
-        Instrumentation("database/sql", "database_sql", tuple(database_sql.SYMBOLS[:2]), tuple(database_sql.SYMBOLS[2:]),
-                        fields(database_sql.OFFSETS)),
-    )
-
-
 # Libraries a Go service may link that the receiver has no probe for yet: shown as `[ ]` with why.
 NOT_YET_INSTRUMENTED = {"google.golang.org/grpc": "gRPC client and server"}
 
 
-def _attach_verdict(b: GoBinary, inst: Instrumentation) -> tuple[bool, str]:
+def _probes() -> list[Any]:
+    """The receiver's registry of probes (imported here: the probes themselves import this package)."""
+    from receiver.ebpf_go.probes import PROBES
+    return PROBES
+
+
+def _attach_verdict(b: GoBinary, probe: Any) -> tuple[bool, str]:
     """(whether the receiver attaches this probe to `b`, why not): the receiver's own checks, run
     the same way (present, then the program's constants, which fail when an offset is missing)."""
-    from receiver.ebpf_go.probes import PROBES, Common
-    probe = next(p for p in PROBES if p.name == inst.probe)
+    from receiver.ebpf_go.probes import Build, ctx_readers
     if not probe.present(b):
-        return False, f"not linked: no {' or '.join(inst.functions)} in this binary"
+        wanted = [h.symbol for h in probe.hooks if h.required] or [h.symbol for h in probe.hooks if h.when is None]
+        return False, f"not linked: no {' or '.join(wanted)} in this binary"
     try:
-        probe.cflags(b, Common(pin_dir="/sys/fs/bpf/otelgo-inspect", max_inflight=16384, ringbuf_pages=1024))
-    except Exception as e:  # the probe module's ProbeUnavailable: the receiver leaves it off, logging this
+        probe.cflags(b, Build("/sys/fs/bpf/otelgo-inspect", 16384, 1024,
+                              ctx_readers=ctx_readers([p for p in _probes() if p.present(b)])))
+    except Exception as e:  # ProbeUnavailable: the receiver leaves the probe off, logging this
         return False, str(e)
     return True, ""
 
@@ -120,21 +93,21 @@ def collect(b: GoBinary) -> dict[str, Any]:
     }
     if b.arch != "amd64":
         out["warnings"].append(f"{b.arch}: parsed but untested; entry probes stay at function entry")
-    for inst in _probe_instrumentations():
-        present = [n for n in inst.functions if b.function(n) is not None]
-        applies, reason = _attach_verdict(b, inst)
-        item: dict[str, Any] = {"name": inst.name, "applies": applies, "reason": reason, "functions": [],
-                                "offsets": [], "warnings": []}
-        if present:
-            for n in (*present, *[o for o in inst.optional if b.function(o) is not None]):
+    for probe in _probes():
+        hooked = [h.symbol for h in probe.hooks if b.function(h.symbol) is not None]
+        applies, reason = _attach_verdict(b, probe)
+        item: dict[str, Any] = {"name": probe.title, "probe": probe.name, "applies": applies, "reason": reason,
+                                "functions": [], "offsets": [], "warnings": []}
+        if hooked:
+            for n in hooked:
                 rep = _function_report(b, n)
                 if rep is not None:
                     item["functions"].append(rep)
                     if not rep["return_sites"]:
                         item["warnings"].append(f"{n}: no return instruction found")
-            if inst.end_report is not None:
-                item["end"] = inst.end_report(b)
-            for struct, fld in inst.offsets:
+            item.update(probe.report(b))
+            for o in probe.offsets:
+                struct, fld = o.struct, o.field
                 off = b.struct_offset(struct, fld)
                 module, version = b.module_of(struct)
                 if off is None:

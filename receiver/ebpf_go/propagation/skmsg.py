@@ -1,8 +1,8 @@
 """sk_msg propagation: insert `traceparent` into outgoing HTTP/1.x requests at the socket.
 
-Loads bpf/skmsg_traceparent.c once per collector: a sock_ops program on the cgroup v2 root puts
+Loads skmsg_traceparent.c (beside this file) once per collector: a sock_ops program on the cgroup v2 root puts
 every client socket of a watched (traced) process into a sockhash, and an sk_msg program on that sockhash rewrites the first
-send of a request for which the uprobe side (bpf/nethttp_client.c) left a pending trace context.
+send of a request for which the uprobe side (probes/nethttp_client/nethttp_client.c) left a pending trace context.
 The maps the two sides share are pinned under `pin_dir` (bpffs); this module owns them: it
 creates them at start and unlinks them at stop. Compiled in a child process (loader.run_compiler)
 and loaded with bpfsys: no BCC in the collector process.
@@ -22,7 +22,8 @@ from collector.errors import KernelError
 
 from .. import bpfsys, hostfs, loader
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"   # shared headers (traceparent_handoff.h)
+SOURCE = Path(__file__).resolve().with_name("skmsg_traceparent.c")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/otelgo"
 
 # Indexes of the `counts` array (bpf/skmsg_traceparent.c OUTCOME_* and COUNT_*).
@@ -136,7 +137,7 @@ class SkMsgPropagation:
         self._clear_pins()
         os.makedirs(self.pin_dir, exist_ok=True)
         self.cgroup = cgroup2_root()
-        source = BPF_DIR / "skmsg_traceparent.c"
+        source = SOURCE
         try:
             if self.images is not None:
                 image = self.images.get(source, self.cflags(), None).image

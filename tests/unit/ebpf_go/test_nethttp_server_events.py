@@ -25,7 +25,7 @@ def record(method: str = "GET", path: str = "/items/1", status: int = 200, patte
     pa, pal = fixed(pattern, 128)
     u, ul = fixed(ua, 128)
     return EVENT.pack(1, 4242, 1_000, 5_000, 0xC000, TID, SID, parent, 1, remote_parent, status,
-                      ml, pl, rl, hl, pal, ul, major, minor, tls, m, p, r, h, pa, u)
+                      ml, 0, pl, rl, hl, pal, ul, major, minor, tls, m, p, r, h, pa, u)
 
 
 def spans_of(*raws: bytes, offset: int = 10**18) -> list:

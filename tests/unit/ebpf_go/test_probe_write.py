@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from receiver.ebpf_go.propagation import choose, probe_write
 from receiver.ebpf_go.propagation.skmsg import PropagationError
 from tests.support.gobuild import build_go_fixture
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = nc.BPF_SOURCE.parent   # traceparent_line.h
 ROOT_OK = os.geteuid() == 0 or os.environ.get("CI") == "true"
 
 
@@ -301,7 +300,8 @@ def test_cflags_compile_the_writer_only_in_probe_write_mode(chain: tuple[GoBinar
     itab = next(s.value for s in gb.elf.symbols() or [] if s.name == "go:itab.*bufio.Writer,io.Writer")
     assert extra == ["-DPROBE_WRITE=1", "-DBUFIO_ERR_POS=0", "-DBUFIO_BUF_POS=16", "-DBUFIO_N_POS=40",
                      f"-DITAB_BUFIOWRITER={itab}ULL", "-DSWISS_MAPS=1", "-DSWISS_DIRPTR_POS=16",
-                     "-DSWISS_DIRLEN_POS=24", "-DSWISS_TABLE_GROUPS_POS=16", "-DSWISS_TABLE_MASK_POS=24"]
+                     "-DSWISS_DIRLEN_POS=24", "-DSWISS_TABLE_GROUPS_POS=16", "-DSWISS_TABLE_MASK_POS=24",
+                     "-DMAP_COUNT_POS=0"]
     with pytest.raises(ValueError, match="one at a time"):
         nc.cflags(gb, skmsg=True, pin_dir="/p", probe_write=True)
 

@@ -319,7 +319,8 @@ def receiver_with(r: RingBuffer) -> tuple[EbpfGoReceiver, TracedBinary, Spans]:
     probe = SeqProbe()
     col = probe.collector()
     col.bind(r)
-    pp = ProbeProgram(probe, loader.Program(FakeBpf(r), "seq.c", 0.0), col, None)  # type: ignore[arg-type]
+    pp = ProbeProgram(probe, loader.Program(FakeBpf(r), "seq.c", 0.0), col, None,  # type: ignore[arg-type]
+                      rcv.common)
     tb = TracedBinary((1, 2), None, "/bin/seq", [pp])  # type: ignore[arg-type]
     rcv.binaries[tb.key] = tb
     rcv.copier.add(r, r.read_block, 4 * SIZE)   # as _binary_for does

@@ -94,9 +94,8 @@ static __always_inline u64 splitmix64(u64 *state) {
  * bpf_get_prandom_u32 on first use (one helper call per id word costs ~50 ns here, six of them
  * ~0.3 us per span). Each program declares its own (BCC rewrites map calls in the .c file only):
  *     BPF_PERCPU_ARRAY(id_rng, u64, 1);   ...   new_span_ids(id_rng.lookup(&zero), &tc, keep);
- * rng NULL, or AB_PRANDOM_IDS (benchmarks/server_probe_ab.py): one bpf_get_prandom_u32 per word. */
+ * rng NULL: one bpf_get_prandom_u32 per word. */
 static __always_inline void new_span_ids(u64 *rng, struct trace_ctx *tc, int keep_trace) {
-#ifndef AB_PRANDOM_IDS
     if (rng) {
         if (*rng == 0)
             *rng = ((u64)bpf_get_prandom_u32() << 32) ^ bpf_get_prandom_u32() ^ bpf_ktime_get_ns();
@@ -108,23 +107,12 @@ static __always_inline void new_span_ids(u64 *rng, struct trace_ctx *tc, int kee
         *(u64 *)tc->span_id = splitmix64(rng);
         return;
     }
-#endif
     if (!keep_trace) {
         random_bytes(tc->trace_id, 4);
         tc->flags = 1;
     }
     random_bytes(tc->span_id, 2);
 }
-
-/* Every ring-buffer record starts with this header; receiver/ebpf_go/events.py decodes it. */
-struct event_header {
-    u32 kind;   /* EVENT_KIND_* */
-    u32 tgid;
-    u64 start_ns;  /* bpf_ktime_get_ns (CLOCK_MONOTONIC) at entry */
-    u64 end_ns;    /* at return */
-    u64 goroutine;
-};
-#define EVENT_KIND_HTTP_SERVER 1
 
 /* A Go string whose header is already in BPF memory: its bytes into dst[0..max) (the rest is left
  * as is); sets out_len to the number of bytes copied. `max` must be a compile-time constant. */

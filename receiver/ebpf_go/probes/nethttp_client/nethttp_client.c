@@ -4,7 +4,7 @@
  *   `net/http.(*Transport).roundTrip(t, req *Request) (*Response, error)`
  *     entry (jcc after the stack check): word 2 = req. Choose span ids here; the parent is the
  *       server span whose request context this request's ctx descends from (walk of the Go
- *       context chain over `ctx_spans`, filled by nethttp_server.c).
+ *       context chain over `ctx_spans` (ctx_spans.h), filled by nethttp_server.c).
  *     every RET: RAX = *Response, RBX/RCX = error (itab, data). Emit one record.
  *   `net/http.(*Request).write(r, w io.Writer, ...)` entry: runs on the transport's writeLoop
  *     goroutine, just before the request bytes are flushed to the socket. Finds the client span by
@@ -12,12 +12,12 @@
  *     local and remote address from Go memory (w = *bufio.Writer -> persistConnWriter{pc} ->
  *     pc.conn -> *net.TCPConn, or a wrapper whose first field is that net.Conn (non-PIE: itabs
  *     known) -> netFD.laddr/raddr), and, with SKMSG, leaves the trace context in
- *     `tp_pending` keyed by that connection for bpf/skmsg_traceparent.c; with PROBE_WRITE, arms
+ *     `tp_pending` keyed by that connection for propagation/skmsg_traceparent.c; with PROBE_WRITE, arms
  *     the writer for this goroutine.
  *   `net/http.Header.writeSubset` entry, only with PROBE_WRITE (traceparent_probe_write.h): writes
  *     the traceparent line into the request's bufio buffer.
  *
- * Constants (-D, from receiver/ebpf_go/probes/nethttp_client.py): REQ_*_POS, URL_*_POS,
+ * Constants (-D, from probes/nethttp_client PROBE): REQ_*_POS, URL_*_POS,
  * USERINFO_PASSWORDSET_POS, RESP_*_POS, BUFIO_WR_POS, PCONN_CONN_POS, NETFD_LADDR_POS,
  * NETFD_RADDR_POS, TCPADDR_IP_POS, TCPADDR_PORT_POS, ITAB_TCPCONN, ITAB_TLSCONN, ITAB_PCONNWRITER
  * (0: unknown, not checked), SKMSG (0/1), PROBE_WRITE (0/1, and the constants listed in
@@ -25,6 +25,8 @@
  * CTX_WALK_MAX.
  */
 #include "go_types.h"
+#include "record.h"
+#include "ctx_spans.h"
 
 #ifndef PROBE_WRITE
 #define PROBE_WRITE 0
@@ -38,18 +40,6 @@
 #define HOST_MAX 128
 #define PATH_MAX_ 128
 #define QUERY_MAX 128
-#define EVENT_KIND_HTTP_CLIENT 2
-
-/* A tracked Go context: the request context of an in-flight server span. */
-struct ctx_key {
-    u64 ptr;            /* context.Context data pointer */
-    u32 tgid;
-    u32 pad;
-};
-
-/* ctx_spans: ctx_key -> trace_ctx of the server span; written by nethttp_server.c at ServeHTTP
- * entry (deleted at RET), read here by the context-chain walk. Pinned: shared across programs. */
-BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
 
 struct client_call {
     u64 start_ns;
@@ -76,7 +66,7 @@ struct client_conn {
     u8 raddr[16];
 };
 
-/* The ring-buffer record; nethttp_client.py EVENT mirrors it field for field. */
+/* The ring-buffer record, as declared in probes/nethttp_client RECORD (checked by RECORD_ASSERTS). */
 struct http_client_event {
     struct event_header h;   /*   0 */
     struct trace_ctx tc;     /*  32 */
@@ -106,6 +96,7 @@ struct http_client_event {
     char path[PATH_MAX_];    /* 296 */
     char query[QUERY_MAX];   /* 424, size 552 */
 };
+RECORD_ASSERTS;
 
 /* client_inflight: goroutine_key -> client_call; roundTrip entry to RET. LRU: panics never return. */
 BPF_TABLE("lru_hash", struct goroutine_key, struct client_call, client_inflight, MAX_INFLIGHT);
@@ -114,12 +105,7 @@ BPF_PERCPU_ARRAY(id_rng, u64, 1);
 /* client_by_hdr: hdr_key -> client_conn; written at roundTrip entry, completed by the write
  * probe, read and deleted at roundTrip RET. */
 BPF_TABLE("lru_hash", struct hdr_key, struct client_conn, client_by_hdr, MAX_INFLIGHT);
-/* client_events: finished client requests -> user space (nethttp_client.py). */
-BPF_RINGBUF_OUTPUT(client_events, RINGBUF_PAGES);
-/* client_lost[0]: records dropped because the ring buffer was full. */
-BPF_ARRAY(client_lost, u64, 1);
-/* client_submitted[cpu]: records submitted on this CPU; every WAKEUP_EVERY-th wakes the reader. */
-BPF_PERCPU_ARRAY(client_submitted, u64, 1);
+/* events, lost, submitted (record.h): finished client requests -> user space. */
 
 #if SKMSG
 #include "traceparent_handoff.h"
@@ -159,8 +145,7 @@ int uprobe_client_roundTrip(struct pt_regs *ctx) {
     c.start_ns = bpf_ktime_get_ns();
     c.req = req;
 
-    /* parent: walk the context chain (every std Context keeps its parent as the first field,
-     * so the parent's data word is at +8) until a tracked server context */
+    /* parent: walk the context chain up to a tracked server context (ctx_spans.h) */
     struct go_iface ictx = {};
     bpf_probe_read_user(&ictx, sizeof(ictx), (void *)(req + REQ_CTX_POS));
     struct ctx_key ck = {.tgid = k.tgid};
@@ -179,10 +164,7 @@ int uprobe_client_roundTrip(struct pt_regs *ctx) {
             keep = 1;
             break;
         }
-        u64 next = 0;
-        if (bpf_probe_read_user(&next, sizeof(next), (void *)(p + 8)) != 0)
-            break;
-        p = next;
+        p = ctx_parent(p);
     }
     u32 zero = 0;
     new_span_ids(id_rng.lookup(&zero), &c.tc, keep);
@@ -348,12 +330,10 @@ int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
         return 0;
     u64 resp = GO_PARAM1(ctx);
     u64 err_tab = GO_PARAM2(ctx);
-    struct http_client_event *e = client_events.ringbuf_reserve(sizeof(struct http_client_event));
+    struct http_client_event *e = events.ringbuf_reserve(sizeof(struct http_client_event));
     if (!e) {
         u32 z = 0;
-        u64 *lc = client_lost.lookup(&z);
-        if (lc)
-            __sync_fetch_and_add(lc, 1);
+        count_lost(lost.lookup(&z));
         client_inflight.delete(&k);
         return 0;
     }
@@ -437,12 +417,8 @@ int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
     }
 #endif
 
-    u64 flags = BPF_RB_NO_WAKEUP;
     u32 z = 0;
-    u64 *sc = client_submitted.lookup(&z);
-    if (sc && (++*sc % WAKEUP_EVERY) == 0)
-        flags = BPF_RB_FORCE_WAKEUP;
-    client_events.ringbuf_submit(e, flags);
+    events.ringbuf_submit(e, wakeup_flags(submitted.lookup(&z)));
     client_inflight.delete(&k);
     return 0;
 }

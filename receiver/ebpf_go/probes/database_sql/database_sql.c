@@ -12,19 +12,17 @@
  * (0 = nil) goes to user space, which names the type from the binary's itab symbols.
  *
  * Parent: the server span whose request context the call's ctx is or descends from (the pinned
- * `ctx_spans` map that nethttp_server.c fills); a call with no such context (context.Background(),
+ * `ctx_spans` map of ctx_spans.h, which nethttp_server.c fills); a call with no such context (context.Background(),
  * a context made outside any request) is a root span with a fresh trace id.
  *
- * -D constants from receiver/ebpf_go/probes/database_sql.py:
+ * -D constants from probes/database_sql PROBE:
  *   DB_CONNECTOR_POS, STMT_DB_POS, STMT_QUERY_POS  struct field offsets
  *   QUERY_MAX           bytes of query text copied (power of two)
  *   PIN_DIR, CTX_WALK_MAX, MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  */
 #include "go_types.h"
-
-#ifndef EVENT_KIND_DATABASE_SQL
-#define EVENT_KIND_DATABASE_SQL 3
-#endif
+#include "record.h"
+#include "ctx_spans.h"
 
 /* Which hooked function produced a record (database_sql.py FUNCTIONS has the same order). */
 #define SQL_FN_QUERYDC 0
@@ -48,13 +46,15 @@ struct sql_call {
     char query[QUERY_MAX];   /*  96 */
 };
 
-/* The ring-buffer record; database_sql.py EVENT mirrors it field for field. */
+/* The ring-buffer record, as declared in probes/database_sql RECORD (checked by RECORD_ASSERTS); only
+ * the captured part of the query text is sent. */
 struct sql_event {
     struct event_header h;   /*   0 */
     u64 err_tab;             /*  32: itab of the returned error, 0 = nil */
     u64 err_data;            /*  40 */
     struct sql_call c;       /*  48 */
 };
+RECORD_ASSERTS;
 
 /* sql_inflight: goroutine_key -> sql_call; written at entry, read and deleted at RET. LRU: a call
  * that panics never returns. */
@@ -65,27 +65,9 @@ BPF_PERCPU_ARRAY(id_rng, u64, 1);
 BPF_PERCPU_ARRAY(sql_scratch, struct sql_call, 1);
 /* sql_out: one sql_event per CPU, assembled there and copied out with its text's length only. */
 BPF_PERCPU_ARRAY(sql_out, struct sql_event, 1);
-/* sql_events: finished calls (struct sql_event) -> user space (database_sql.py). */
-BPF_RINGBUF_OUTPUT(sql_events, RINGBUF_PAGES);
-/* sql_lost[0]: records dropped because the ring buffer was full. */
-BPF_ARRAY(sql_lost, u64, 1);
-/* sql_submitted[cpu]: records submitted; every WAKEUP_EVERY-th wakes the reader. */
-BPF_PERCPU_ARRAY(sql_submitted, u64, 1);
+/* events, lost, submitted (record.h): finished calls (struct sql_event) -> user space. */
 
-/* A tracked Go context: the request context of an in-flight server span (same layout as in
- * nethttp_server.c / nethttp_client.c). */
-struct ctx_key {
-    u64 ptr;            /* context.Context data pointer */
-    u32 tgid;
-    u32 pad;
-};
-
-/* ctx_spans: ctx_key -> trace_ctx of the server span; written by nethttp_server.c at ServeHTTP
- * entry (deleted at RET), read here. Pinned under PIN_DIR: shared across the probe programs. */
-BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
-
-/* Walk the context chain from the call's ctx: every std Context keeps its parent Context as its
- * first field, so the parent's data word is at +8 (valueCtx, cancelCtx, timerCtx, ...). */
+/* Walk the context chain from the call's ctx up to a tracked server context (ctx_spans.h). */
 static __always_inline int parent_from_ctx(u64 p, u32 tgid, struct trace_ctx *out) {
     struct ctx_key ck = {.tgid = tgid};
     for (int i = 0; i < CTX_WALK_MAX; i++) {
@@ -97,10 +79,7 @@ static __always_inline int parent_from_ctx(u64 p, u32 tgid, struct trace_ctx *ou
             __builtin_memcpy(out, parent, sizeof(*out));
             return 0;
         }
-        u64 next = 0;
-        if (bpf_probe_read_user(&next, sizeof(next), (void *)(p + 8)) != 0)
-            return -1;
-        p = next;
+        p = ctx_parent(p);
     }
     return -1;
 }
@@ -182,15 +161,8 @@ static __always_inline void sql_return(struct pt_regs *ctx, u64 err_tab, u64 err
     u64 size = sizeof(struct sql_event) - QUERY_MAX + (c->captured & (2 * QUERY_MAX - 1));
     if (size > sizeof(struct sql_event))
         size = sizeof(struct sql_event);
-    u64 flags = BPF_RB_NO_WAKEUP;
-    u64 *sc = sql_submitted.lookup(&z);
-    if (sc && (++*sc % WAKEUP_EVERY) == 0)
-        flags = BPF_RB_FORCE_WAKEUP;
-    if (sql_events.ringbuf_output(e, size, flags) != 0) {
-        u64 *lc = sql_lost.lookup(&z);
-        if (lc)
-            __sync_fetch_and_add(lc, 1);
-    }
+    if (events.ringbuf_output(e, size, wakeup_flags(submitted.lookup(&z))) != 0)
+        count_lost(lost.lookup(&z));
     sql_inflight.delete(&k);
 }
 

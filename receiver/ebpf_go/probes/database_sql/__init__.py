@@ -1,8 +1,8 @@
 """database/sql client spans: one CLIENT span per query or exec, whatever the driver.
 
-BPF side: bpf/database_sql.c. This module says which symbols to probe and why, which constants
-the C needs (`cflags`), attaches the probes (`attach`), and turns ring-buffer records into spans
-(`decode`, `DriverResolver`, `to_span`).
+BPF side: database_sql.c beside this file. `PROBE` declares the hooks, offsets and record
+(probes/spec.py); this module turns ring-buffer records into spans (`decode`, `DriverResolver`,
+`to_span`).
 
 Hooked functions (every path an application uses goes through exactly one of them per statement):
 - `database/sql.(*DB).queryDC`: DB.Query/QueryContext/QueryRow*, Tx.Query*/QueryRow*, Conn.Query*.
@@ -34,10 +34,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from collector.spans import KIND_CLIENT, STATUS_ERROR, AttrValue, Span
 
-from .. import sqlparse
-from ..gobinary import GoBinary
+from ... import sqlparse
+from ...gobinary import GoBinary
+from ..spec import HEADER, Build, Field, Hook, Offset, Probe, Record, include_flags
 
-BPF_SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "database_sql.c"
+BPF_SOURCE = Path(__file__).resolve().with_name("database_sql.c")
 EVENT_KIND_DATABASE_SQL = 3
 SCOPE_NAME = "database/sql"
 
@@ -51,11 +52,11 @@ FUNCTIONS: list[tuple[str, str, str]] = [
 SYMBOLS = [f for f, _, _ in FUNCTIONS]
 
 # (constant, struct, field, fallback offset: the same in every Go version 1.17-1.27)
-OFFSETS: list[tuple[str, str, str, int]] = [
-    ("DB_CONNECTOR_POS", "database/sql.DB", "connector", 8),
-    ("STMT_DB_POS", "database/sql.Stmt", "db", 0),
-    ("STMT_QUERY_POS", "database/sql.Stmt", "query", 8),
-]
+OFFSETS = (
+    Offset("DB_CONNECTOR_POS", "database/sql.DB", "connector", 8),
+    Offset("STMT_DB_POS", "database/sql.Stmt", "db", 0),
+    Offset("STMT_QUERY_POS", "database/sql.Stmt", "query", 8),
+)
 # Fields read from process memory (not BPF) once per connection pool, to find the data source name.
 DSN_CONNECTOR = "database/sql.dsnConnector"  # what sql.Open builds for drivers without OpenConnector
 DSN_FIELDS = {
@@ -84,10 +85,6 @@ DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "microsoft.sql_server": 1433
                  "clickhouse": 9000}
 
 
-class ProbeUnavailable(RuntimeError):
-    """This binary lacks something the database/sql probe needs (message says what)."""
-
-
 @dataclass(frozen=True)
 class Options:
     """The receiver's per-instrumentation options for database/sql."""
@@ -105,17 +102,62 @@ class Options:
         return n
 
 
+# ---- events: struct sql_event in database_sql.c (header, error, struct sql_call, then the text),
+# checked field by field at compile time; the text is sent cut to its captured length.
+
+RECORD = Record("sql_event", (
+    *HEADER, Field("err_tab", "Q"), Field("err_data", "Q"), Field("c.start_ns", "Q"),
+    Field("c.tc.trace_id", "16s"), Field("c.tc.span_id", "8s"), Field("c.tc.parent_span_id", "8s"),
+    Field("c.tc.flags", "B"), Field("c.tc.remote_parent", "B"), Field(None, "6x"), Field("c.db", "Q"),
+    Field("c.connector_tab", "Q"), Field("c.connector_data", "Q"), Field("c.pad0", "Q"), Field("c.query_ptr", "Q"),
+    Field("c.query_len", "I"), Field("c.captured", "H"), Field("c.fn", "B"), Field("c.parent_source", "B")),
+    tail="c.query")
+assert RECORD.size == 144, RECORD.size
+
+
+class DatabaseSql(Probe):
+    name, title, scope, source = "database_sql", "database/sql", SCOPE_NAME, BPF_SOURCE
+    hooks = tuple(Hook(sym, entry, ret) for sym, entry, ret in FUNCTIONS)
+    offsets = OFFSETS
+    record = RECORD
+    context = "reads"
+    decode_in_place = False   # variable length: decode() cuts the text
+
+    def constants(self, gb: GoBinary, build: Build) -> list[str]:
+        return [f"-DQUERY_MAX={self.options(build).query_max}"]
+
+    def options_from(self, receiver_config: Any) -> Options:
+        c = receiver_config
+        return Options(c.include_db_statement, c.sanitize_db_statement, c.db_statement_max_length)
+
+    @staticmethod
+    def options(build: Build) -> Options:
+        opts = build.options.get("database_sql")
+        return opts if isinstance(opts, Options) else Options()
+
+    def binary_state(self, gb: GoBinary, build: Build) -> Any:
+        return {}  # pid -> DriverResolver, made on first use
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              build: Build) -> list[tuple[int, Span]]:
+        options = self.options(build)
+        out = []
+        for raw in records:
+            ev = decode(raw)
+            resolver = state.get(ev.tgid)
+            if resolver is None:
+                resolver = state[ev.tgid] = DriverResolver(gb, ev.tgid)
+            out.append((ev.tgid, to_span(ev, resolver, options, mono_to_unix)))
+        return out
+
+
+PROBE = DatabaseSql()
+
+
 def cflags(binary: GoBinary, options: Options, *, pin_dir: str, max_inflight: int = 4096,
-           ringbuf_pages: int = 64, wakeup_every: int = 32, ctx_walk_max: int = 16) -> list[str]:
-    """The -D constants of bpf/database_sql.c for this binary."""
-    flags = []
-    for const, st, field, fallback in OFFSETS:
-        off = binary.struct_offset(st, field)
-        flags.append(f"-D{const}={off.value if off is not None else fallback}")
-    flags += [f"-DQUERY_MAX={options.query_max}", f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}",
-              f"-DRINGBUF_PAGES={ringbuf_pages}", f"-DWAKEUP_EVERY={wakeup_every}",
-              f"-DCTX_WALK_MAX={ctx_walk_max}"]
-    return flags
+           ringbuf_pages: int = 64) -> list[str]:
+    """The -D constants of database_sql.c for this binary (tests and benchmarks compile it themselves)."""
+    return include_flags(PROBE) + PROBE.cflags(binary, Build(pin_dir, max_inflight, ringbuf_pages, options={"database_sql": options}))
 
 
 def present(binary: GoBinary) -> list[str]:
@@ -123,28 +165,9 @@ def present(binary: GoBinary) -> list[str]:
     return [s for s in SYMBOLS if binary.function(s) is not None]
 
 
-def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[str]:
-    """Attach entry and RET probes of every hooked function present; a description of each."""
-    done = []
-    if not present(binary):
-        raise ProbeUnavailable("database/sql not in the binary")
-    for sym, entry_fn, ret_fn in FUNCTIONS:
-        if binary.function(sym) is None:
-            continue
-        ep = binary.entry_probe(sym)
-        bpf.attach_uprobe(name=path, addr=ep.addr, fn_name=entry_fn.encode(), pid=pid)
-        rets = binary.return_sites(sym)
-        for addr in rets:
-            bpf.attach_uprobe(name=path, addr=addr, fn_name=ret_fn.encode(), pid=pid)
-        done.append(f"{sym} entry at {ep.addr:#x} ({ep.kind}), {len(rets)} RET sites")
-    return done
-
-
-# ---- events
-
-HEADER = struct.Struct("<IIQQQQQ")  # kind, tgid, start, end, goroutine, err_tab, err_data
-CALL = struct.Struct("<Q16s8s8sBB6xQQQQQIHBB")  # struct sql_call without query[]
-assert HEADER.size == 48 and CALL.size == 96, (HEADER.size, CALL.size)
+def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1) -> list[tuple[int, str]]:
+    """Attach entry and RET probes of every hooked function present; [(address, BPF function)]."""
+    return PROBE.attach(bpf, binary, path, pid, Build("", 0, 0))
 
 
 @dataclass
@@ -172,10 +195,9 @@ class SqlEvent:
 
 
 def decode(data: bytes | memoryview) -> SqlEvent:
-    _kind, tgid, _start, end, g, err_tab, _err_data = HEADER.unpack_from(data)
-    (start, trace_id, span_id, parent, flags, _remote, db, ctab, cdata, _pad, _qptr, qlen, captured, fn,
-     psrc) = CALL.unpack_from(data, HEADER.size)
-    off = HEADER.size + CALL.size
+    (_kind, tgid, _start, end, g, err_tab, _err_data, start, trace_id, span_id, parent, flags, _remote, db, ctab,
+     cdata, _pad, _qptr, qlen, captured, fn, psrc) = RECORD.layout.unpack_from(data)
+    off = RECORD.size
     text = bytes(data[off:off + captured]).decode(errors="replace")
     return SqlEvent(tgid, start, end, g, err_tab, trace_id, span_id, parent, flags, db, ctab, cdata, qlen, fn,
                     bool(psrc), text)

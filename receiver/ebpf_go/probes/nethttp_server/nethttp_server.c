@@ -25,15 +25,13 @@
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   CTX_SPANS     1: fill ctx_spans (the binary has a client or database/sql probe that reads it), 0: not
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
- * Benchmark switches (benchmarks/server_probe_ab.py; never set by the receiver): AB_EMPTY (both
- * programs return at once), AB_NO_HEADERS, AB_NO_CTX_SPANS, AB_NO_STRINGS, AB_NO_RINGBUF, AB_FIELD_READS
- * (one user-memory read per Request field instead of one block), AB_HASH (inflight a plain hash),
- * AB_NO_MORESTACK_LOOKUP, AB_NO_ENTRY_READ (no Request read at entry: no header walk, no ctx_spans),
- * AB_NO_IDS (no span ids drawn), AB_PRANDOM_IDS (ids from bpf_get_prandom_u32, as before),
- * AB_SPLIT_LINE (method and path always read apart), AB_ELEM_READ (a found header's []string read
- * again from the process, not taken from the group/bucket copy).
+ * Benchmarks that measure pieces of this program compile their variants from the source as of a
+ * revision that still had switches for them (benchmarks/server_probe_ab.py --ab-rev): this file
+ * carries no benchmark switch.
  */
 #include "go_types.h"
+#include "record.h"
+#include "ctx_spans.h"
 
 #define METHOD_MAX 16
 #define PATH_MAX_ 128
@@ -74,7 +72,7 @@ struct server_call {
     struct header_scan hs;
 };
 
-/* The ring-buffer record; events.py HTTP_SERVER_EVENT mirrors it field for field. */
+/* The ring-buffer record, as declared in probes/nethttp_server RECORD (checked by RECORD_ASSERTS). */
 struct http_server_event {
     struct event_header h;   /*   0 */
     struct trace_ctx tc;     /*  32 */
@@ -98,23 +96,13 @@ struct http_server_event {
     char pattern[PATTERN_MAX]; /* 432 */
     char user_agent[UA_MAX]; /* 560, size 688 */
 };
+RECORD_ASSERTS;
 
 /* inflight: goroutine_key -> server_call; written at entry, read and deleted at the end (RET or
  * end point). LRU: a handler that panics never reaches the end, its entry ages out. */
-#ifdef AB_HASH
-BPF_TABLE("hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
-#else
 BPF_TABLE("lru_hash", struct goroutine_key, struct server_call, inflight, MAX_INFLIGHT);
-#endif
-/* ctx_spans: {context data pointer, tgid} -> trace_ctx of the server span; written here at
- * ServeHTTP entry, deleted at RET; read by the client probes (nethttp_client.c, database_sql.c),
- * which walk a derived context up to the request's. Pinned under PIN_DIR: shared across programs. */
-struct ctx_key {
-    u64 ptr;
-    u32 tgid;
-    u32 pad;
-};
-BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, 16384, PIN_DIR "/ctx_spans");
+/* ctx_spans (ctx_spans.h): written here at ServeHTTP entry with the request context's data word,
+ * deleted at the end; read by the client and database/sql probes. */
 /* walk_buf: one map group or bucket per CPU, read from the process in one go (a user-memory read
  * per slot costs more than one read of the whole group). */
 struct walk_buf {
@@ -125,7 +113,7 @@ BPF_PERCPU_ARRAY(walk_buf, struct walk_buf, 1);
 BPF_PERCPU_ARRAY(id_rng, u64, 1);
 /* req_block: the first REQ_BLOCK_LEN bytes of the *http.Request, per CPU, read in one go at the end
  * (one user-memory read instead of one per field: each costs ~0.1 us on the test VMs). */
-#if !defined(REQ_BLOCK_LEN) || defined(AB_FIELD_READS)
+#if !defined(REQ_BLOCK_LEN)
 #undef REQ_BLOCK_LEN
 #define REQ_BLOCK_LEN 0
 #endif
@@ -138,20 +126,10 @@ BPF_PERCPU_ARRAY(req_block, struct req_block, 1);
 #define REQ_STR(rb, pos) (*(struct go_string *)((rb)->b + (pos)))
 /* scratch: one server_call per CPU, built there because it does not fit the 512-byte stack. */
 BPF_PERCPU_ARRAY(scratch, struct server_call, 1);
-/* events: finished requests (struct http_server_event) -> user space (events.py). */
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-/* lost[0]: records dropped because the ring buffer was full; read by receiver.py. */
-BPF_ARRAY(lost, u64, 1);
-/* submitted[cpu]: records submitted on this CPU; every WAKEUP_EVERY-th wakes the reader, which
- * otherwise drains on its own timer (no wake-up cost on the traced thread for most requests). */
-BPF_PERCPU_ARRAY(submitted, u64, 1);
+/* events, lost, submitted (record.h): finished requests (struct http_server_event) -> user space. */
 
 #ifndef CTX_SPANS
 #define CTX_SPANS 1
-#endif
-#if defined(AB_NO_CTX_SPANS)
-#undef CTX_SPANS
-#define CTX_SPANS 0
 #endif
 
 /* ---- incoming headers: find "Traceparent" and "User-Agent" (canonical keys). */
@@ -165,8 +143,8 @@ BPF_PERCPU_ARRAY(submitted, u64, 1);
 #define KEY_USER_AGENT_HI 0x746eULL                 /* "nt" */
 
 /* One map slot whose key header and value ([]string header) were read with its group/bucket:
- * `key`, and the value at `elem` in that copy (or, with AB_ELEM_READ, at user address elem_addr). */
-static __always_inline void scan_slot(struct go_string key, const u8 *elem, u64 elem_addr, struct server_call *c) {
+ * `key`, and the value at `elem` in that copy. */
+static __always_inline void scan_slot(struct go_string key, const u8 *elem, struct server_call *c) {
     if (key.len != 11 && key.len != 10)
         return;
     u64 k[2] = {};
@@ -176,13 +154,7 @@ static __always_inline void scan_slot(struct go_string key, const u8 *elem, u64 
     int is_ua = key.len == 10 && k[0] == KEY_USER_AGENT_LO && k[1] == KEY_USER_AGENT_HI;
     if (!is_tp && !is_ua)
         return;
-#ifdef AB_ELEM_READ
-    struct go_slice vals = {};
-    if (bpf_probe_read_user(&vals, sizeof(vals), (void *)elem_addr) != 0)
-        return;
-#else
     struct go_slice vals = *(const struct go_slice *)elem;
-#endif
     if (vals.len < 1 || vals.ptr == 0)
         return;
     if (is_tp && !c->hs.tp_found) {
@@ -217,7 +189,7 @@ static __always_inline void scan_group(u64 group, struct server_call *c) {
         if ((ctrl >> (8 * i)) & 0x80)   /* empty or deleted */
             continue;
         struct go_string key = *(struct go_string *)(wb->b + 8 + i * 40);
-        scan_slot(key, wb->b + 8 + i * 40 + 16, group + 8 + i * 40 + 16, c);
+        scan_slot(key, wb->b + 8 + i * 40 + 16, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
@@ -273,7 +245,7 @@ static __always_inline void scan_bucket(u64 b, struct server_call *c) {
         if (wb->b[i] < 5)        /* tophash: empty or evacuated */
             continue;
         struct go_string key = *(struct go_string *)(wb->b + 8 + i * 16);
-        scan_slot(key, wb->b + 8 + 8 * 16 + i * 24, b + 8 + 8 * 16 + i * 24, c);
+        scan_slot(key, wb->b + 8 + 8 * 16 + i * 24, c);
         if (c->hs.tp_found && c->hs.ua_found)
             return;
     }
@@ -357,17 +329,12 @@ static __always_inline int parse_traceparent(struct header_scan *st, struct trac
 /* ---- probes */
 
 int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
-#ifdef AB_EMPTY
-    return 0;
-#endif
     u64 now = bpf_ktime_get_ns();
     struct goroutine_key k = goroutine_key(ctx);
     u64 req = GO_PARAM4(ctx);
-#ifndef AB_NO_MORESTACK_LOOKUP
     struct server_call *old = inflight.lookup(&k);
     if (old && old->req == req)
         return 0;                /* morestack re-ran the prologue: same call */
-#endif
     u32 z = 0;
     struct server_call *c = scratch.lookup(&z);
     if (!c)
@@ -379,8 +346,7 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
 
     u64 hdr = 0;
     struct go_iface rctx = {};
-#ifdef AB_NO_ENTRY_READ
-#elif REQ_ENTRY_LEN > 0 && REQ_ENTRY_LEN <= REQ_BLOCK_MAX && !defined(AB_FIELD_READS)
+#if REQ_ENTRY_LEN > 0 && REQ_ENTRY_LEN <= REQ_BLOCK_MAX
     {   /* Request.Header and Request.ctx in one read */
         struct req_block *rb = req_block.lookup(&z);
         if (!rb)
@@ -394,19 +360,15 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
     bpf_probe_read_user(&hdr, sizeof(hdr), (void *)(req + REQ_HEADER_POS));
     bpf_probe_read_user(&rctx, sizeof(rctx), (void *)(req + REQ_CTX_POS));
 #endif
-#ifndef AB_NO_HEADERS
     if (hdr != 0)
         scan_headers(hdr, c);
-#endif
     int keep = 0;
     if (parse_traceparent(&c->hs, &c->tc) == 0) {
         keep = 1;
     } else {
         __builtin_memset(&c->tc, 0, sizeof(c->tc));
     }
-#ifndef AB_NO_IDS
     new_span_ids(id_rng.lookup(&z), &c->tc, keep);
-#endif
 #if CTX_SPANS
     c->ctx_data = rctx.data;
 #endif
@@ -433,7 +395,6 @@ static __always_inline void read_method_path(struct http_server_event *e, struct
     if (p.len > PATH_MAX_)
         p.len = PATH_MAX_;
     u64 gap = p.ptr - m.ptr;   /* the path's distance from the method's first byte */
-#ifndef AB_SPLIT_LINE
     if (m.ptr != 0 && p.ptr > m.ptr && m.len > 0 && p.len > 0 && gap >= (u64)m.len && gap < METHOD_MAX) {
         u64 len = gap + p.len;
         u64 off = METHOD_MAX - gap;
@@ -445,7 +406,6 @@ static __always_inline void read_method_path(struct http_server_event *e, struct
             return;
         }
     }
-#endif
     READ_GO_STRING_DATA(e->method, METHOD_MAX, m, n);
     e->method_len = n;
     READ_GO_STRING_DATA(e->path, PATH_MAX_, p, n);
@@ -455,16 +415,10 @@ static __always_inline void read_method_path(struct http_server_event *e, struct
 /* The call `c` of goroutine `k` has ended at `now`: emit its record and forget it. */
 static __always_inline int finish_call(struct goroutine_key *kp, struct server_call *c, u64 now) {
     struct goroutine_key k = *kp;
-#ifdef AB_NO_RINGBUF
-    inflight.delete(&k);
-    return 0;
-#endif
     struct http_server_event *e = events.ringbuf_reserve(sizeof(struct http_server_event));
     if (!e) {
         u32 z = 0;
-        u64 *lc = lost.lookup(&z);
-        if (lc)
-            __sync_fetch_and_add(lc, 1);
+        count_lost(lost.lookup(&z));
         inflight.delete(&k);
         return 0;
     }
@@ -481,7 +435,6 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
         __builtin_memcpy(e->user_agent, c->user_agent, UA_MAX);
 
     e->status = 0;
-#ifndef AB_NO_STRINGS
 #if REQ_BLOCK_LEN > 0 && REQ_BLOCK_LEN <= REQ_BLOCK_MAX
     u32 zb = 0;
     struct req_block *rb = req_block.lookup(&zb);
@@ -557,14 +510,9 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
 #endif
 #endif
     e->pattern_len = n;
-#endif
 
-    u64 flags = BPF_RB_NO_WAKEUP;
     u32 z = 0;
-    u64 *sc = submitted.lookup(&z);
-    if (sc && (++*sc % WAKEUP_EVERY) == 0)
-        flags = BPF_RB_FORCE_WAKEUP;
-    events.ringbuf_submit(e, flags);
+    events.ringbuf_submit(e, wakeup_flags(submitted.lookup(&z)));
     if (c->ctx_data != 0) {
         struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
         ctx_spans.delete(&ck);
@@ -586,25 +534,16 @@ static __always_inline int end_call(struct pt_regs *ctx, int check_resp) {
 
 /* Every RET of ServeHTTP (single-stepped: the fallback). */
 int uprobe_server_ServeHTTP_return(struct pt_regs *ctx) {
-#ifdef AB_EMPTY
-    return 0;
-#endif
     return end_call(ctx, 0);
 }
 
 /* HTTP/1.x end point in (*conn).serve, right after ServeHTTP returned on this goroutine. */
 int uprobe_server_end_h1(struct pt_regs *ctx) {
-#ifdef AB_EMPTY
-    return 0;
-#endif
     return end_call(ctx, 0);
 }
 
 /* HTTP/2 end point: entry of (*responseWriter).handlerDone(rw) on the handler goroutine; not the
  * ResponseWriter of the call on this goroutine: not ours. */
 int uprobe_server_end_h2(struct pt_regs *ctx) {
-#ifdef AB_EMPTY
-    return 0;
-#endif
     return end_call(ctx, 1);
 }

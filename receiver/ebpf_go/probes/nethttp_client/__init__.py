@@ -1,8 +1,8 @@
 """net/http client spans (`(*Transport).roundTrip`) and the trace context handed to sk_msg.
 
-BPF side: bpf/nethttp_client.c. This module says which symbols to probe, which constants the C
-needs (`cflags`), attaches the probes (`attach`), and turns ring-buffer records into spans
-(`decode`, `to_span`). Span shape (OpenTelemetry HTTP client semantic conventions): name
+BPF side: nethttp_client.c beside this file. `PROBE` declares the hooks, offsets and record
+(probes/spec.py); this module adds its own constants (itabs, the propagation mode) and turns
+ring-buffer records into spans (`decode`, `to_span`). Span shape (OpenTelemetry HTTP client semantic conventions): name
 `{method}`, kind CLIENT, `http.request.method`, `url.full` (user info replaced by `REDACTED`),
 `server.address`, `server.port`, `http.response.status_code`, `network.protocol.version`,
 `network.local.address`/`network.local.port` and `network.peer.address`/`network.peer.port` of
@@ -10,7 +10,7 @@ the TCP connection (read from Go memory at `(*Request).write`), status Error on 
 transport errors (`error.type`).
 
 With `probe_write=True` (propagation mode probe_write, decided by propagation.choose) the program
-also contains the writer of bpf/traceparent_probe_write.h and `attach` hooks
+also contains the writer of traceparent_probe_write.h (beside this file) and `attach` hooks
 `net/http.Header.writeSubset`; otherwise neither is there: a program calling
 bpf_probe_write_user does not load at all on a locked-down kernel.
 """
@@ -18,106 +18,159 @@ bpf_probe_write_user does not load at all on a locked-down kernel.
 from __future__ import annotations
 
 import ipaddress
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collector.spans import KIND_CLIENT, STATUS_ERROR, Span
 
-from ..gobinary import GoBinary
+from ...gobinary import GoBinary
+from ...gobinary.gomaps import header_map_flags
+from ..spec import (
+    HEADER,
+    TRACE_CTX,
+    Build,
+    Field,
+    Hook,
+    Offset,
+    Probe,
+    ProbeUnavailable,
+    Record,
+    include_flags,
+    offset_flags,
+)
 
-BPF_SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "nethttp_client.c"
+BPF_SOURCE = Path(__file__).resolve().with_name("nethttp_client.c")
 ROUND_TRIP = "net/http.(*Transport).roundTrip"
 REQUEST_WRITE = "net/http.(*Request).write"
 WRITE_SUBSET = "net/http.Header.writeSubset"
 EVENT_KIND_HTTP_CLIENT = 2
 
 # (constant, struct, field, fallback offset used when neither DWARF nor the table knows it)
-OFFSETS: list[tuple[str, str, str, int | None]] = [
-    ("REQ_METHOD_POS", "net/http.Request", "Method", 0),
-    ("REQ_URL_POS", "net/http.Request", "URL", 16),
-    ("REQ_HEADER_POS", "net/http.Request", "Header", 56),
-    ("REQ_CTX_POS", "net/http.Request", "ctx", None),
-    ("URL_SCHEME_POS", "net/url.URL", "Scheme", 0),
-    ("URL_USER_POS", "net/url.URL", "User", 32),
-    ("URL_HOST_POS", "net/url.URL", "Host", 40),
-    ("URL_PATH_POS", "net/url.URL", "Path", 56),
-    ("URL_RAWQUERY_POS", "net/url.URL", "RawQuery", None),
-    ("USERINFO_PASSWORDSET_POS", "net/url.Userinfo", "passwordSet", 32),
-    ("RESP_STATUS_POS", "net/http.Response", "StatusCode", 16),
-    ("RESP_PROTO_MAJOR_POS", "net/http.Response", "ProtoMajor", 40),
-    ("RESP_PROTO_MINOR_POS", "net/http.Response", "ProtoMinor", 48),
-    ("BUFIO_WR_POS", "bufio.Writer", "wr", 48),
-    ("PCONN_CONN_POS", "net/http.persistConn", "conn", None),
-    ("CONN_FD_POS", "net.conn", "fd", 0),
-    ("NETFD_LADDR_POS", "net.netFD", "laddr", None),
-    ("NETFD_RADDR_POS", "net.netFD", "raddr", None),
-    ("TCPADDR_IP_POS", "net.TCPAddr", "IP", 0),
-    ("TCPADDR_PORT_POS", "net.TCPAddr", "Port", 24),
-    ("TLSCONN_CONN_POS", "crypto/tls.Conn", "conn", 0),
-]
+OFFSETS = (
+    Offset("REQ_METHOD_POS", "net/http.Request", "Method", 0),
+    Offset("REQ_URL_POS", "net/http.Request", "URL", 16),
+    Offset("REQ_HEADER_POS", "net/http.Request", "Header", 56),
+    Offset("REQ_CTX_POS", "net/http.Request", "ctx", None),
+    Offset("URL_SCHEME_POS", "net/url.URL", "Scheme", 0),
+    Offset("URL_USER_POS", "net/url.URL", "User", 32),
+    Offset("URL_HOST_POS", "net/url.URL", "Host", 40),
+    Offset("URL_PATH_POS", "net/url.URL", "Path", 56),
+    Offset("URL_RAWQUERY_POS", "net/url.URL", "RawQuery", None),
+    Offset("USERINFO_PASSWORDSET_POS", "net/url.Userinfo", "passwordSet", 32),
+    Offset("RESP_STATUS_POS", "net/http.Response", "StatusCode", 16),
+    Offset("RESP_PROTO_MAJOR_POS", "net/http.Response", "ProtoMajor", 40),
+    Offset("RESP_PROTO_MINOR_POS", "net/http.Response", "ProtoMinor", 48),
+    Offset("BUFIO_WR_POS", "bufio.Writer", "wr", 48),
+    Offset("PCONN_CONN_POS", "net/http.persistConn", "conn", None),
+    Offset("CONN_FD_POS", "net.conn", "fd", 0),
+    Offset("NETFD_LADDR_POS", "net.netFD", "laddr", None),
+    Offset("NETFD_RADDR_POS", "net.netFD", "raddr", None),
+    Offset("TCPADDR_IP_POS", "net.TCPAddr", "IP", 0),
+    Offset("TCPADDR_PORT_POS", "net.TCPAddr", "Port", 24),
+    Offset("TLSCONN_CONN_POS", "crypto/tls.Conn", "conn", 0),
+)
 ITABS = {
     "ITAB_TCPCONN": "go:itab.*net.TCPConn,net.Conn",
     "ITAB_TLSCONN": "go:itab.*crypto/tls.Conn,net.Conn",
     "ITAB_PCONNWRITER": "go:itab.net/http.persistConnWriter,io.Writer",
 }
 # The writer's (probe_write only): the bufio.Writer it appends to, and how it checks the Header map.
-WRITER_OFFSETS: list[tuple[str, str, str, int | None]] = [
-    ("BUFIO_ERR_POS", "bufio.Writer", "err", 0),
-    ("BUFIO_BUF_POS", "bufio.Writer", "buf", 16),
-    ("BUFIO_N_POS", "bufio.Writer", "n", 40),
-]
+WRITER_OFFSETS = (
+    Offset("BUFIO_ERR_POS", "bufio.Writer", "err", 0),
+    Offset("BUFIO_BUF_POS", "bufio.Writer", "buf", 16),
+    Offset("BUFIO_N_POS", "bufio.Writer", "n", 40),
+)
 WRITER_ITABS = {"ITAB_BUFIOWRITER": "go:itab.*bufio.Writer,io.Writer"}
 
+# ---- events: struct http_client_event in nethttp_client.c, checked field by field at compile time.
 
-class ProbeUnavailable(RuntimeError):
-    """This binary lacks something the client probe needs (message says what)."""
+RECORD = Record("http_client_event", (
+    *HEADER, *TRACE_CTX, Field("status", "Q"), Field("err_itab", "Q"), Field("method_len", "H"),
+    Field("scheme_len", "H"), Field("host_len", "H"), Field("path_len", "H"), Field("query_len", "H"),
+    Field("lport", "H"), Field("rport", "H"), Field("proto_major", "B"), Field("proto_minor", "B"),
+    Field("user", "B"), Field("prop_outcome", "B"), Field("same_thread", "B"), Field("write_seen", "B"),
+    Field("laddr_len", "B"), Field("raddr_len", "B"), Field(None, "2x"), Field("laddr", "16s"), Field("raddr", "16s"),
+    Field("method", "16s"), Field("scheme", "8s"), Field("host", "128s"), Field("path", "128s"),
+    Field("query", "128s")))
+EVENT = RECORD.layout
+assert EVENT.size == 552, EVENT.size
+
+
+class NetHttpClient(Probe):
+    name, title, scope, source = "net_http_client", "net/http client", "net/http/client", BPF_SOURCE
+    hooks = (
+        Hook(ROUND_TRIP, "uprobe_client_roundTrip", "uprobe_client_roundTrip_return", required=True),
+        Hook(REQUEST_WRITE, "uprobe_client_Request_write"),                      # addresses, sk_msg handoff
+        Hook(WRITE_SUBSET, "uprobe_client_writeSubset", when="probe_write"),     # the traceparent writer
+    )
+    offsets = OFFSETS
+    record = RECORD
+    context = "reads"
+    uses_propagation = True
+    decode_in_place = False
+
+    def constants(self, gb: GoBinary, build: Build) -> list[str]:
+        if build.skmsg and build.probe_write:
+            raise ValueError("skmsg and probe_write are two propagation modes: one at a time")
+        itabs = _itab_addresses(gb)
+        flags = [f"-D{const}={itabs.get(sym, 0)}ULL" for const, sym in ITABS.items()]
+        flags.append(f"-DSKMSG={1 if build.skmsg else 0}")
+        if build.probe_write:
+            flags += writer_cflags(gb, itabs)
+        return flags
+
+    def binary_state(self, gb: GoBinary, build: Build) -> ClientState:
+        return ClientState(error_types(gb))
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              build: Build) -> list[tuple[int, Span]]:
+        out = []
+        injected = state.injected
+        injected.clear()
+        outcomes = state.outcomes
+        outcomes.clear()
+        errs = state.error_types
+        for raw in records:
+            ev = decode(raw)
+            if ev.propagation == "injected":
+                injected.add(ev.span_id)
+            if build.probe_write:
+                outcomes[ev.propagation] = outcomes.get(ev.propagation, 0) + 1
+            out.append((ev.tgid, to_span(ev, mono_to_unix, errs.get(ev.err_itab, ""))))
+        return out
+
+
+@dataclass
+class ClientState:
+    """Per binary: `error.type` names by itab; for the last `spans()` call only: span ids whose
+    `traceparent` was inserted (the receiver lets those pass the stitcher without waiting) and, in
+    probe_write mode, the writer's outcomes by name (sk_msg counts its own in a BPF array)."""
+
+    error_types: dict[int, str]
+    injected: set[bytes] = field(default_factory=set)
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+PROBE = NetHttpClient()
 
 
 def cflags(binary: GoBinary, *, skmsg: bool, pin_dir: str, max_inflight: int = 4096, ringbuf_pages: int = 64,
-           wakeup_every: int = 32, ctx_walk_max: int = 16, probe_write: bool = False) -> list[str]:
-    """The -D constants of bpf/nethttp_client.c for this binary. `probe_write` compiles the writer
-    in (mode probe_write; never together with `skmsg`)."""
-    if skmsg and probe_write:
-        raise ValueError("skmsg and probe_write are two propagation modes: one at a time")
-    flags = [f"-D{const}={value}" for const, value in _offsets(binary, OFFSETS)]
-    itabs = _itab_addresses(binary)
-    for const, sym in ITABS.items():
-        flags.append(f"-D{const}={itabs.get(sym, 0)}ULL")
-    flags += [f"-DSKMSG={1 if skmsg else 0}", f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}",
-              f"-DRINGBUF_PAGES={ringbuf_pages}", f"-DWAKEUP_EVERY={wakeup_every}",
-              f"-DCTX_WALK_MAX={ctx_walk_max}"]
-    if probe_write:
-        flags += writer_cflags(binary, itabs)
-    return flags
+           probe_write: bool = False) -> list[str]:
+    """The -D constants of nethttp_client.c for this binary (tests and benchmarks compile it
+    themselves). `probe_write` compiles the writer in (mode probe_write; never together with `skmsg`)."""
+    return include_flags(PROBE) + PROBE.cflags(binary, Build(pin_dir, max_inflight, ringbuf_pages, skmsg=skmsg, probe_write=probe_write))
 
 
 def writer_cflags(binary: GoBinary, itabs: dict[str, int] | None = None) -> list[str]:
-    """The writer's constants (bpf/traceparent_probe_write.h), PROBE_WRITE=1 included."""
-    from .nethttp_server import CLASSIC, SWISS, swiss_maps
-
+    """The writer's constants (traceparent_probe_write.h), PROBE_WRITE=1 included."""
     for fn in (REQUEST_WRITE, WRITE_SUBSET):
         if binary.function(fn) is None:
             raise ProbeUnavailable(f"{fn} not in the binary: the traceparent writer cannot run")
     itabs = _itab_addresses(binary) if itabs is None else itabs
-    flags = ["-DPROBE_WRITE=1", *(f"-D{c}={v}" for c, v in _offsets(binary, WRITER_OFFSETS))]
+    flags = ["-DPROBE_WRITE=1", *(f"-D{c}={v}" for c, v in offset_flags(binary, WRITER_OFFSETS).items())]
     flags += [f"-D{c}={itabs.get(sym, 0)}ULL" for c, sym in WRITER_ITABS.items()]
-    swiss = swiss_maps(binary)
-    flags.append(f"-DSWISS_MAPS={1 if swiss else 0}")
-    flags += [f"-D{c}={v}" for c, v in (SWISS if swiss else CLASSIC).items()]
-    return flags
-
-
-def _offsets(binary: GoBinary, table: list[tuple[str, str, str, int | None]]) -> list[tuple[str, int]]:
-    out = []
-    for const, st, field, fallback in table:
-        off = binary.struct_offset(st, field)
-        value = off.value if off is not None else fallback
-        if value is None:
-            raise ProbeUnavailable(f"no offset for {st}.{field} (no DWARF and not in the offsets table)")
-        out.append((const, value))
-    return out
+    return flags + header_map_flags(binary)
 
 
 def _itab_addresses(binary: GoBinary) -> dict[str, int]:
@@ -129,36 +182,11 @@ def _itab_addresses(binary: GoBinary) -> dict[str, int]:
     return {s.name: s.value for s in syms if s.name in wanted}
 
 
-def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, probe_write: bool = False) -> list[str]:
+def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, probe_write: bool = False) -> list[tuple[int, str]]:
     """Attach the probes (with `probe_write`, the writer's too: the program must have been compiled
-    with `cflags(..., probe_write=True)`); returns a description of each attached probe."""
-    done = []
-    if binary.function(ROUND_TRIP) is None:
-        raise ProbeUnavailable(f"{ROUND_TRIP} not in the binary")
-    ep = binary.entry_probe(ROUND_TRIP)
-    bpf.attach_uprobe(name=path, addr=ep.addr, fn_name=b"uprobe_client_roundTrip", pid=pid)
-    done.append(f"{ROUND_TRIP} entry at {ep.addr:#x} ({ep.kind})")
-    rets = binary.return_sites(ROUND_TRIP)
-    for addr in rets:
-        bpf.attach_uprobe(name=path, addr=addr, fn_name=b"uprobe_client_roundTrip_return", pid=pid)
-    done.append(f"{ROUND_TRIP} {len(rets)} RET sites")
-    if binary.function(REQUEST_WRITE) is not None:
-        wp = binary.entry_probe(REQUEST_WRITE)
-        bpf.attach_uprobe(name=path, addr=wp.addr, fn_name=b"uprobe_client_Request_write", pid=pid)
-        done.append(f"{REQUEST_WRITE} entry at {wp.addr:#x} ({wp.kind})")
-        if probe_write:
-            sp = binary.entry_probe(WRITE_SUBSET)
-            bpf.attach_uprobe(name=path, addr=sp.addr, fn_name=b"uprobe_client_writeSubset", pid=pid)
-            done.append(f"{WRITE_SUBSET} entry at {sp.addr:#x} ({sp.kind}): traceparent writer")
-    elif probe_write:
-        raise ProbeUnavailable(f"{REQUEST_WRITE} not in the binary: the traceparent writer cannot be armed")
-    return done
+    with `cflags(..., probe_write=True)`); [(address, BPF function)]."""
+    return PROBE.attach(bpf, binary, path, pid, Build("", 0, 0, probe_write=probe_write))
 
-
-# ---- events
-
-EVENT = struct.Struct("<IIQQQ16s8s8sBB6xQQHHHHHHHBBBBBBBB2x16s16s16s8s128s128s128s")
-assert EVENT.size == 552, EVENT.size
 
 # prop_outcome: 1-8 from the sk_msg program (skmsg_traceparent.c OUTCOME_*), 1, 4 and 9-12 from the
 # probe_write writer (traceparent_line.h PW_*); 0: neither changed nor looked at the request.

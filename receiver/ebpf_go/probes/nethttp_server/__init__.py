@@ -1,7 +1,8 @@
 """net/http server spans: one SERVER span per request handled by a Go net/http server.
 
-BPF side: bpf/nethttp_server.c. This module says which symbol to probe, which constants the C needs
-(`cflags`), attaches the probes (`attach`) and turns ring-buffer records into spans (`to_spans`).
+BPF side: nethttp_server.c beside this file. `PROBE` declares what is hooked, the offsets and the
+record (probes/spec.py); this module adds the constants of its own, the span end points
+(`end_plan`) and turns ring-buffer records into spans (`to_spans`).
 
 Hooked: `net/http.serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`, every HTTP/1.x
 and HTTP/2 request of every `http.Server` goes through it once. Entry at the jcc after the stack
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,23 @@ from typing import Any
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, make_span
 from collector.telemetry import LOG_NAME
 
-from ..gobinary import GoBinary
+from ...gobinary import GoBinary
+from ...gobinary.gomaps import header_map_flags
+from ..spec import (
+    HEADER,
+    TRACE_CTX,
+    Build,
+    Field,
+    Hook,
+    Offset,
+    Probe,
+    ProbeUnavailable,
+    Record,
+    include_flags,
+    offset_flags,
+)
 
-BPF_SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "nethttp_server.c"
+BPF_SOURCE = Path(__file__).resolve().with_name("nethttp_server.c")
 SYMBOL = "net/http.serverHandler.ServeHTTP"
 CONN_SERVE = "net/http.(*conn).serve"
 # HTTP/2 servers: bundled in net/http (Go <= 1.26), net/http/internal/http2 (Go >= 1.27),
@@ -40,19 +54,30 @@ EVENT_KIND_HTTP_SERVER = 1
 SCOPE_NAME = "net/http"
 
 # (constant, struct, field, fallback offset when neither DWARF nor the table knows it)
-OFFSETS: list[tuple[str, str, str, int | None]] = [
-    ("REQ_METHOD_POS", "net/http.Request", "Method", 0),
-    ("REQ_URL_POS", "net/http.Request", "URL", 16),
-    ("REQ_PROTO_MAJOR_POS", "net/http.Request", "ProtoMajor", 40),
-    ("REQ_PROTO_MINOR_POS", "net/http.Request", "ProtoMinor", 48),
-    ("REQ_HEADER_POS", "net/http.Request", "Header", 56),
-    ("REQ_HOST_POS", "net/http.Request", "Host", 128),
-    ("REQ_REMOTEADDR_POS", "net/http.Request", "RemoteAddr", 176),
-    ("REQ_TLS_POS", "net/http.Request", "TLS", 208),
-    ("REQ_CTX_POS", "net/http.Request", "ctx", None),
-    ("URL_PATH_POS", "net/url.URL", "Path", 56),
-    ("RESP_STATUS_POS", "net/http.response", "status", None),
-]
+OFFSETS = (
+    Offset("REQ_METHOD_POS", "net/http.Request", "Method", 0),
+    Offset("REQ_URL_POS", "net/http.Request", "URL", 16),
+    Offset("REQ_PROTO_MAJOR_POS", "net/http.Request", "ProtoMajor", 40),
+    Offset("REQ_PROTO_MINOR_POS", "net/http.Request", "ProtoMinor", 48),
+    Offset("REQ_HEADER_POS", "net/http.Request", "Header", 56),
+    Offset("REQ_HOST_POS", "net/http.Request", "Host", 128),
+    Offset("REQ_REMOTEADDR_POS", "net/http.Request", "RemoteAddr", 176),
+    Offset("REQ_TLS_POS", "net/http.Request", "TLS", 208),
+    Offset("REQ_CTX_POS", "net/http.Request", "ctx", None),
+    Offset("URL_PATH_POS", "net/url.URL", "Path", 56),
+    Offset("RESP_STATUS_POS", "net/http.response", "status", None),
+)
+# ---- events: struct http_server_event in nethttp_server.c, checked field by field at compile time.
+
+RECORD = Record("http_server_event", (
+    *HEADER, *TRACE_CTX, Field("status", "Q"), Field("method_len", "B"), Field("method_off", "B"),
+    Field("path_len", "H"), Field("remote_len", "H"), Field("host_len", "H"), Field("pattern_len", "H"),
+    Field("ua_len", "H"), Field("proto_major", "B"), Field("proto_minor", "B"), Field("tls", "B"), Field(None, "x"),
+    Field("method", "16s"), Field("path", "128s"), Field("remote", "64s"), Field("host", "128s"),
+    Field("pattern", "128s"), Field("user_agent", "128s")))
+EVENT = RECORD.layout
+assert EVENT.size == 688, EVENT.size
+
 # HTTP/2 status (rw.rws.status), optional: -1 when unknown (no status on HTTP/2 spans then).
 # One program serves every HTTP/2 server linked in (std's, golang.org/x/net/http2's): it reads the
 # status only if all of them agree on both offsets.
@@ -62,82 +87,69 @@ H2_SERVERS = {  # runHandler's package -> (responseWriter type, responseWriterSt
                                 "net/http/internal/http2.responseWriterState"),
     "golang.org/x/net/http2": ("golang.org/x/net/http2.responseWriter", "golang.org/x/net/http2.responseWriterState"),
 }
-# Swiss-map layout (internal/runtime/maps, identical in Go 1.24-1.27) and the classic hmap.
-SWISS = {"SWISS_DIRPTR_POS": 16, "SWISS_DIRLEN_POS": 24, "SWISS_TABLE_GROUPS_POS": 16, "SWISS_TABLE_MASK_POS": 24}
-# The number of entries, in both layouts (swiss Map.used, hmap.count): an empty Header is not walked.
-MAP_COUNT_POS = 0
-CLASSIC = {"HMAP_B_POS": 9, "HMAP_BUCKETS_POS": 16, "HMAP_OLDBUCKETS_POS": 24}
 
 
-class ProbeUnavailable(RuntimeError):
-    """This binary lacks something the probe needs; the message says what."""
+class NetHttpServer(Probe):
+    name, title, scope, source = "net_http_server", "net/http server", SCOPE_NAME, BPF_SOURCE
+    hooks = (Hook(SYMBOL, "uprobe_server_ServeHTTP", required=True),)   # the end: extra_points
+    offsets = OFFSETS
+    context = "writes"
+    end_mode = END_MODE   # tests and benchmarks set "ret" or "emulated" to compare
+
+    record = RECORD
+
+    def constants(self, gb: GoBinary, build: Build) -> list[str]:
+        values = offset_flags(gb, OFFSETS)
+        flags = []
+        pattern = gb.struct_offset("net/http.Request", "Pattern")
+        pat = gb.struct_offset("net/http.Request", "pat")
+        pat_str = gb.struct_offset("net/http.pattern", "str")
+        if pattern is not None:
+            flags += ["-DPATTERN_MODE=2", f"-DREQ_PATTERN_POS={pattern.value}"]
+        elif pat is not None and gb.go_version_tuple >= (1, 22, 0):
+            flags += ["-DPATTERN_MODE=1", f"-DREQ_PAT_POS={pat.value}",
+                      f"-DPATTERN_STR_POS={pat_str.value if pat_str is not None else 0}"]
+        else:
+            flags += ["-DPATTERN_MODE=0"]
+        # The Request fields read at the end (string: 16 bytes, int/pointer: 8), in one block read.
+        ends = [values[c] + 16 for c in ("REQ_METHOD_POS", "REQ_HOST_POS", "REQ_REMOTEADDR_POS")]
+        ends += [values[c] + 8 for c in ("REQ_URL_POS", "REQ_PROTO_MAJOR_POS", "REQ_PROTO_MINOR_POS", "REQ_TLS_POS")]
+        if pattern is not None:
+            ends.append(pattern.value + 16)
+        elif pat is not None:
+            ends.append(pat.value + 8)
+        flags.append(f"-DREQ_BLOCK_LEN={max(ends)}")
+        flags.append(f"-DREQ_ENTRY_LEN={max(values['REQ_HEADER_POS'] + 8, values['REQ_CTX_POS'] + 16)}")
+        for const, value in zip(("H2_RWS_POS", "H2_STATUS_POS"), h2_status_offsets(gb), strict=True):
+            flags.append(f"-D{const}={value}")
+        return flags + header_map_flags(gb)
+
+    def extra_points(self, gb: GoBinary, build: Build) -> list[tuple[int, str]]:
+        plan = end_plan(gb, self.end_mode)
+        key = (gb.path, plan.mode)
+        if key not in _PLAN_LOGGED:
+            _PLAN_LOGGED.add(key)
+            if plan.mode == "ret":
+                log.info("net/http server: %s: span end at every RET of ServeHTTP (%s)", gb.path, plan.reason)
+            else:
+                log.info("net/http server: %s: span end at emulated points (%d)", gb.path, len(plan.points))
+        return plan.points
+
+    def report(self, gb: GoBinary) -> dict[str, Any]:
+        return {"end": end_report(gb)}
+
+    def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
+              build: Build) -> list[tuple[int, Span]]:
+        return to_spans(records, mono_to_unix)
 
 
-def swiss_maps(binary: GoBinary) -> bool:
-    """Go >= 1.24 uses swiss maps unless built with GOEXPERIMENT=noswissmap."""
-    if binary.go_version_tuple < (1, 24, 0):
-        return False
-    return "noswissmap" not in binary.build.settings.get("GOEXPERIMENT", "")
+PROBE = NetHttpServer()
 
 
 def cflags(binary: GoBinary, *, pin_dir: str, max_inflight: int = 4096, ringbuf_pages: int = 64,
-           wakeup_every: int = 32) -> list[str]:
-    """The -D constants of bpf/nethttp_server.c for this binary."""
-    if binary.arch != "amd64":
-        raise ProbeUnavailable(f"only amd64 is supported (binary is {binary.arch})")
-    if binary.go_version_tuple < (1, 17, 0):
-        raise ProbeUnavailable(f"{binary.go_version} predates the register ABI (Go >= 1.17 needed)")
-    flags = []
-    values: dict[str, int] = {}
-    for const, st, field, fallback in OFFSETS:
-        off = binary.struct_offset(st, field)
-        value = off.value if off is not None else fallback
-        if value is None:
-            raise ProbeUnavailable(f"no offset for {st}.{field} (no DWARF and not in the offsets table)")
-        flags.append(f"-D{const}={value}")
-        values[const] = value
-    pattern = binary.struct_offset("net/http.Request", "Pattern")
-    pat = binary.struct_offset("net/http.Request", "pat")
-    pat_str = binary.struct_offset("net/http.pattern", "str")
-    if pattern is not None:
-        flags += ["-DPATTERN_MODE=2", f"-DREQ_PATTERN_POS={pattern.value}"]
-    elif pat is not None and binary.go_version_tuple >= (1, 22, 0):
-        flags += ["-DPATTERN_MODE=1", f"-DREQ_PAT_POS={pat.value}",
-                  f"-DPATTERN_STR_POS={pat_str.value if pat_str is not None else 0}"]
-    else:
-        flags += ["-DPATTERN_MODE=0"]
-    # The Request fields read at the end (string: 16 bytes, int/pointer: 8), in one block read.
-    ends = [values[c] + 16 for c in ("REQ_METHOD_POS", "REQ_HOST_POS", "REQ_REMOTEADDR_POS")]
-    ends += [values[c] + 8 for c in ("REQ_URL_POS", "REQ_PROTO_MAJOR_POS", "REQ_PROTO_MINOR_POS", "REQ_TLS_POS")]
-    if pattern is not None:
-        ends.append(pattern.value + 16)
-    elif pat is not None:
-        ends.append(pat.value + 8)
-    flags.append(f"-DREQ_BLOCK_LEN={max(ends)}")
-    flags.append(f"-DREQ_ENTRY_LEN={max(values['REQ_HEADER_POS'] + 8, values['REQ_CTX_POS'] + 16)}")
-    for const, value in zip(("H2_RWS_POS", "H2_STATUS_POS"), h2_status_offsets(binary), strict=True):
-        flags.append(f"-D{const}={value}")
-    layout = SWISS if swiss_maps(binary) else CLASSIC
-    flags.append(f"-DSWISS_MAPS={1 if layout is SWISS else 0}")
-    flags += [f"-D{k}={v}" for k, v in layout.items()]
-    flags.append(f"-DMAP_COUNT_POS={MAP_COUNT_POS}")
-    flags.append(f"-DCTX_SPANS={1 if ctx_span_readers(binary) else 0}")
-    flags += [f'-DPIN_DIR="{pin_dir}"', f"-DMAX_INFLIGHT={max_inflight}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-              f"-DWAKEUP_EVERY={wakeup_every}"]
-    return flags
-
-
-def ctx_span_readers(binary: GoBinary) -> list[str]:
-    """The probes that could read this binary's server spans from `ctx_spans` (the client and
-    database/sql probes, attached only where their functions exist). None: the server program
-    does not fill the map (an update and a delete of the pinned LRU map per request saved)."""
-    from . import database_sql, nethttp_client
-    readers = []
-    if binary.function(nethttp_client.ROUND_TRIP) is not None:
-        readers.append("net_http_client")
-    if database_sql.present(binary):
-        readers.append("database_sql")
-    return readers
+           ctx_readers: bool = True) -> list[str]:
+    """The -D constants of nethttp_server.c for this binary (tests and benchmarks compile it themselves)."""
+    return include_flags(PROBE) + PROBE.cflags(binary, Build(pin_dir, max_inflight, ringbuf_pages, ctx_readers=ctx_readers))
 
 
 def h2_status_offsets(binary: GoBinary) -> tuple[int, int]:
@@ -159,7 +171,7 @@ def h2_status_offsets(binary: GoBinary) -> tuple[int, int]:
 
 
 def present(binary: GoBinary) -> bool:
-    return binary.function(SYMBOL) is not None
+    return PROBE.present(binary)
 
 
 @dataclass(frozen=True)
@@ -232,27 +244,16 @@ def end_report(binary: GoBinary) -> dict[str, Any]:
 
 
 def attach(bpf: Any, binary: GoBinary, path: str, pid: int = -1, end: str | None = None) -> list[tuple[int, str]]:
-    """Attach the entry probe and the end points (`end_plan`); returns [(address, BPF function)]."""
-    plan = end_plan(binary, end or END_MODE)
-    key = (binary.path, plan.mode)
-    if key not in _PLAN_LOGGED:
-        _PLAN_LOGGED.add(key)
-        if plan.mode == "ret":
-            log.info("net/http server: %s: span end at every RET of ServeHTTP (%s)", binary.path, plan.reason)
-        else:
-            log.info("net/http server: %s: span end at emulated points (%d)", binary.path, len(plan.points))
-    ep = binary.entry_probe(SYMBOL)
-    points = [(ep.addr, "uprobe_server_ServeHTTP")] + plan.points
-    for addr, fn in points:
-        bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
-    return points
+    """Attach the entry probe and the end points (`end_plan`, `end` forcing a mode); [(address, BPF function)]."""
+    probe = PROBE if end is None else _with_end(end)
+    return probe.attach(bpf, binary, path, pid, Build("", 0, 0))
 
 
-# ---- events: struct http_server_event in bpf/nethttp_server.c, field for field. The first "H" of
-# the lengths holds two bytes: method_len, then method_off (where the method starts in `method`).
+def _with_end(end: str) -> NetHttpServer:
+    p = NetHttpServer()
+    p.end_mode = end
+    return p
 
-EVENT = struct.Struct("<IIQQQ16s8s8sBB6xQ6HBBBx16s128s64s128s128s128s")
-assert EVENT.size == 688, EVENT.size
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
@@ -351,10 +352,9 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple
     shapes, texts, peers = _SHAPE_MEMO, _TEXT_MEMO, _HOSTPORT_MEMO
     new_span = make_span
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, status,
-         method_lo, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
+         method_len, mo, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
          method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
-        mo = method_lo >> 8
-        key = (status, major, minor, tls, method_b[mo:mo + (method_lo & 0xFF)], host_b[:host_len],
+        key = (status, major, minor, tls, method_b[mo:mo + method_len], host_b[:host_len],
                pattern_b[:pattern_len], ua_b[:ua_len])
         shape = shapes.get(key)
         if shape is None:
