@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import metadata
 
 import yaml
 
@@ -12,6 +11,7 @@ from collector import config as configmod
 from collector.component import Kind
 from collector.errors import ConfigError
 from collector.registry import load_factories
+from collector.telemetry import collector_version, setup_logging
 
 EPILOG = """examples:
   otelgo-collector --config config.yaml
@@ -26,10 +26,7 @@ exit codes: 0 ok, 1 runtime failure, 2 invalid configuration or usage"""
 
 
 def _version() -> str:
-    try:
-        return metadata.version("otelgo-collector")
-    except metadata.PackageNotFoundError:
-        return "0.0.0-dev"
+    return collector_version()
 
 
 def _add_config_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -92,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from receiver.ebpf_go.gobinary import inspect  # type: ignore[attr-defined]
 
         return inspect.main([args.target] + (["--json"] if args.json else []))
+    setup_logging()  # until the config's own logs section applies: warnings while loading it
     try:
         factories = load_factories()
         cfg = configmod.load(args.config + getattr(args, "sub_config", []),

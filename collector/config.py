@@ -11,16 +11,19 @@ import difflib
 import logging
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from collector import yamlload
 from collector.component import ComponentConfig, ComponentID, Factory, Kind
-from collector.configtypes import split_host_port
+from collector.configtypes import Duration, split_host_port
 from collector.errors import ConfigError
+from collector.telemetry import LogSampler
 
 log = logging.getLogger("otelgo.config")
 
@@ -38,12 +41,10 @@ SUPPORTED_SIGNALS = ("traces",)
 
 def _parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"cannot parse {where} as YAML{at}: {problem}") from None
+        return yamlload.load(text)
+    except yamlload.YAMLProblem as e:
+        at = f" at line {e.line}, column {e.column}" if e.line else ""
+        raise ConfigError(f"cannot parse {where} as YAML{at}: {e.problem}") from None
 
 
 def _yaml_uri(spec: str) -> dict[str, Any]:
@@ -76,11 +77,14 @@ def read_source(uri: str) -> dict[str, Any]:
         if path.is_dir():
             raise ConfigError(f'--config "{uri}": is a directory, give a YAML file')
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f'--config "{uri}": file not found') from None
         except OSError as e:
             raise ConfigError(f'--config "{uri}": cannot read: {e.strerror}') from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f'--config "{uri}": not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset '
+                              f'{e.start}): save the file as UTF-8') from None
         doc = _parse_yaml(text, f'"{path}"')
         where = f'"{path}"'
     if doc is None:
@@ -140,7 +144,8 @@ def _resolve(ref: str, path: str) -> tuple[str, bool]:
         return os.environ[name], True
     if dsep:
         return default, True
-    log.warning("Configuration references unset environment variable", extra={"variable": name, "path": path})
+    log.warning(f'Configuration references unset environment variable "{name}" at {path or "the top level"}: '
+                f'set it, or write ${{env:{name}:-default}}')
     return "", False
 
 
@@ -156,8 +161,8 @@ def expand_string(text: str, path: str) -> Any:
         if value == "":
             return ""
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
+            parsed = yamlload.load(value)
+        except yamlload.YAMLProblem:
             return value
         return parsed if isinstance(parsed, str | int | float | bool) else value
 
@@ -212,6 +217,22 @@ class PrometheusPull(_Strict):
     without_scope_info: bool = True
     without_units: bool = True
     without_type_suffix: bool = True
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 < v <= 65535:
+            raise ValueError(f"invalid port {v}: a port is 1-65535")
+        return v
+
+    @field_validator("without_scope_info", "without_units", "without_type_suffix")
+    @classmethod
+    def _names_fixed(cls, v: bool, info: ValidationInfo) -> bool:
+        # Our self-metrics have the names of the collector's default reader; other naming is not built.
+        if not v:
+            raise ValueError(f"{info.field_name}: false is not supported: self-metrics are served with the "
+                             "collector's default names (scope info, units and type suffixes left out); remove it")
+        return v
 
 
 class PullExporter(_Strict):
@@ -269,6 +290,23 @@ class MetricsTelemetry(_Strict):
         return "localhost", 8888
 
 
+class LogsSampling(_Strict):
+    """zap's sampler as the collector sets it up: per tick and message, `initial` lines then every
+    `thereafter`-th."""
+    enabled: bool = True
+    tick: Duration = 10.0
+    initial: int = 10
+    thereafter: int = 100
+
+    @model_validator(mode="after")
+    def _positive(self) -> LogsSampling:
+        if self.tick <= 0:
+            raise ValueError("tick: must be positive, e.g. 10s")
+        if self.initial < 0 or self.thereafter < 0:
+            raise ValueError("initial and thereafter must be 0 or more")
+        return self
+
+
 class LogsTelemetry(_Strict):
     level: str = "info"
     encoding: str = "console"
@@ -277,8 +315,8 @@ class LogsTelemetry(_Strict):
     disable_stacktrace: bool = False
     output_paths: list[str] = ["stderr"]
     error_output_paths: list[str] = ["stderr"]
-    sampling: dict[str, Any] | None = None
-    initial_fields: dict[str, Any] | None = None
+    sampling: LogsSampling = LogsSampling()
+    initial_fields: dict[str, Any] = {}
 
     @field_validator("level")
     @classmethod
@@ -295,11 +333,43 @@ class LogsTelemetry(_Strict):
             raise ValueError(f'unknown log encoding "{v}": use console or json')
         return v
 
+    @field_validator("development")
+    @classmethod
+    def _development(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("development: true is not supported (zap's development mode: dpanic logs "
+                             "that panic); remove it")
+        return v
+
+    @field_validator("output_paths")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("output_paths: give at least one of stderr, stdout or a file path")
+        return v
+
+    @field_validator("error_output_paths")
+    @classmethod
+    def _error_outputs(cls, v: list[str]) -> list[str]:
+        # zap writes its own internal errors there; Python's logging writes those to stderr only.
+        if v != ["stderr"]:
+            raise ValueError("error_output_paths: only [stderr] is supported (logging's own errors go to "
+                             "stderr); remove it, and use output_paths for the log itself")
+        return v
+
+    def logging_options(self) -> dict[str, Any]:
+        """Keyword arguments of telemetry.setup_logging for this section."""
+        s = self.sampling
+        return {"output_paths": self.output_paths, "caller": not self.disable_caller,
+                "stacktrace": not self.disable_stacktrace, "initial_fields": self.initial_fields,
+                "sampler": LogSampler(s.tick, s.initial, s.thereafter) if s.enabled else None}
+
 
 class TelemetryConfig(_Strict):
     logs: LogsTelemetry = LogsTelemetry()
     metrics: MetricsTelemetry = MetricsTelemetry()
-    resource: dict[str, Any] = {}
+    # Attributes of the self-telemetry, served on target_info (null removes a default one).
+    resource: dict[str, str | int | float | bool | None] = {}
 
 
 class ServiceConfig(_Strict):
@@ -345,6 +415,38 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model inside `X`, `X | None`, `list[X]` or `dict[str, X]`, if there is exactly one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _keys_at(model: type[BaseModel], parts: list[str]) -> list[str]:
+    """The option names valid at `parts` below `model` (list indexes and dict keys are stepped over)."""
+    sub: type[BaseModel] | None = model
+    container = False  # the last step entered a list or dict: the next part is an index or key
+    for part in parts:
+        if sub is None:
+            return []
+        if container:
+            container = False
+            continue
+        fld = sub.model_fields.get(part)
+        if fld is None:
+            return []
+        ann = fld.annotation
+        origin = typing.get_origin(ann)
+        if origin is typing.Union or origin is types.UnionType:
+            inner = [a for a in typing.get_args(ann) if a is not type(None)]
+            ann = inner[0] if len(inner) == 1 else ann
+            origin = typing.get_origin(ann)
+        container = origin in (list, dict, tuple)
+        sub = _model_in(ann)
+    return list(sub.model_fields) if sub is not None and not container else []
+
+
 def _format_validation_error(path: str, err: ValidationError, model: type[BaseModel]) -> str:
     """The first problem of a pydantic error as `path::to::key: message`."""
     e = err.errors()[0]
@@ -353,18 +455,11 @@ def _format_validation_error(path: str, err: ValidationError, model: type[BaseMo
     etype = e["type"]
     if etype == "extra_forbidden":
         parent = loc[:-1]
-        sub = model
-        for part in parent:
-            fld = sub.model_fields.get(part) if hasattr(sub, "model_fields") else None
-            ann = getattr(fld, "annotation", None)
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                sub = ann
-            else:
-                break
-        known = list(sub.model_fields) if hasattr(sub, "model_fields") else []
+        known = _keys_at(model, parent)
         ppath = "::".join([path] + parent)
-        return (f"'{ppath}' has invalid keys: {loc[-1]}{_suggest(loc[-1], known)}"
-                + (f"; valid keys are: {', '.join(known)}" if known and not _suggest(loc[-1], known) else ""))
+        hint = _suggest(loc[-1], known)
+        return (f"'{ppath}' has invalid keys: {loc[-1]}{hint}"
+                + (f"; valid keys are: {', '.join(known)}" if known and not hint else ""))
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

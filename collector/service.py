@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from collector.component import Component, ComponentID
 from collector.config import Config
 from collector.errors import UserError
 from collector.graph import Graph
-from collector.telemetry import SelfMetrics, service_logger, setup_logging
+from collector.telemetry import SelfMetrics, resource_attributes, service_logger, setup_logging
 
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
@@ -34,7 +35,7 @@ class Service:
         self.config = config
         self.shutdown_timeout = shutdown_timeout
         self.log = service_logger()
-        self.metrics = SelfMetrics()
+        self.metrics = SelfMetrics(resource_attributes(config.telemetry.resource))
         self._stop = threading.Event()
         self._exit_code = 0
         self._metrics_server: Any = None
@@ -55,7 +56,11 @@ class Service:
 
     def run(self, install_signals: bool = True) -> int:
         tel = self.config.telemetry
-        setup_logging(tel.logs.level, tel.logs.encoding)
+        try:
+            setup_logging(tel.logs.level, tel.logs.encoding, **tel.logs.logging_options())
+        except OSError as e:
+            print(f"Error: service::telemetry::logs::output_paths: {e.strerror}", file=sys.stderr)
+            return 1
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)

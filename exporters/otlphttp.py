@@ -52,6 +52,11 @@ class OTLPHTTPConfig(ComponentConfig):
                 if u.scheme not in ("http", "https") or not u.hostname:
                     raise ValueError(f'invalid endpoint "{value}" for {name}: write it as a URL, '
                                      "e.g. http://localhost:4318")
+                try:
+                    u.port  # noqa: B018 (parses the port; urllib checks the range only here)
+                except ValueError:
+                    raise ValueError(f'invalid port in {name} "{value}": a port is 0-65535, '
+                                     "e.g. http://localhost:4318") from None
         return self
 
     def url(self) -> str:

@@ -116,6 +116,56 @@ BAD_CONFIGS: dict[str, tuple[str, str]] = {
         BASE.replace("service: {", "service: {telemetry: {metrics: {address: 'localhost:1', readers: "
                                    "[{pull: {exporter: {prometheus: {port: 2}}}}]}}, "),
         "service::telemetry::metrics: set either address (legacy) or readers, not both"),
+    # What a new user hit (issue 13): each now one line that names the place.
+    "duplicate key": (
+        "receivers:\n  otlp:\n    protocols: {grpc: {}}\nexporters: {debug: {}}\n"
+        "receivers:\n  otlp: {}\n" + PIPE,
+        'cannot parse "{path}" as YAML at line 5, column 1: mapping key "receivers" already defined at line 1'),
+    "duplicate nested key": (
+        "receivers: {otlp: {}}\nexporters:\n  debug:\n    verbosity: basic\n    verbosity: detailed\n" + PIPE,
+        'cannot parse "{path}" as YAML at line 5, column 5: mapping key "verbosity" already defined at line 4'),
+    "alias bomb": (
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\n" + BASE,
+        'cannot parse "{path}" as YAML: document contains excessive aliasing (more than 1,000,000 values '
+        "once aliases are expanded)"),
+    "typo two levels down": (
+        "receivers: {otlp: {protocols: {grpc: {endpont: localhost:4317}}}}\nexporters: {debug: {}}\n" + PIPE,
+        "error reading configuration for \"otlp\": 'receivers::otlp::protocols::grpc' has invalid keys: endpont "
+        "(did you mean 'endpoint'?)"),
+    "typo in a list item": (
+        "receivers: {ebpf_go: {targets: [{exe_pth: /usr/bin/x}]}}\nexporters: {debug: {}}\n"
+        "service: {pipelines: {traces: {receivers: [ebpf_go], exporters: [debug]}}}\n",
+        "error reading configuration for \"ebpf_go\": 'receivers::ebpf_go::targets::0' has invalid keys: exe_pth "
+        "(did you mean 'exe_path'?)"),
+    "typo in the telemetry reader": (
+        BASE.replace("service: {", "service: {telemetry: {metrics: {readers: [{pull: {exporter: "
+                                   "{prometheus: {prot: 9999}}}}]}}, "),
+        "'service::telemetry::metrics::readers::0::pull::exporter::prometheus' has invalid keys: prot "
+        "(did you mean 'port'?)"),
+    "otlphttp port out of range": (
+        "receivers: {otlp: {}}\nexporters: {otlphttp: {endpoint: 'http://localhost:99999'}}\n"
+        "service: {pipelines: {traces: {receivers: [otlp], exporters: [otlphttp]}}}\n",
+        'error reading configuration for "otlphttp": exporters::otlphttp: invalid port in endpoint '
+        '"http://localhost:99999": a port is 0-65535, e.g. http://localhost:4318'),
+    "self-metrics port out of range": (
+        BASE.replace("service: {", "service: {telemetry: {metrics: {readers: [{pull: {exporter: "
+                                   "{prometheus: {port: 99999}}}}]}}, "),
+        "service::telemetry::metrics::readers::0::pull::exporter::prometheus::port: invalid port 99999: "
+        "a port is 1-65535"),
+    "logs development": (
+        BASE.replace("service: {", "service: {telemetry: {logs: {development: true}}, "),
+        "service::telemetry::logs::development: development: true is not supported (zap's development mode: "
+        "dpanic logs that panic); remove it"),
+    "logs error_output_paths": (
+        BASE.replace("service: {", "service: {telemetry: {logs: {error_output_paths: [/tmp/e.log]}}, "),
+        "service::telemetry::logs::error_output_paths: error_output_paths: only [stderr] is supported "
+        "(logging's own errors go to stderr); remove it, and use output_paths for the log itself"),
+    "prometheus without_units false": (
+        BASE.replace("service: {", "service: {telemetry: {metrics: {readers: [{pull: {exporter: "
+                                   "{prometheus: {port: 9999, without_units: false}}}}]}}, "),
+        "service::telemetry::metrics::readers::0::pull::exporter::prometheus::without_units: without_units: "
+        "false is not supported: self-metrics are served with the collector's default names (scope info, "
+        "units and type suffixes left out); remove it"),
 }
 
 
@@ -256,3 +306,40 @@ def test_component_ids() -> None:
 def test_config_error_is_user_error() -> None:
     with pytest.raises(ConfigError):
         configmod.load([], [], FACTORIES)
+
+
+def test_non_utf8_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + "# caf\u00e9\n".encode("latin-1"))
+    r = run_cli("validate", "--config", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    offset = len(BASE) + len("# caf")
+    assert r.stderr.strip().splitlines() == [
+        f'Error: invalid configuration: --config "{path}": not UTF-8 text (byte 0xe9 at offset {offset}): '
+        "save the file as UTF-8"]
+
+
+def test_yaml_12_booleans_only_so_off_and_yes_stay_words(tmp_path: Path) -> None:
+    """`propagation: off` is documented unquoted; YAML 1.1 (PyYAML's default) reads it as false."""
+    cfg = load_text(tmp_path, "receivers: {ebpf_go: {propagation: off}}\nexporters: {debug: {}}\n"
+                    "service: {pipelines: {traces: {receivers: [ebpf_go], exporters: [debug]}}}\n")
+    spec = cfg.spec(Kind.RECEIVER, ComponentID.parse("ebpf_go"))
+    assert spec.config.propagation == "off"  # type: ignore[attr-defined]
+    from collector import yamlload
+
+    assert yamlload.load("a: [on, off, yes, no, y, n, true, false, True, FALSE]") == {
+        "a": ["on", "off", "yes", "no", "y", "n", True, False, True, False]}
+    # Merge keys still merge: `<<` may repeat keys on purpose.
+    assert yamlload.load("b: &b {x: 1, y: 2}\nc: {<<: *b, y: 3}") == {"b": {"x": 1, "y": 2}, "c": {"x": 1, "y": 3}}
+
+
+def test_unset_variable_warning_names_the_variable_and_the_option(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE.replace("otlp: {}", "otlp: {protocols: {grpc: {endpoint: '${env:OTLP_LISTEN}'}}}"))
+    r = run_cli("validate", "--config", str(path))
+    assert r.returncode == 0, r.stderr
+    warning = [ln for ln in r.stderr.splitlines() if "\twarn\t" in ln]
+    assert len(warning) == 1
+    assert warning[0].split("\t")[3] == ('Configuration references unset environment variable "OTLP_LISTEN" at '
+                                         "receivers::otlp::protocols::grpc::endpoint: set it, or write "
+                                         "${env:OTLP_LISTEN:-default}")
