@@ -4,13 +4,16 @@ Shared by the attributes and filter processors. A MatchProperties block matches 
 field it sets matches: `services` (any of, against resource `service.name`), `span_names` (any of),
 `span_kinds` (any of), `attributes` (all of: key present, and equal / regexp-matching when a value is
 given), `resources` (all of, on resource attributes), `libraries` (any of: scope name, and version
-when given). `match_type` is `strict` (equality) or `regexp` (unanchored search, like Go's `regexp.MatchString`). The span is processed if it matches `include` (when given) and does
+when given). `regexp: {cacheenabled, cachemaxnumentries}` remembers the answer per service, span or
+library name. `match_type` is `strict` (equality) or `regexp` (unanchored search, like Go's `regexp.MatchString`). The span is processed if it matches `include` (when given) and does
 not match `exclude` (when given).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,14 +102,34 @@ def _stringify(v: Any) -> str:
 
 
 class _Strings:
-    def __init__(self, items: list[str], regexp: bool) -> None:
+    """Exact strings, or patterns searched unanchored; with `regexp.cacheenabled`, each string's
+    answer is remembered (the collector's LRU: at most `cachemaxnumentries`, 0 = no bound)."""
+
+    def __init__(self, items: list[str], regexp: bool, options: RegexpOptions | None = None) -> None:
         self.exact = set(items) if not regexp else set()
         self.patterns = [re.compile(p) for p in items] if regexp else []
+        self.cache: OrderedDict[str, bool] | None = (
+            OrderedDict() if regexp and options is not None and options.cacheenabled else None)
+        self.cache_size = options.cachemaxnumentries if options is not None else 0
+        self._lock = threading.Lock()
 
     def matches(self, s: str) -> bool:
         if self.exact:
             return s in self.exact
-        return any(p.search(s) for p in self.patterns)
+        cache = self.cache
+        if cache is None:
+            return any(p.search(s) for p in self.patterns)
+        with self._lock:  # receivers call a pipeline from several threads
+            hit = cache.get(s)
+            if hit is not None:
+                cache.move_to_end(s)
+                return hit
+        hit = any(p.search(s) for p in self.patterns)
+        with self._lock:
+            cache[s] = hit
+            if self.cache_size and len(cache) > self.cache_size:
+                cache.popitem(last=False)
+        return hit
 
 
 class _Attrs:
@@ -146,12 +169,12 @@ class Matcher:
 
     def __init__(self, mp: MatchProperties) -> None:
         rx = mp.match_type == "regexp"
-        self.services = _Strings(mp.services, rx) if mp.services else None
-        self.names = _Strings(mp.span_names, rx) if mp.span_names else None
+        self.services = _Strings(mp.services, rx, mp.regexp) if mp.services else None
+        self.names = _Strings(mp.span_names, rx, mp.regexp) if mp.span_names else None
         self.kinds = set(mp.span_kinds) if mp.span_kinds else None
         self.attrs = _Attrs(mp.attributes, rx) if mp.attributes else None
         self.resources = _Attrs(mp.resources, rx) if mp.resources else None
-        self.libraries = [(_Strings([lib.name], rx), lib.version) for lib in mp.libraries] or None
+        self.libraries = [(_Strings([lib.name], rx, mp.regexp), lib.version) for lib in mp.libraries] or None
 
     def matches(self, rs: ResourceSpans, ss: ScopeSpans, span: Span) -> bool:
         if self.services is not None:

@@ -90,6 +90,7 @@ class MemoryLimiterProcessor(Processor):
         self.hard, self.soft = limits(config)
         self.usage = usage
         self.clock = clock
+        self.collect_garbage: Callable[[], object] = gc.collect
         self.refusing = False
         self._last_check = -1e18
         self._last_gc = -1e18
@@ -109,10 +110,14 @@ class MemoryLimiterProcessor(Processor):
             self._last_check = now
             used = self.usage()
             log = self.telemetry.logger
-            if used > self.hard and now - self._last_gc >= self.config.min_gc_interval_when_hard_limited:
-                log.warning("Memory usage is above hard limit. Forcing a GC.",
-                            extra={"cur_mem_mib": used // MIB, "hard_limit_mib": self.hard // MIB})
-                gc.collect()
+            # As the collector: a forced GC above either limit, spaced by that limit's interval.
+            over, limit, interval = (("hard", self.hard, self.config.min_gc_interval_when_hard_limited)
+                                     if used > self.hard else
+                                     ("soft", self.soft, self.config.min_gc_interval_when_soft_limited))
+            if used > limit and now - self._last_gc >= interval:
+                log.warning(f"Memory usage is above {over} limit. Forcing a GC.",
+                            extra={"cur_mem_mib": used // MIB, f"{over}_limit_mib": limit // MIB})
+                self.collect_garbage()
                 self._last_gc = now
                 used = self.usage()
             was = self.refusing

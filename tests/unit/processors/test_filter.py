@@ -104,3 +104,16 @@ def test_all_dropped_sends_nothing_downstream():
     p, sink, _ = make(filterproc, {"traces": {"span": ["true"]}}, "filter")
     p.consume(one(span()))
     assert sink.batches == []
+
+
+def test_regexp_cache_remembers_answers_within_its_bound():
+    from processors.matching import MatchProperties, _Strings
+
+    mp = MatchProperties.model_validate({"match_type": "regexp", "span_names": ["^GET /api"],
+                                         "regexp": {"cacheenabled": True, "cachemaxnumentries": 2}})
+    names = _Strings(mp.span_names, True, mp.regexp)
+    assert names.cache is not None
+    assert [names.matches(n) for n in ("GET /api/a", "POST /x", "GET /api/a", "GET /api/b")] == [True, False, True, True]
+    assert list(names.cache.items()) == [("GET /api/a", True), ("GET /api/b", True)]  # LRU: "POST /x" left first
+    off = MatchProperties.model_validate({"match_type": "regexp", "span_names": ["^GET"]})
+    assert _Strings(off.span_names, True, off.regexp).cache is None

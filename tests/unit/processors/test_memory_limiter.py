@@ -75,3 +75,34 @@ def test_factory_uses_process_memory():
                                        ComponentTelemetry("processor", "memory_limiter", SelfMetrics()), sink)
     with pytest.raises(ConsumerError):
         p2.consume(one(span()))
+
+
+def test_forced_gc_above_each_limit_spaced_by_that_limits_interval():
+    """min_gc_interval_when_soft_limited / _hard_limited: a GC above the soft limit at most every 10 s
+    (the default), above the hard limit at every check (default 0)."""
+    usage = {"v": 850 * MIB}
+    clock = {"t": 0.0}
+    cfg = Config.model_validate({"check_interval": "1s", "limit_mib": 1000, "spike_limit_mib": 200})
+    p = MemoryLimiterProcessor(ComponentID("memory_limiter"), ComponentTelemetry("processor", "m", SelfMetrics()),
+                               Sink(), cfg, usage=lambda: usage["v"], clock=lambda: clock["t"])
+    gcs: list[float] = []
+    p.collect_garbage = lambda: gcs.append(clock["t"])
+    for _ in range(12):  # above soft only, checked every second for 12 s
+        p.check()
+        clock["t"] += 1.0
+    assert gcs == [0.0, 10.0]
+    usage["v"] = 1100 * MIB  # above hard: every check
+    for _ in range(3):
+        p.check()
+        clock["t"] += 1.0
+    assert gcs == [0.0, 10.0, 12.0, 13.0, 14.0]
+    slow = Config.model_validate({"check_interval": "1s", "limit_mib": 1000, "spike_limit_mib": 200,
+                                  "min_gc_interval_when_soft_limited": "0s"})
+    p2 = MemoryLimiterProcessor(ComponentID("m2"), ComponentTelemetry("processor", "m2", SelfMetrics()),
+                                Sink(), slow, usage=lambda: 850 * MIB, clock=lambda: clock["t"])
+    gcs2: list[float] = []
+    p2.collect_garbage = lambda: gcs2.append(clock["t"])
+    p2.check()
+    clock["t"] += 1.0
+    p2.check()
+    assert len(gcs2) == 2
