@@ -265,6 +265,9 @@ class OTLPDecoder:
             return self._request(bytes(data))
         except (IndexError, struct.error) as e:
             raise DecodeError(f"truncated message ({e})") from None
+        except RecursionError:
+            # Attribute values nest (arrays, kvlists); protobuf stops at 100 levels, we at Python's stack.
+            raise DecodeError("attribute values nested too deeply") from None
 
     def _request(self, buf: bytes) -> SpanBatch:
         out: list[ResourceSpans] = []

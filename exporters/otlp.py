@@ -8,19 +8,25 @@ Anything else is permanent: the batch is dropped and counted in otelcol_exporter
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-import grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from pydantic import Field, model_validator
+# grpc-core prints its own lines (TLS handshakes, reconnects) to stderr, outside our log; it reads
+# this once, when its core starts. Our one-line errors say what those lines would. A user's own
+# GRPC_VERBOSITY still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind
-from collector.configtypes import Duration
-from collector.errors import UserError
-from collector.otlp_encode import OTLPEncoder
-from collector.spans import SpanBatch
-from collector.telemetry import ComponentTelemetry
-from exporters.sending_queue import ExportError, QueueConfig, QueuedRetrySender, RetryConfig
+import grpc  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
+from pydantic import Field, model_validator  # noqa: E402
+
+from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind  # noqa: E402
+from collector.configtypes import Duration  # noqa: E402
+from collector.errors import UserError  # noqa: E402
+from collector.otlp_encode import OTLPEncoder  # noqa: E402
+from collector.spans import SpanBatch  # noqa: E402
+from collector.telemetry import ComponentTelemetry  # noqa: E402
+from exporters.sending_queue import ExportError, QueueConfig, QueuedRetrySender, RetryConfig  # noqa: E402
 
 
 class TLSClientConfig(ComponentConfig):
@@ -56,8 +62,14 @@ class OTLPConfig(ComponentConfig):
         if not self.endpoint:
             raise ValueError('requires a non-empty "endpoint"')
         target = _strip_scheme(self.endpoint)
-        if ":" not in target.rsplit("]", 1)[-1] and not target.startswith(("unix:", "dns:")):
+        if target.startswith(("unix:", "dns:")):
+            return self
+        _, colon, port = target.rpartition("]")[2].rpartition(":")
+        if not colon:
             raise ValueError(f'invalid port in endpoint "{self.endpoint}": write it as host:port, '
+                             "e.g. localhost:4317")
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f'invalid port "{port}" in endpoint "{self.endpoint}": a port is 1-65535, '
                              "e.g. localhost:4317")
         return self
 
@@ -161,6 +173,10 @@ def classify_rpc_error(err: grpc.RpcError) -> ExportError:
     return ExportError(text, permanent=True)
 
 
+# What BoringSSL reports when the peer's first bytes are not a TLS record (an h2c server).
+_PLAINTEXT_PEER = "WRONG_VERSION_NUMBER"
+
+
 def _code_name(code: grpc.StatusCode) -> str:
     # Go's codes.Code String(): "Unavailable", "DeadlineExceeded", ...
     return "".join(p.capitalize() for p in code.name.split("_")) if code != grpc.StatusCode.CANCELLED \
@@ -200,13 +216,14 @@ class OTLPExporter(Exporter):
         self.export_call: Any = None
         self.encoder = OTLPEncoder()
         self.metadata = tuple((k.lower(), v) for k, v in config.headers.items())
+        self.use_tls = config.endpoint.startswith("https://") or not config.tls.insecure
         self.sender: QueuedRetrySender[EncodedRequest] = QueuedRetrySender(
             telemetry, self._send, config.sending_queue, config.retry_on_failure)
 
     def _make_channel(self) -> grpc.Channel:
         c = self.config
         target = _strip_scheme(c.endpoint)
-        use_tls = c.endpoint.startswith("https://") or not c.tls.insecure
+        use_tls = self.use_tls
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", -1),
             ("grpc.lb_policy_name", c.balancer_name or "round_robin"),
@@ -251,7 +268,13 @@ class OTLPExporter(Exporter):
         try:
             resp = self.export_call(req.data, timeout=self.config.timeout or None, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise classify_rpc_error(e) from None
+            err = classify_rpc_error(e)
+            if self.use_tls and _PLAINTEXT_PEER in str(e.details() if hasattr(e, "details") else e):
+                # A plaintext server answers the ClientHello with HTTP/2 bytes: say what to change.
+                err = ExportError(f"{self.config.endpoint} does not speak TLS (the handshake got a plaintext "
+                                  f"answer): for a plaintext endpoint set exporters::{self.id}::tls: "
+                                  "{insecure: true}", throttle=err.throttle)
+            raise err from None
         ps = resp.partial_success
         if ps.rejected_spans or ps.error_message:
             self.telemetry.warn_once_per(

@@ -28,7 +28,7 @@ class Config(ComponentConfig):
     send_batch_size: int = Field(8192, description="spans that trigger a send (a trigger, not a cap)")
     send_batch_max_size: int = Field(0, description="upper bound of a sent batch; larger ones are split; 0 = no cap")
     timeout: Duration = Field(0.2, description="send what is held after this long; 0 = send at once")
-    metadata_keys: list[str] = Field([], description="accepted for compatibility; must stay empty")
+    metadata_keys: list[str] = Field([], description="only empty (batches are not split by client metadata)")
     metadata_cardinality_limit: int = Field(1000, description="as in the collector, used only with metadata_keys")
 
     @model_validator(mode="after")

@@ -7,26 +7,52 @@ answered InvalidArgument, as the OTLP specification asks for data that cannot be
 
 from __future__ import annotations
 
+import os
+import socket
 from concurrent import futures
 from typing import Any
 
-import grpc
-from pydantic import Field, model_validator
+# grpc-core's own stderr lines stay out of the operator's log (see exporters/otlp.py).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver
-from collector.configtypes import Endpoint
-from collector.errors import ConsumerError, UserError
-from collector.otlp_decode import DecodeError, OTLPDecoder
-from collector.telemetry import ComponentTelemetry
+import grpc  # noqa: E402
+from pydantic import Field, field_validator, model_validator  # noqa: E402
+
+from collector.component import ComponentConfig, ComponentID, Consumer, Factory, Host, Kind, Receiver  # noqa: E402
+from collector.configtypes import Endpoint, split_host_port  # noqa: E402
+from collector.errors import ConsumerError, UserError  # noqa: E402
+from collector.otlp_decode import DecodeError, OTLPDecoder  # noqa: E402
+from collector.spans import SpanBatch  # noqa: E402
+from collector.telemetry import ComponentTelemetry  # noqa: E402
+
+# The Go collector's defaults for grpc-go's connection buffers, which grpc core has no knob for.
+_GO_READ_BUFFER, _GO_WRITE_BUFFER = 512 * 1024, 0
 
 
 class GRPCServerConfig(ComponentConfig):
     endpoint: Endpoint = Field("localhost:4317", description="host:port to listen on for OTLP/gRPC")
     max_recv_msg_size_mib: int = Field(4, description="largest accepted request")
     max_concurrent_streams: int = Field(0, description="0 = gRPC default")
-    read_buffer_size: int = Field(524288, description="accepted for compatibility")
-    write_buffer_size: int = Field(0, description="accepted for compatibility")
-    include_metadata: bool = Field(False, description="accepted for compatibility")
+    read_buffer_size: int = Field(_GO_READ_BUFFER, description="only the default (grpc core has no such buffer)")
+    write_buffer_size: int = Field(_GO_WRITE_BUFFER, description="only the default (grpc core has no such buffer)")
+    include_metadata: bool = Field(False, description="only false (client metadata is not passed on)")
+
+    @field_validator("read_buffer_size", "write_buffer_size")
+    @classmethod
+    def _buffers(cls, v: int, info: Any) -> int:
+        default = _GO_READ_BUFFER if info.field_name == "read_buffer_size" else _GO_WRITE_BUFFER
+        if v != default:
+            raise ValueError(f"{info.field_name} is not supported by this receiver (grpc-go's connection "
+                             "buffer has no equivalent in grpc core); remove it")
+        return v
+
+    @field_validator("include_metadata")
+    @classmethod
+    def _metadata(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("include_metadata: true is not supported: client metadata is not passed to "
+                             "processors; remove it")
+        return v
 
 
 class Protocols(ComponentConfig):
@@ -66,8 +92,17 @@ class OTLPReceiver(Receiver):
         """TraceService/Export: the serialized request in, the serialized response out."""
         try:
             batch = self._decoder.decode(request)
+            bad = invalid_ids(batch)
         except DecodeError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode ExportTraceServiceRequest: {e}")
+            bad = f"cannot decode ExportTraceServiceRequest: {e}"
+            batch = None
+        if bad is not None:
+            n = batch.span_count() if batch is not None else 0
+            self._refused.inc(n)
+            self.telemetry.warn_once_per("invalid", 10.0, f"Refused an OTLP request: {bad}",
+                                        extra={"peer": context.peer(), "refused_spans": n})
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        assert batch is not None
         n = batch.span_count()
         if n:
             try:
@@ -82,7 +117,11 @@ class OTLPReceiver(Receiver):
     def start(self, host: Host) -> None:
         g = self.config.protocols.grpc
         assert g is not None
-        opts = [("grpc.max_receive_message_length", g.max_recv_msg_size_mib * 1024 * 1024)]
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", g.max_recv_msg_size_mib * 1024 * 1024),
+            # gRPC sets SO_REUSEPORT by default: a second collector on this port would start and
+            # silently take half the connections. Go refuses the bind; so do we.
+            ("grpc.so_reuseport", 0)]
         if g.max_concurrent_streams:
             opts.append(("grpc.max_concurrent_streams", g.max_concurrent_streams))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"otlp-{self.id}"),
@@ -95,7 +134,7 @@ class OTLPReceiver(Receiver):
         except RuntimeError:
             port = 0
         if port == 0:
-            raise UserError(f"listen tcp {g.endpoint}: address in use or not available; "
+            raise UserError(f"listen tcp {g.endpoint}: bind: {_bind_problem(g.endpoint)}; "
                             f"set receivers::{self.id}::protocols::grpc::endpoint to a free host:port")
         server.start()
         self._server = server
@@ -106,6 +145,47 @@ class OTLPReceiver(Receiver):
             # Stop accepting, let in-flight Export calls finish.
             self._server.stop(grace=min(timeout, 5.0)).wait(timeout)
             self._server = None
+
+
+def invalid_ids(batch: SpanBatch) -> str | None:
+    """Why the batch's ids cannot be exported (as the collector's pdata refuses them), or None.
+    Lengths only: one pass of len() per span, no copies."""
+    for r, rs in enumerate(batch.resource_spans):
+        for ss in rs.scope_spans:
+            for k, span in enumerate(ss.spans):
+                problem = (_length("trace_id", span.trace_id, 16) or _length("span_id", span.span_id, 8)
+                           or (span.parent_span_id and _length("parent_span_id", span.parent_span_id, 8)))
+                if not problem and span._links:
+                    for link in span._links:
+                        problem = _length("link trace_id", link.trace_id, 16) or _length(
+                            "link span_id", link.span_id, 8)
+                        if problem:
+                            break
+                if problem:
+                    return f"invalid span {k} of resource {r}: {problem}"
+    return None
+
+
+def _length(name: str, value: bytes, want: int) -> str | None:
+    if len(value) == want:
+        return None
+    return f"{name} must be {want} bytes, got {len(value)}"
+
+
+def _bind_problem(endpoint: str) -> str:
+    """Why grpc could not listen (it says nothing): try the bind ourselves for the OS's words."""
+    try:
+        host, port = split_host_port(endpoint)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError) as e:
+        return f"cannot resolve the host ({e})"
+    for family, kind, proto, _name, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                return (e.strerror or str(e)).lower()
+    return "address not available"
 
 
 def _create(id: ComponentID, config: Config, telemetry: ComponentTelemetry, next_consumer: Consumer) -> OTLPReceiver:

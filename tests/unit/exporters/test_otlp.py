@@ -80,6 +80,9 @@ def test_defaults_match_the_collector():
     ({"endpoint": "x:4317", "tls": {"cert_file": "c.pem"}}, "provide both certificate and key, or neither"),
     ({"endpoint": "x:4317", "compression": "brotli"}, "compression"),
     ({"endpoint": "x:4317", "bogus": 1}, "bogus"),
+    ({"endpoint": "localhost:99999"}, 'invalid port "99999" in endpoint "localhost:99999": a port is 1-65535'),
+    ({"endpoint": "http://localhost:43x7"}, 'invalid port "43x7" in endpoint "http://localhost:43x7"'),
+    ({"endpoint": "localhost"}, 'invalid port in endpoint "localhost": write it as host:port'),
 ])
 def test_validation_errors(cfg, message):
     with pytest.raises(ValidationError) as ei:
@@ -347,3 +350,37 @@ def test_https_scheme_forces_tls_even_with_insecure(test_ca):
         assert b.span_count() == 1
     finally:
         b.stop()
+
+
+def test_tls_against_a_plaintext_endpoint_says_to_set_insecure(backend, caplog):
+    """The default is TLS; most local collectors listen in plaintext. One line says what to change."""
+    cfg = {"endpoint": backend.endpoint, "retry_on_failure": {**FAST_RETRY, "max_elapsed_time": "300ms"}}
+    e = OTLPExporter(ComponentID("otlp"), telemetry(), OTLPConfig.model_validate(cfg))
+    e.start(None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="otelgo"):
+        e.consume(batch(1))
+        e.shutdown(5)
+    errors = {getattr(r, "error", "") for r in caplog.records if getattr(r, "error", "")}
+    hint = (f"{backend.endpoint} does not speak TLS (the handshake got a plaintext answer): for a "
+            "plaintext endpoint set exporters::otlp::tls: {insecure: true}")
+    assert errors and all(err.endswith(hint) for err in errors), errors  # retries, then the drop
+    assert backend.span_count() == 0
+
+
+def test_grpc_core_writes_nothing_to_stderr_on_a_failed_handshake(backend):
+    """grpc-core's own log lines (ssl_transport_security.cc ...) never reach the operator's stderr."""
+    import os
+    import sys
+
+    code = (f"from exporters.otlp import OTLPConfig, OTLPExporter\n"
+            f"from collector.component import ComponentID\n"
+            f"from tests.unit.exporters.backend import batch, telemetry\n"
+            f"e = OTLPExporter(ComponentID('otlp'), telemetry(), OTLPConfig.model_validate({{'endpoint': "
+            f"'{backend.endpoint}', 'sending_queue': {{'enabled': False}}, 'retry_on_failure': {{'enabled': False}}}}))\n"
+            f"e.start(None)\n"
+            f"try:\n    e.consume(batch(1))\nexcept Exception as err:\n    print('failed:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                       cwd=Path(__file__).resolve().parents[3])
+    assert "does not speak TLS" in r.stdout, r.stdout + r.stderr
+    assert "ssl_transport_security" not in r.stderr and "Handshake failed" not in r.stderr, r.stderr
