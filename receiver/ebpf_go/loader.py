@@ -628,7 +628,9 @@ def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any
     try:
         return attach_fn(prog.bpf, pid)
     except Exception as e:
-        if type(e).__name__ in ("ProbeUnavailable", "KernelError"):
+        from .probes.spec import ProbeUnavailable  # here: the probe packages import this module
+
+        if isinstance(e, ProbeUnavailable | KernelError):
             raise
         raise KernelError(f"attaching {prog.source} failed: {str(e).strip().splitlines()[-1] if str(e) else e!r}") \
             from None

@@ -25,7 +25,7 @@ from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, Sp
 from collector.telemetry import ComponentTelemetry
 
 from . import discovery, events, hostfs, loader, propagation
-from .gobinary import BinaryError, GoBinary
+from .gobinary import BinaryError, GoBinary, NotGoBinary
 from .probes import PROBES, Build, Probe, RawCollector, ctx_readers
 from .probes.spec import LOST_MAP, RINGBUF
 from .propagation.skmsg import HELD_ELSEWHERE_HINT
@@ -437,7 +437,7 @@ class EbpfGoReceiver(Receiver):
         try:
             gb = GoBinary.open(p.exe_link)
         except BinaryError as e:
-            self._reject(key, p, str(e), "not_go" if "not a Go" in str(e) else "unreadable", debug=True)
+            self._reject(key, p, str(e), "not_go" if isinstance(e, NotGoBinary) else "unreadable", debug=True)
             return None
         except OSError as e:
             self._reject(key, p, f"cannot read the executable: {e}", "unreadable", debug=True)

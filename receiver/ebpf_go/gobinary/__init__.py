@@ -9,6 +9,6 @@ See README.md in this folder for what is read from where and the fallbacks.
 """
 
 from .binary import FieldOffset, Function, GoBinary, ProbePoint, ReturnPoint
-from .errors import BinaryError
+from .errors import BinaryError, NotGoBinary
 
-__all__ = ["BinaryError", "FieldOffset", "Function", "GoBinary", "ProbePoint", "ReturnPoint"]
+__all__ = ["BinaryError", "NotGoBinary", "FieldOffset", "Function", "GoBinary", "ProbePoint", "ReturnPoint"]

@@ -15,7 +15,7 @@ from . import buildinfo as bi
 from . import disasm, pclntab
 from .dwarf import DwarfError, DwarfStructs
 from .elf import PF_W, PF_X, ElfImage
-from .errors import BinaryError
+from .errors import BinaryError, NotGoBinary
 from .offsets import OffsetTable
 
 
@@ -100,7 +100,7 @@ class GoBinary:
         except (bi.BuildInfoError, ValueError, IndexError, OverflowError) as e:
             raise BinaryError(f"{path}: corrupt Go build info ({e})") from e
         if info is None:
-            raise BinaryError(f"{path}: not a Go executable (no Go build info)")
+            raise NotGoBinary(f"{path}: not a Go executable (no Go build info)")
         return cls(img, info)
 
     @property

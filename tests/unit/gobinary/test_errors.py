@@ -37,6 +37,16 @@ def _msg(path: Path | str) -> str:
 
 def test_not_go(tmp_path: Path) -> None:
     assert "not a Go executable" in _msg("/bin/ls")
+    # The receiver counts it as not_go (skipped) by this type, not by the message's words.
+    from receiver.ebpf_go.gobinary import NotGoBinary
+
+    with pytest.raises(NotGoBinary):
+        _open_all("/bin/ls")
+    p = tmp_path / "empty"
+    p.write_bytes(b"")
+    with pytest.raises(BinaryError) as ei:
+        _open_all(p)
+    assert not isinstance(ei.value, NotGoBinary)
 
 
 def test_empty(tmp_path: Path) -> None:
