@@ -241,6 +241,9 @@ class EbpfGoReceiver(Receiver):
         self.mono_to_unix = events.monotonic_to_unix_offset()
         self.host_name = socket.gethostname()
         self._lock = threading.Lock()     # binaries/programs: discovery thread vs reader thread
+        # Batches decoded under _lock wait here and go to the next consumer after it is released:
+        # a pipeline that blocks (a full batch processor) must not stall discovery with it.
+        self._outbox: list[SpanBatch] = []
         # Copies every ring buffer into a bounded queue on its own thread (its own lock, so it never
         # waits for the reader's pipeline); the reader takes from it. See _reader_loop.
         self.copier = RingCopier(COPY_PERIOD_S, IDLE_WAIT_S, on_error=self._copy_error,
@@ -367,11 +370,12 @@ class EbpfGoReceiver(Receiver):
             for tb in list(self.binaries.values()):
                 self._drain(tb, final=True)   # what the copier holds, then what is still in the rings
             if self.stitcher is not None:
-                self._consume(self.stitcher.flush(force=True))
+                self._outbox.append(self.stitcher.flush(force=True))
             for tb in list(self.binaries.values()):
                 self._close_binary(tb)
             self.binaries.clear()
             self.processes.clear()
+        self._send_outbox()
         self.m_processes.set(0)
         with self._propagation_lock:
             chosen = self.propagation
@@ -418,6 +422,7 @@ class EbpfGoReceiver(Receiver):
                     self._drain(tb, final=True)
                     self._close_binary(tb)
                     del self.binaries[tb.key]
+                self._send_outbox()
                 self.log.info("released the programs of %s (no traced process for %.0fs)", tb.exe,
                               self.config.program_linger)
 
@@ -559,6 +564,7 @@ class EbpfGoReceiver(Receiver):
                     self._drain(tb, final=True)
                     self._close_binary(tb)
                     del self.binaries[tb.key]
+        self._send_outbox()
         self._update_gauges()
         self.log.info("pid %d exited: probes detached", pid, extra={"pid": pid, "exe": st.info.exe})
 
@@ -609,6 +615,7 @@ class EbpfGoReceiver(Receiver):
             with self._lock:
                 for tb in list(self.binaries.values()):
                     n += self._drain(tb)
+            self._send_outbox()
             if self.stitcher is not None:
                 self._consume(self.stitcher.flush())
             now = time.monotonic()
@@ -664,7 +671,8 @@ class EbpfGoReceiver(Receiver):
     def _drain(self, tb: TracedBinary, final: bool = False) -> int:
         """Push one batch per probe of this binary: the records the copier holds, then those still in
         the ring buffer; returns the records read. `final`: the copier lets go of the ring buffers
-        too (before they are closed). Called with self._lock held."""
+        too (before they are closed). Called with self._lock held; the batches wait in the outbox
+        (`_send_outbox` after the lock is released)."""
         n = 0
         copier = self.copier
         for pp in tb.programs:
@@ -719,7 +727,14 @@ class EbpfGoReceiver(Receiver):
         batch = SpanBatch(rss)
         if self.stitcher is not None:
             batch = self.stitcher.process(batch, settled)
-        self._consume(batch)
+        self._outbox.append(batch)
+
+    def _send_outbox(self) -> None:
+        """Push what drains decoded; call without self._lock (the next consumer may block)."""
+        with self._lock:
+            batches, self._outbox = self._outbox, []
+        for batch in batches:
+            self._consume(batch)
 
     def _consume(self, batch: SpanBatch) -> None:
         n = sum(len(ss.spans) for rs in batch.resource_spans for ss in rs.scope_spans)

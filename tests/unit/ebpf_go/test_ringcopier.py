@@ -394,3 +394,39 @@ def test_the_total_bound_holds_across_rings_and_turns(ring: tuple[FakeRing, Ring
             rb.close()
         for o in others:
             o.close()
+
+
+def test_a_blocked_pipeline_does_not_hold_the_receiver_lock(ring: tuple[FakeRing, RingBuffer]) -> None:
+    """The drain decodes under the lock and pushes after it: while the next consumer blocks (a full
+    batch processor), discovery can still take the lock to attach or release programs."""
+    f, r = ring
+    rcv, tb, out = receiver_with(r)
+    release = threading.Event()
+    entered = threading.Event()
+    real_consume = out.consume
+
+    def blocking(batch: SpanBatch) -> None:
+        entered.set()
+        release.wait(10)
+        real_consume(batch)
+
+    out.consume = blocking  # type: ignore[method-assign]
+    put(f, 0, 10)
+    assert rcv.copier.copy_pass() == (1, False)
+
+    def drain() -> None:
+        with rcv._lock:
+            rcv._drain(tb)
+        rcv._send_outbox()
+
+    t = threading.Thread(target=drain)
+    t.start()
+    try:
+        assert entered.wait(5), "the drain never reached the next consumer"
+        took = rcv._lock.acquire(timeout=2)   # what discovery does to attach a new process
+        assert took, "the receiver lock is held while the next consumer blocks"
+        rcv._lock.release()
+    finally:
+        release.set()
+        t.join(10)
+    assert out.names == [str(i) for i in range(10)]
