@@ -9,8 +9,9 @@ attributes are decoded afresh each time (they are mutable, never shared between 
 
 The result is what `collector.spans.from_proto(ExportTraceServiceRequest.FromString(data))` gives
 (tests/unit/collector/test_otlp_decode.py), and bad input raises DecodeError where protobuf would
-refuse it: truncated fields, a length past its message's end, invalid UTF-8 in a string, groups.
-Unknown fields are skipped, as protobuf does.
+refuse it: truncated fields, a length past its message's end, invalid UTF-8 in a string, groups,
+attribute values nested deeper than protobuf's limit (100 messages below the request). Unknown fields
+are skipped, as protobuf does.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ _new_span = Span.__new__
 
 _U64 = 1 << 64
 _I64_MIN = 1 << 63
+
+# upb's default decode depth: messages nested more than this far below the request are refused. Only
+# attribute values (arrays, kvlists) nest freely, so only their decoders count depth; the numbers
+# below are where each KeyValue sits (request = 0).
+_MAX_DEPTH = 100
+_DEPTH_RESOURCE_KV, _DEPTH_SCOPE_KV, _DEPTH_SPAN_KV, _DEPTH_EVENT_KV, _DEPTH_LINK_KV = 3, 4, 4, 5, 5
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -100,7 +107,15 @@ def _check(i: int, end: int, what: str) -> None:
         raise DecodeError(f"{what}: field runs past the end of its message")
 
 
-def _any_value(buf: bytes, i: int, end: int) -> AttrValue:
+def _too_deep() -> DecodeError:
+    return DecodeError(f"attribute values nested too deeply (more than {_MAX_DEPTH} levels of messages, "
+                       "protobuf's limit)")
+
+
+def _any_value(buf: bytes, i: int, end: int, depth: int) -> AttrValue:
+    """An AnyValue message `depth` messages below the request (so are the functions below)."""
+    if depth > _MAX_DEPTH:
+        raise _too_deep()
     value: AttrValue = None
     while i < end:
         tag, i = _varint(buf, i)
@@ -119,11 +134,11 @@ def _any_value(buf: bytes, i: int, end: int) -> AttrValue:
             i += 8
         elif tag == 0x2A:  # array_value { repeated AnyValue values = 1 }
             ln, i = _varint(buf, i)
-            value = _array(buf, i, i + ln)
+            value = _array(buf, i, i + ln, depth + 1)
             i += ln
         elif tag == 0x32:  # kvlist_value { repeated KeyValue values = 1 }
             ln, i = _varint(buf, i)
-            value = _kvlist(buf, i, i + ln)
+            value = _kvlist(buf, i, i + ln, depth + 1)
             i += ln
         elif tag == 0x3A:  # bytes_value
             ln, i = _varint(buf, i)
@@ -135,13 +150,15 @@ def _any_value(buf: bytes, i: int, end: int) -> AttrValue:
     return value
 
 
-def _array(buf: bytes, i: int, end: int) -> list[AttrValue]:
+def _array(buf: bytes, i: int, end: int, depth: int) -> list[AttrValue]:
+    if depth > _MAX_DEPTH:
+        raise _too_deep()
     out: list[AttrValue] = []
     while i < end:
         tag, i = _varint(buf, i)
         if tag == 0x0A:
             ln, i = _varint(buf, i)
-            out.append(_any_value(buf, i, i + ln))
+            out.append(_any_value(buf, i, i + ln, depth + 1))
             i += ln
         else:
             i = _skip(buf, i, tag & 7)
@@ -149,13 +166,15 @@ def _array(buf: bytes, i: int, end: int) -> list[AttrValue]:
     return out
 
 
-def _kvlist(buf: bytes, i: int, end: int) -> dict[str, AttrValue]:
+def _kvlist(buf: bytes, i: int, end: int, depth: int) -> dict[str, AttrValue]:
+    if depth > _MAX_DEPTH:
+        raise _too_deep()
     out: dict[str, AttrValue] = {}
     while i < end:
         tag, i = _varint(buf, i)
         if tag == 0x0A:
             ln, i = _varint(buf, i)
-            k, v = _key_value(buf, i, i + ln)
+            k, v = _key_value(buf, i, i + ln, depth + 1)
             out[k] = v
             i += ln
         else:
@@ -164,7 +183,9 @@ def _kvlist(buf: bytes, i: int, end: int) -> dict[str, AttrValue]:
     return out
 
 
-def _key_value(buf: bytes, i: int, end: int) -> tuple[str, AttrValue]:
+def _key_value(buf: bytes, i: int, end: int, depth: int) -> tuple[str, AttrValue]:
+    if depth > _MAX_DEPTH:
+        raise _too_deep()
     key, value = "", None
     while i < end:
         tag, i = _varint(buf, i)
@@ -174,7 +195,7 @@ def _key_value(buf: bytes, i: int, end: int) -> tuple[str, AttrValue]:
             i += ln
         elif tag == 0x12:
             ln, i = _varint(buf, i)
-            value = _any_value(buf, i, i + ln)
+            value = _any_value(buf, i, i + ln, depth + 1)
             i += ln
         else:
             i = _skip(buf, i, tag & 7)
@@ -229,10 +250,12 @@ class OTLPDecoder:
         self._kv: dict[bytes, tuple[str, AttrValue]] = {}
         self._names: dict[bytes, str] = {}
 
-    def _kv_miss(self, raw: bytes) -> tuple[str, AttrValue]:
+    def _kv_miss(self, raw: bytes, depth: int) -> tuple[str, AttrValue]:
+        """A KeyValue (`depth` messages below the request) not in the cache. Only scalars are cached,
+        and their depth never nears the limit, so a cached answer is right at any depth."""
         kv = _usual_key_value(raw)
         if kv is None:
-            kv = _key_value(raw, 0, len(raw))
+            kv = _key_value(raw, 0, len(raw), depth)
             if isinstance(kv[1], list | dict):
                 return kv
         if len(self._kv) >= self._cache_size:
@@ -247,7 +270,7 @@ class OTLPDecoder:
         self._names[raw] = name
         return name
 
-    def _attributes(self, buf: bytes, i: int, attrs: dict[str, AttrValue]) -> int:
+    def _attributes(self, buf: bytes, i: int, attrs: dict[str, AttrValue], depth: int) -> int:
         """One KeyValue field's value at buf[i] into attrs; the index after it. (A length past the
         message's end is caught by the caller's end check: the cache maps bytes to their decoding,
         right whatever those bytes are.)"""
@@ -255,7 +278,7 @@ class OTLPDecoder:
         raw = buf[i:i + ln]
         kv = self._kv.get(raw)
         if kv is None:
-            kv = self._kv_miss(raw)
+            kv = self._kv_miss(raw, depth)
         attrs[kv[0]] = kv[1]
         return i + ln
 
@@ -265,9 +288,6 @@ class OTLPDecoder:
             return self._request(bytes(data))
         except (IndexError, struct.error) as e:
             raise DecodeError(f"truncated message ({e})") from None
-        except RecursionError:
-            # Attribute values nest (arrays, kvlists); protobuf stops at 100 levels, we at Python's stack.
-            raise DecodeError("attribute values nested too deeply") from None
 
     def _request(self, buf: bytes) -> SpanBatch:
         out: list[ResourceSpans] = []
@@ -308,7 +328,7 @@ class OTLPDecoder:
         while i < end:
             tag, i = _varint(buf, i)
             if tag == 0x0A:
-                i = self._attributes(buf, i, r.attributes)
+                i = self._attributes(buf, i, r.attributes, _DEPTH_RESOURCE_KV)
             elif tag == 0x10:
                 n, i = _varint(buf, i)
                 r.dropped_attributes_count = n & 0xFFFFFFFF
@@ -351,7 +371,7 @@ class OTLPDecoder:
                 sc.version = _text(buf, i, i + ln)
                 i += ln
             elif tag == 0x1A:
-                i = self._attributes(buf, i, sc.attributes)
+                i = self._attributes(buf, i, sc.attributes, _DEPTH_SCOPE_KV)
             elif tag == 0x20:
                 n, i = _varint(buf, i)
                 sc.dropped_attributes_count = n & 0xFFFFFFFF
@@ -384,7 +404,7 @@ class OTLPDecoder:
                 raw = buf[i:j]
                 kv = kv_get(raw)
                 if kv is None:
-                    kv = kv_miss(raw)
+                    kv = kv_miss(raw, _DEPTH_SPAN_KV)
                 attrs[kv[0]] = kv[1]
                 i = j
             elif tag == 0x0A and buf[i] < 0x80:  # trace_id
@@ -500,7 +520,7 @@ class OTLPDecoder:
                 e.name = _text(buf, i, i + ln)
                 i += ln
             elif tag == 0x1A:
-                i = self._attributes(buf, i, e.attributes)
+                i = self._attributes(buf, i, e.attributes, _DEPTH_EVENT_KV)
             elif tag == 0x20:
                 n, i = _varint(buf, i)
                 e.dropped_attributes_count = n & 0xFFFFFFFF
@@ -526,7 +546,7 @@ class OTLPDecoder:
                 lk.trace_state = _text(buf, i, i + ln)
                 i += ln
             elif tag == 0x22:
-                i = self._attributes(buf, i, lk.attributes)
+                i = self._attributes(buf, i, lk.attributes, _DEPTH_LINK_KV)
             elif tag == 0x28:
                 n, i = _varint(buf, i)
                 lk.dropped_attributes_count = n & 0xFFFFFFFF
@@ -537,3 +557,34 @@ class OTLPDecoder:
                 i = _skip(buf, i, tag & 7)
         _check(i, end, "Span.Link")
         return lk
+
+
+def count_spans(data: bytes) -> int:
+    """How many Span fields a request holds, read without decoding them: what an undecodable request
+    is counted as refused. Stops quietly where the message stops making sense."""
+    buf = bytes(data)
+    n = 0
+    try:
+        for rs_start, rs_end in _fields_of(buf, 0, len(buf), 0x0A):  # resource_spans
+            for ss_start, ss_end in _fields_of(buf, rs_start, rs_end, 0x12):  # scope_spans
+                n += sum(1 for _ in _fields_of(buf, ss_start, ss_end, 0x12))  # spans
+    except (IndexError, DecodeError):
+        pass
+    return n
+
+
+def _fields_of(buf: bytes, i: int, end: int, want: int) -> list[tuple[int, int]]:
+    """(start, end) of each length-delimited field with tag `want` in buf[i:end]."""
+    out: list[tuple[int, int]] = []
+    end = min(end, len(buf))
+    while i < end:
+        tag, i = _varint(buf, i)
+        if tag == want:
+            ln, i = _varint(buf, i)
+            if i + ln > end:
+                raise DecodeError("field past the end of its message")
+            out.append((i, i + ln))
+            i += ln
+        else:
+            i = _skip(buf, i, tag & 7)
+    return out

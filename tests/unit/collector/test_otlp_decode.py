@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from collector.otlp_decode import DecodeError, OTLPDecoder
+from collector.otlp_decode import DecodeError, OTLPDecoder, count_spans
 from collector.otlp_encode import OTLPEncoder
 from collector.spans import (
     Event,
@@ -265,3 +265,49 @@ def _fields(buf: bytes) -> list[bytes]:
             i += ln
         out.append(buf[start:i])
     return out
+
+
+def _f(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(body)) + body
+
+
+_IDS = _f(0x0A, b"\x01" * 16) + _f(0x12, b"\x02" * 8)
+# Where a KeyValue can sit, each a different number of messages below the request.
+_ATTRIBUTE_PLACES = {
+    "resource": lambda kv: _f(0x0A, _f(0x0A, _f(0x0A, kv))),
+    "scope": lambda kv: _f(0x0A, _f(0x12, _f(0x0A, _f(0x1A, kv)))),
+    "span": lambda kv: _f(0x0A, _f(0x12, _f(0x12, _IDS + _f(0x4A, kv)))),
+    "event": lambda kv: _f(0x0A, _f(0x12, _f(0x12, _IDS + _f(0x5A, _f(0x1A, kv))))),
+    "link": lambda kv: _f(0x0A, _f(0x12, _f(0x12, _IDS + _f(0x6A, _f(0x22, kv))))),
+}
+
+
+@pytest.mark.parametrize("place", sorted(_ATTRIBUTE_PLACES))
+@pytest.mark.parametrize("leaf", [_f(0x0A, b"x"), b"", _f(0x2A, b""), _f(0x32, _f(0x0A, _f(0x0A, b"k")))],
+                         ids=["string", "empty", "empty-array", "kv-without-value"])
+@pytest.mark.parametrize("container", ["array", "kvlist"])
+def test_nesting_is_refused_exactly_where_protobuf_refuses_it(place: str, leaf: bytes, container: str) -> None:
+    """protobuf (upb) refuses messages nested more than 100 deep; so does the decoder, with a DecodeError
+    (the receiver answers InvalidArgument), not a RecursionError."""
+    value, refused = leaf, []
+    for levels in range(1, 52):
+        value = (_f(0x2A, _f(0x0A, value)) if container == "array"
+                 else _f(0x32, _f(0x0A, _f(0x0A, b"k") + _f(0x12, value))))
+        data = _ATTRIBUTE_PLACES[place](_f(0x0A, b"k") + _f(0x12, value))
+        try:
+            reference(data)
+        except ProtobufDecodeError:
+            with pytest.raises(DecodeError, match=r"^attribute values nested too deeply \(more than 100 levels "
+                                                  r"of messages, protobuf's limit\)$"):
+                OTLPDecoder().decode(data)
+            refused.append(levels)
+            continue
+        same(data)
+    assert refused and refused == list(range(refused[0], 52))  # the limit is reached, and stays reached
+
+
+def test_count_spans_reads_only_the_structure() -> None:
+    data = OTLPEncoder().encode(make_batch(5))
+    assert count_spans(data) == 5
+    assert count_spans(data[:-3]) <= 5  # a truncated request counts what can be found
+    assert count_spans(b"\xff") == 0
