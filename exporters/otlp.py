@@ -9,6 +9,8 @@ Anything else is permanent: the batch is dropped and counted in otelcol_exporter
 from __future__ import annotations
 
 import os
+import ssl
+import threading
 from typing import Any, Literal
 
 # grpc-core prints its own lines (TLS handshakes, reconnects) to stderr, outside our log; it reads
@@ -18,7 +20,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
-from pydantic import Field, model_validator  # noqa: E402
+from pydantic import Field, field_validator, model_validator  # noqa: E402
 
 from collector.component import ComponentConfig, ComponentID, Exporter, Factory, Host, Kind  # noqa: E402
 from collector.configtypes import Duration  # noqa: E402
@@ -57,6 +59,14 @@ class OTLPConfig(ComponentConfig):
     retry_on_failure: RetryConfig = Field(default_factory=RetryConfig)
     balancer_name: str = "round_robin"
 
+    @field_validator("balancer_name")
+    @classmethod
+    def _balancer(cls, v: str) -> str:
+        # grpc core would log that it does not know the policy and quietly use pick_first.
+        if v and v not in _BALANCERS:
+            raise ValueError(f"invalid balancer_name: {v} (use {', '.join(_BALANCERS[:-1])} or {_BALANCERS[-1]})")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> OTLPConfig:
         if not self.endpoint:
@@ -72,6 +82,10 @@ class OTLPConfig(ComponentConfig):
             raise ValueError(f'invalid port "{port}" in endpoint "{self.endpoint}": a port is 1-65535, '
                              "e.g. localhost:4317")
         return self
+
+
+# The load-balancing policies grpc core ships that need no extra setup (ring_hash needs a hash key).
+_BALANCERS = ("round_robin", "pick_first", "weighted_round_robin")
 
 
 def _strip_scheme(endpoint: str) -> str:
@@ -173,7 +187,8 @@ def classify_rpc_error(err: grpc.RpcError) -> ExportError:
     return ExportError(text, permanent=True)
 
 
-# What BoringSSL reports when the peer's first bytes are not a TLS record (an h2c server).
+# What BoringSSL (grpc) and OpenSSL (the ssl module) report when the peer's first bytes are not a TLS
+# record: an h2c server's SETTINGS frame, or an HTTP/1 server's error page.
 _PLAINTEXT_PEER = "WRONG_VERSION_NUMBER"
 
 
@@ -214,6 +229,7 @@ class OTLPExporter(Exporter):
         self.config = config
         self.channel: grpc.Channel | None = None
         self.export_call: Any = None
+        self._channel_lock = threading.Lock()
         self.encoder = OTLPEncoder()
         self.metadata = tuple((k.lower(), v) for k, v in config.headers.items())
         self.use_tls = config.endpoint.startswith("https://") or not config.tls.insecure
@@ -226,7 +242,7 @@ class OTLPExporter(Exporter):
         use_tls = self.use_tls
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", -1),
-            ("grpc.lb_policy_name", c.balancer_name or "round_robin"),
+            ("grpc.lb_policy_name", c.balancer_name or "pick_first"),  # "" is grpc's default, as in Go
             # Reconnect soon after a backend comes back: queued batches are waiting for it.
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5000),
@@ -234,27 +250,51 @@ class OTLPExporter(Exporter):
         compression = grpc.Compression.Gzip if c.compression == "gzip" else grpc.Compression.NoCompression
         if not use_tls:
             return grpc.insecure_channel(target, options=options, compression=compression)
-        if c.tls.insecure_skip_verify:
-            # grpcio cannot skip verification; trust whatever certificate the server presents instead.
-            import ssl
-
-            host, _, port = target.rpartition(":")
-            root: bytes | None = ssl.get_server_certificate((host.strip("[]"), int(port))).encode()
-        else:
-            root = _read(c.tls.ca_file) if c.tls.ca_file else None
         key = _read(c.tls.key_file) if c.tls.key_file else None
         cert = _read(c.tls.cert_file) if c.tls.cert_file else None
+        if c.tls.insecure_skip_verify:
+            # grpcio cannot skip verification; trust whatever certificate the server presents instead.
+            root: bytes | None = self._presented_certificate(target)
+        else:
+            root = _read(c.tls.ca_file) if c.tls.ca_file else None
         creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
         if c.tls.server_name_override:
             options.append(("grpc.ssl_target_name_override", c.tls.server_name_override))
         return grpc.secure_channel(target, creds, options=options, compression=compression)
 
+    def _presented_certificate(self, target: str) -> bytes:
+        """The server's certificate, for insecure_skip_verify; ExportError (retried) while it cannot be
+        had, so that a backend still starting does not stop the collector from starting."""
+        host, _, port = target.rpartition(":")
+        try:
+            pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=self.config.timeout or 5.0)
+        except OSError as e:
+            if _PLAINTEXT_PEER in str(e):
+                raise ExportError(self._plaintext_hint()) from None
+            raise ExportError(f"cannot fetch the certificate of {self.config.endpoint} for "
+                              f"tls::insecure_skip_verify: {e.strerror or e}") from None
+        return pem.encode()
+
+    def _plaintext_hint(self) -> str:
+        return (f"{self.config.endpoint} does not speak TLS (the handshake got a plaintext answer): for a "
+                f"plaintext endpoint set exporters::{self.id}::tls: {{insecure: true}}")
+
+    def _connect(self) -> Any:
+        """The Export call on a channel made once (on the first send when start could not)."""
+        with self._channel_lock:
+            if self.export_call is None:
+                self.channel = self._make_channel()
+                # Requests go out as bytes written by OTLPEncoder (no protobuf objects on the hot path).
+                self.export_call = self.channel.unary_unary(
+                    "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                    request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
+            return self.export_call
+
     def start(self, host: Host) -> None:
-        self.channel = self._make_channel()
-        # Requests go out as bytes written by OTLPEncoder (no protobuf objects on the hot path).
-        self.export_call = self.channel.unary_unary(
-            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-            request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
+        try:
+            self._connect()
+        except ExportError as e:
+            self.telemetry.logger.warning("Not connected yet; trying again at each export", extra={"error": str(e)})
         self.sender.start()
 
     def consume(self, batch: SpanBatch) -> None:
@@ -265,15 +305,14 @@ class OTLPExporter(Exporter):
             self.sender.consume(EncodedRequest(self.encoder.encode(batch), n))
 
     def _send(self, req: EncodedRequest) -> None:
+        export = self.export_call or self._connect()
         try:
-            resp = self.export_call(req.data, timeout=self.config.timeout or None, metadata=self.metadata)
+            resp = export(req.data, timeout=self.config.timeout or None, metadata=self.metadata)
         except grpc.RpcError as e:
             err = classify_rpc_error(e)
             if self.use_tls and _PLAINTEXT_PEER in str(e.details() if hasattr(e, "details") else e):
-                # A plaintext server answers the ClientHello with HTTP/2 bytes: say what to change.
-                err = ExportError(f"{self.config.endpoint} does not speak TLS (the handshake got a plaintext "
-                                  f"answer): for a plaintext endpoint set exporters::{self.id}::tls: "
-                                  "{insecure: true}", throttle=err.throttle)
+                # grpc's text is a TSI_PROTOCOL_FAILURE and BoringSSL's reason: say what to change instead.
+                err = ExportError(self._plaintext_hint(), throttle=err.throttle)
             raise err from None
         ps = resp.partial_success
         if ps.rejected_spans or ps.error_message:

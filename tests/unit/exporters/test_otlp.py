@@ -83,6 +83,9 @@ def test_defaults_match_the_collector():
     ({"endpoint": "localhost:99999"}, 'invalid port "99999" in endpoint "localhost:99999": a port is 1-65535'),
     ({"endpoint": "http://localhost:43x7"}, 'invalid port "43x7" in endpoint "http://localhost:43x7"'),
     ({"endpoint": "localhost"}, 'invalid port in endpoint "localhost": write it as host:port'),
+    # grpc core logged (to a stderr we silence) that it did not know the name, and used pick_first.
+    ({"endpoint": "x:4317", "balancer_name": "roundrobin"},
+     "invalid balancer_name: roundrobin (use round_robin, pick_first or weighted_round_robin)"),
 ])
 def test_validation_errors(cfg, message):
     with pytest.raises(ValidationError) as ei:
@@ -352,9 +355,41 @@ def test_https_scheme_forces_tls_even_with_insecure(test_ca):
         b.stop()
 
 
-def test_tls_against_a_plaintext_endpoint_says_to_set_insecure(backend, caplog):
+@pytest.mark.parametrize("balancer", ["round_robin", "pick_first", "weighted_round_robin", ""])
+def test_every_accepted_balancer_name_delivers(backend, balancer):
+    e, _ = make(backend.endpoint, balancer_name=balancer)
+    e.consume(batch(1))
+    e.shutdown(5)
+    assert backend.span_count() == 1
+
+
+def test_insecure_skip_verify_starts_before_its_backend_and_delivers_once_it_is_up(test_ca, caplog):
+    """The certificate to trust is fetched from the server; a backend still starting used to stop the
+    collector's start with a ConnectionRefusedError traceback."""
+    from tests.support.collector import free_port
+
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="otelgo"):
+        e, t = make(f"localhost:{port}", tls={"insecure_skip_verify": True})
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == "Not connected yet; trying again at each export"
+    assert getattr(warning, "error", "").startswith(f"cannot fetch the certificate of localhost:{port} for "
+                                                    "tls::insecure_skip_verify: ")
+    creds = grpc.ssl_server_credentials([((test_ca / "server.key").read_bytes(),
+                                          (test_ca / "server.pem").read_bytes())])
+    b = Backend(port=port, credentials=creds)
+    try:
+        e.consume(batch(2))
+        e.shutdown(5)
+        assert b.span_count() == 2 and metric(t, "otelcol_exporter_sent_spans") == 2
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("tls", [{}, {"insecure_skip_verify": True}], ids=["verify", "insecure_skip_verify"])
+def test_tls_against_a_plaintext_endpoint_says_to_set_insecure(backend, caplog, tls):
     """The default is TLS; most local collectors listen in plaintext. One line says what to change."""
-    cfg = {"endpoint": backend.endpoint, "retry_on_failure": {**FAST_RETRY, "max_elapsed_time": "300ms"}}
+    cfg = {"endpoint": backend.endpoint, "tls": tls, "retry_on_failure": {**FAST_RETRY, "max_elapsed_time": "300ms"}}
     e = OTLPExporter(ComponentID("otlp"), telemetry(), OTLPConfig.model_validate(cfg))
     e.start(None)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="otelgo"):
@@ -364,6 +399,7 @@ def test_tls_against_a_plaintext_endpoint_says_to_set_insecure(backend, caplog):
     hint = (f"{backend.endpoint} does not speak TLS (the handshake got a plaintext answer): for a "
             "plaintext endpoint set exporters::otlp::tls: {insecure: true}")
     assert errors and all(err.endswith(hint) for err in errors), errors  # retries, then the drop
+    assert not any("\n" in f"{r.getMessage()} {getattr(r, 'error', '')}" for r in caplog.records)
     assert backend.span_count() == 0
 
 
@@ -384,3 +420,7 @@ def test_grpc_core_writes_nothing_to_stderr_on_a_failed_handshake(backend):
                        cwd=Path(__file__).resolve().parents[3])
     assert "does not speak TLS" in r.stdout, r.stdout + r.stderr
     assert "ssl_transport_security" not in r.stderr and "Handshake failed" not in r.stderr, r.stderr
+    import re
+
+    core = [ln for ln in r.stderr.splitlines() if re.match(r"[IWEF]\d{4} \d\d:", ln) or "handshaker" in ln]
+    assert core == []  # grpc-core's lines look like "I1203 09:08:20.748311 6906 ssl_transport_security.cc:..."
