@@ -85,7 +85,8 @@ sys.exit(rc)
 
 def request(n: int, seq: int) -> bytes:
     base = time.time_ns()
-    spans = [Span(seq.to_bytes(8, "big") + i.to_bytes(8, "big"), (seq * n + i + 1).to_bytes(8, "big"),
+    # ids never all zeros (the receiver refuses those, as the OTLP specification asks)
+    spans = [Span(seq.to_bytes(8, "big") + (i + 1).to_bytes(8, "big"), (seq * n + i + 1).to_bytes(8, "big"),
                   "GET /items/{id}", kind=KIND_SERVER, start_time_unix_nano=base, end_time_unix_nano=base + 1000,
                   attributes={"http.request.method": "GET", "url.path": f"/items/{i}", "http.route": "/items/{id}",
                               "http.response.status_code": 200, "server.port": 8080,
@@ -265,7 +266,7 @@ def stages(batch: int) -> int:
     def fresh(seq: int, new: int) -> bytes:
         """A request like request() whose spans carry `new` attribute values seen nowhere else."""
         b = SpanBatch([ResourceSpans(Resource({"service.name": "bench"}), [ScopeSpans(Scope("bench"), [
-            Span(seq.to_bytes(8, "big") + i.to_bytes(8, "big"), (i + 1).to_bytes(8, "big"), "GET /items/{id}",
+            Span(seq.to_bytes(8, "big") + (i + 1).to_bytes(8, "big"), (i + 1).to_bytes(8, "big"), "GET /items/{id}",
                  kind=KIND_SERVER, start_time_unix_nano=1, end_time_unix_nano=2,
                  attributes={f"k{j}": (f"/items/{seq}/{i}/{j}" if j % 2 else seq * 10_000 + i * 10 + j)
                              if j < new else "v" for j in range(7)})
