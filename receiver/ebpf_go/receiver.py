@@ -76,22 +76,8 @@ class TargetConfig(ComponentConfig):
         return v
 
 
-NOT_YET_INSTRUMENTED = ("grpc_client", "grpc_server")   # libraries the receiver has no probe for yet
-
-
 class _Instrumentations(ComponentConfig):
     """`instrumentations`: one switch per probe of the registry (probes/__init__.py), on by default."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_yet(cls, data: Any) -> Any:
-        # `false` says what happens today; `true` would promise spans that cannot come.
-        if isinstance(data, dict):
-            for key in NOT_YET_INSTRUMENTED:
-                if data.get(key) is True:
-                    raise ValueError(f"{key}: gRPC is not instrumented yet, so it cannot be enabled; remove {key}")
-            data = {k: v for k, v in data.items() if not (k in NOT_YET_INSTRUMENTED and v is False)}
-        return data
 
 
 InstrumentationsConfig = create_model(  # type: ignore[call-overload]

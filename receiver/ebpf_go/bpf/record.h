@@ -24,6 +24,8 @@
 #define EVENT_KIND_HTTP_SERVER 1
 #define EVENT_KIND_HTTP_CLIENT 2
 #define EVENT_KIND_DATABASE_SQL 3
+#define EVENT_KIND_GRPC_SERVER 4
+#define EVENT_KIND_GRPC_CLIENT 5
 
 /* Every ring-buffer record starts with this header (spec.py HEADER). */
 struct event_header {

@@ -19,7 +19,6 @@ from .binary import GoBinary
 from .errors import BinaryError
 
 # Libraries a Go service may link that the receiver has no probe for yet: shown as `[ ]` with why.
-NOT_YET_INSTRUMENTED = {"google.golang.org/grpc": "gRPC client and server"}
 
 
 def _probes() -> list[Any]:
@@ -106,7 +105,11 @@ def collect(b: GoBinary) -> dict[str, Any]:
                     if not rep["return_sites"]:
                         item["warnings"].append(f"{n}: no return instruction found")
             item.update(probe.report(b))
-            for o in probe.offsets:
+            try:
+                wanted = probe.binary_offsets(b)
+            except Exception:   # ProbeUnavailable: the verdict above says why
+                wanted = probe.offsets
+            for o in wanted:
                 struct, fld = o.struct, o.field
                 off = b.struct_offset(struct, fld)
                 module, version = b.module_of(struct)
@@ -121,13 +124,11 @@ def collect(b: GoBinary) -> dict[str, Any]:
                     if off.source == "guess":
                         item["warnings"].append(f"{struct}.{fld}: {off.detail}")
         out["instrumentations"].append(item)
-    for module, what in NOT_YET_INSTRUMENTED.items():
-        if module in b.modules:
-            out["instrumentations"].append({
-                "name": what, "applies": False, "functions": [], "offsets": [], "warnings": [],
-                "reason": f"{module} {b.modules[module]} is linked, but the receiver has no probe for it yet"})
     out["warnings"].extend(b.warnings)
     return out
+
+
+_ITEM_KEYS = {"name", "probe", "applies", "reason", "functions", "offsets", "warnings", "end"}
 
 
 def render(rep: dict[str, Any]) -> str:
@@ -156,6 +157,9 @@ def render(rep: dict[str, Any]) -> str:
             pts = ", ".join(f"{p['addr']:#x} {p['program']}" for p in end["points"]) or "none"
             lines.append(f"        span end: {end['mode'] or 'not attached'}: {pts}"
                          + (f" ({end['reason']})" if end["reason"] else ""))
+        for key, value in inst.items():
+            if key not in _ITEM_KEYS and isinstance(value, str):
+                lines.append(f"        {key}: {value}")
         for o in inst["offsets"]:
             val = "absent/unknown" if o["offset"] is None else f"{o['offset']:>4}"
             src = o["source"] or "-"

@@ -4,6 +4,8 @@ and this registry, which the receiver, `inspect` and the `instrumentations` opti
 - nethttp_server: `net/http.serverHandler.ServeHTTP` -> SERVER spans
 - nethttp_client: `net/http.(*Transport).roundTrip` -> CLIENT spans (and the traceparent for sk_msg)
 - database_sql: `database/sql` query/exec -> CLIENT spans
+- grpc_server: `google.golang.org/grpc.(*Server).handleStream` -> SERVER spans
+- grpc_client: `google.golang.org/grpc.newClientStream` .. `(*clientStream).finish` -> CLIENT spans
 
 A new library is a new package declaring a `spec.Probe` and one line below. The order is the
 attach order: a probe whose spans are parents (context "writes") comes before those that read them.
@@ -12,11 +14,13 @@ attach order: a probe whose spans are parents (context "writes") comes before th
 from __future__ import annotations
 
 from .database_sql import PROBE as DATABASE_SQL
+from .grpc_client import PROBE as GRPC_CLIENT
+from .grpc_server import PROBE as GRPC_SERVER
 from .nethttp_client import PROBE as NET_HTTP_CLIENT
 from .nethttp_server import PROBE as NET_HTTP_SERVER
 from .spec import Build, Probe, ProbeUnavailable, RawCollector, StructCollector
 
-PROBES: list[Probe] = [NET_HTTP_SERVER, NET_HTTP_CLIENT, DATABASE_SQL]
+PROBES: list[Probe] = [NET_HTTP_SERVER, GRPC_SERVER, NET_HTTP_CLIENT, DATABASE_SQL, GRPC_CLIENT]
 
 __all__ = ["PROBES", "Build", "Probe", "ProbeUnavailable", "RawCollector", "StructCollector", "ctx_readers"]
 

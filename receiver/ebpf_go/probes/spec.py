@@ -49,6 +49,7 @@ class Offset:
     struct: str          # Go type, e.g. net/http.Request
     field: str
     fallback: int | None  # when neither DWARF nor the bundled table knows it; None: the probe is off
+    strict: bool = False  # a table guess only from the same minor release or agreeing neighbours, else off
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,10 @@ def offset_flags(binary: GoBinary, offsets: tuple[Offset, ...] | list[Offset]) -
     out = {}
     for o in offsets:
         off = binary.struct_offset(o.struct, o.field)
+        if off is not None and o.strict and off.source == "guess" and not (
+                "same minor release" in off.detail or "neighbours agree" in off.detail):
+            raise ProbeUnavailable(f"no measured offset for {o.struct}.{o.field}: {off.detail}, and layouts "
+                                   "change between those releases (a build with DWARF is traced)")
         value = off.value if off is not None else o.fallback
         if value is None:
             raise ProbeUnavailable(f"no offset for {o.struct}.{o.field} (no DWARF and not in the offsets table)")
@@ -225,6 +230,10 @@ class Probe:
 
     # -- compile
 
+    def binary_offsets(self, gb: GoBinary) -> tuple[Offset, ...]:
+        """The offsets this binary's program needs: `offsets`, plus those of its library version."""
+        return self.offsets
+
     def constants(self, gb: GoBinary, build: Build) -> list[str]:
         """The probe's own -D flags beyond its offsets and the common ones."""
         return []
@@ -235,7 +244,7 @@ class Probe:
             raise ProbeUnavailable(f"only amd64 is supported (binary is {gb.arch})")
         if gb.go_version_tuple < (1, 17, 0):
             raise ProbeUnavailable(f"{gb.go_version} predates the register ABI (Go >= 1.17 needed)")
-        flags = [f"-D{c}={v}" for c, v in offset_flags(gb, self.offsets).items()]
+        flags = [f"-D{c}={v}" for c, v in offset_flags(gb, self.binary_offsets(gb)).items()]
         flags += self.constants(gb, build)
         flags += [f'-DPIN_DIR="{build.pin_dir}"', f"-DMAX_INFLIGHT={build.max_inflight}",
                   f"-DRINGBUF_PAGES={build.ringbuf_pages}", f"-DWAKEUP_EVERY={WAKEUP_EVERY}",

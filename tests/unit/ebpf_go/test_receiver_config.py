@@ -87,14 +87,16 @@ def test_missing_privileges_fail_the_start_with_one_line(monkeypatch: pytest.Mon
     r.shutdown()
 
 
-@pytest.mark.parametrize("key", ["grpc_client", "grpc_server"])
-def test_grpc_cannot_be_enabled_before_it_is_instrumented(key: str) -> None:
-    # `true` would promise spans that cannot come; `false` says what happens.
+def test_instrumentations_are_the_registry() -> None:
+    # One switch per probe of the registry, on by default; an unknown key is refused with a hint.
+    from receiver.ebpf_go.probes import PROBES
+    cfg = EbpfGoConfig.model_validate({"instrumentations": {"grpc_client": False}})
+    assert {p.name: getattr(cfg.instrumentations, p.name) for p in PROBES} == {
+        "net_http_server": True, "grpc_server": True, "net_http_client": True, "database_sql": True,
+        "grpc_client": False}
     with pytest.raises(ValidationError) as e:
-        EbpfGoConfig.model_validate({"instrumentations": {key: True}})
-    assert f"{key}: gRPC is not instrumented yet, so it cannot be enabled; remove {key}" in str(e.value)
-    cfg = EbpfGoConfig.model_validate({"instrumentations": {key: False, "database_sql": False}})
-    assert cfg.instrumentations.database_sql is False and not hasattr(cfg.instrumentations, key)
+        EbpfGoConfig.model_validate({"instrumentations": {"grpc": True}})
+    assert "grpc" in str(e.value)
 
 
 def test_pin_dirs_of_exited_collectors_are_removed(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from collector.spans import KIND_CLIENT, STATUS_ERROR, AttrValue, Span
 
 from ... import sqlparse
 from ...gobinary import GoBinary
+from ...gobinary.itabs import itab_types, load_bias
 from ..spec import HEADER, Build, Field, Hook, Offset, Probe, Record, include_flags
 
 BPF_SOURCE = Path(__file__).resolve().with_name("database_sql.c")
@@ -220,36 +221,6 @@ def system_from_modules(binary: GoBinary) -> str:
     found = {system for mod in binary.modules for prefix, system in SYSTEMS
              if mod == prefix or mod.startswith(prefix + "/") or prefix.startswith(mod + "/") or mod == prefix}
     return found.pop() if len(found) == 1 else "other_sql"
-
-
-_ITAB = re.compile(r"^go[.:]itab\.(.+),([^,]+)$")
-
-
-def itab_types(binary: GoBinary) -> dict[int, tuple[str, str]]:
-    """ELF address of each itab -> (concrete type, interface), from the symbol table (none if stripped)."""
-    out: dict[int, tuple[str, str]] = {}
-    for s in binary.elf.symbols() or []:
-        if s.name.startswith(("go:itab.", "go.itab.")):
-            m = _ITAB.match(s.name)
-            if m:
-                out[s.value] = (m.group(1), m.group(2))
-    return out
-
-
-def load_bias(pid: int, binary: GoBinary) -> int:
-    """Run-time address minus ELF address for this process (0 unless PIE)."""
-    if not binary.is_pie:
-        return 0
-    try:
-        exe = Path(f"/proc/{pid}/exe").resolve()
-        with open(f"/proc/{pid}/maps") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) >= 6 and parts[2] == "00000000" and Path(parts[5]) == exe:
-                    return int(parts[0].split("-")[0], 16)
-    except OSError:
-        pass
-    return 0
 
 
 def parse_dsn(system: str, dsn: str) -> dict[str, AttrValue]:

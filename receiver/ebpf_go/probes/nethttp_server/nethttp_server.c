@@ -32,6 +32,7 @@
 #include "go_types.h"
 #include "record.h"
 #include "ctx_spans.h"
+#include "traceparent.h"
 
 #define METHOD_MAX 16
 #define PATH_MAX_ 128
@@ -281,49 +282,10 @@ static __always_inline void scan_headers(u64 m, struct server_call *c) {
 }
 #endif
 
-/* ---- traceparent: "vv-<32 hex trace id>-<16 hex parent id>-<2 hex flags>", lowercase hex. */
-
-static __always_inline int hexval(char ch) {
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    return -1;
-}
-
-static __always_inline int parse_hex(const char *src, u8 *dst, int nbytes) {
-    u8 any = 0;
-    for (int i = 0; i < 16; i++) {
-        if (i >= nbytes)
-            break;
-        int hi = hexval(src[2 * i]), lo = hexval(src[2 * i + 1]);
-        if (hi < 0 || lo < 0)
-            return -1;
-        dst[i] = (hi << 4) | lo;
-        any |= dst[i];
-    }
-    return any ? 0 : -1;   /* all-zero ids are invalid */
-}
-
 static __always_inline int parse_traceparent(struct header_scan *st, struct trace_ctx *tc) {
-    const char *s = st->tp;
-    if (!st->tp_found || st->tp_len < 55)
+    if (!st->tp_found)
         return -1;
-    if (s[2] != '-' || s[35] != '-' || s[52] != '-')
-        return -1;
-    u8 ver = 0;
-    if (parse_hex(s, &ver, 1) < 0 && !(s[0] == '0' && s[1] == '0'))
-        return -1;
-    if (ver == 0xff || (ver == 0 && st->tp_len != 55))
-        return -1;
-    if (parse_hex(s + 3, tc->trace_id, 16) < 0 || parse_hex(s + 36, tc->parent_span_id, 8) < 0)
-        return -1;
-    int hi = hexval(s[53]), lo = hexval(s[54]);
-    if (hi < 0 || lo < 0)
-        return -1;
-    tc->flags = (hi << 4) | lo;
-    tc->remote_parent = 1;
-    return 0;
+    return parse_traceparent_value(st->tp, st->tp_len, tc);
 }
 
 /* ---- probes */
