@@ -36,8 +36,8 @@ OUT = ROOT / "receiver" / "ebpf_go" / "gobinary" / "offsets.json"
 WORK = CACHE / "gen_offsets"
 
 GO_VERSIONS = ["1.19", "1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27", "system"]
-GRPC_VERSIONS = ["v1.40.0", "v1.45.0", "v1.50.1", "v1.55.0", "v1.56.3", "v1.60.1", "v1.64.1", "v1.66.2", "v1.69.4", "v1.72.2", "v1.77.0", "v1.80.0",
-                 "v1.82.1", "v1.85.0"]
+GRPC_VERSIONS = ["v1.40.0", "v1.45.0", "v1.50.1", "v1.55.0", "v1.56.3", "v1.60.1", "v1.64.1", "v1.66.2",
+                 "v1.69.4", "v1.72.2", "v1.77.0", "v1.80.0", "v1.82.1", "v1.85.0"]
 MODULE_TOOLCHAINS = ["1.27", "1.24", "1.21"]  # tried in order for module builds
 
 STD_MAIN = r"""package main
