@@ -60,16 +60,19 @@ def returned_itab(binary: GoBinary, function: str) -> int:
 
 
 def load_bias(pid: int, binary: GoBinary) -> int:
-    """Run-time address minus ELF address for this process (0 unless PIE)."""
+    """Run-time address minus ELF address for this process (0 unless PIE): where the mapping of
+    file offset 0 starts, minus the virtual address of the segment at file offset 0 (Go links its
+    PIEs at 0x400000, not 0)."""
     if not binary.is_pie:
         return 0
+    first = min((seg.vaddr - seg.offset for seg in binary.elf.segments if seg.offset == 0), default=0)
     try:
         exe = Path(f"/proc/{pid}/exe").resolve()
         with open(f"/proc/{pid}/maps") as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) >= 6 and parts[2] == "00000000" and Path(parts[5]) == exe:
-                    return int(parts[0].split("-")[0], 16)
+                    return int(parts[0].split("-")[0], 16) - first
     except OSError:
         pass
     return 0

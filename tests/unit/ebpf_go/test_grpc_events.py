@@ -4,17 +4,19 @@ itab found in stripped binaries, and the offsets each grpc-go version needs."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 
 import pytest
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from receiver.ebpf_go.gobinary import GoBinary
-from receiver.ebpf_go.gobinary.itabs import itab_types, returned_itab
+from receiver.ebpf_go.gobinary.itabs import itab_types, load_bias, returned_itab
 from receiver.ebpf_go.probes import Build, ProbeUnavailable
 from receiver.ebpf_go.probes import grpc_client as gc
 from receiver.ebpf_go.probes import grpc_server as gs
 from tests.support.gobuild import build_go_fixture
+from tests.support.grpcapp import GrpcApp
 
 TRACE, SPAN, PARENT = bytes(range(1, 17)), bytes(range(20, 28)), bytes(range(40, 48))
 
@@ -167,3 +169,22 @@ def test_an_unknown_grpc_layout_turns_the_probe_off(grpcapp_plain: GoBinary, mon
     monkeypatch.setitem(stripped.modules, "google.golang.org/grpc", "v1.39.0")
     with pytest.raises(ProbeUnavailable, match="older than v1.40.0"):
         gc.PROBE.cflags(stripped, Build("/p", 16, 1))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="reads another process's memory")
+@pytest.mark.parametrize("variant", ["pie", "pie-external"])
+def test_load_bias_of_a_running_pie(variant: str) -> None:
+    # Go links its own PIEs at 0x400000 (gcc at 0): the bias is where file offset 0 is mapped minus
+    # that address, so the code of a function is at its ELF address + bias in the process.
+    binary = build_go_fixture("grpcapp", "system", variant)
+    gb = GoBinary.open(binary)
+    app = GrpcApp(binary)
+    try:
+        bias = load_bias(app.pid, gb)
+        f = gb.function(gc.FINISH)
+        assert f is not None and bias != 0
+        with open(f"/proc/{app.pid}/mem", "rb") as mem:
+            mem.seek(f.start + bias)
+            assert mem.read(32) == gb.elf.read(f.start, 32)
+    finally:
+        app.stop()
