@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
-from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_client as nc  # noqa: E402
 from tests.e2e.test_ebpf_propagation import RawHTTP  # noqa: E402
 from tests.support.bpffs import make_pin_dir  # noqa: E402

@@ -61,7 +61,7 @@ from collector.component import ComponentID  # noqa: E402
 from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
-from receiver.ebpf_go.loader import release_bpf  # noqa: E402
+from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import StructCollector  # noqa: E402
 from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
 from receiver.ebpf_go.ringbuf import RingCopier, wait_any  # noqa: E402

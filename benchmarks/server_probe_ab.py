@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http_server_overhead import cpu_seconds  # noqa: E402
 
-from receiver.ebpf_go import bpfsys, loader  # noqa: E402
+from receiver.ebpf_go import bpfsys, preflight  # noqa: E402
+from receiver.ebpf_go.bpfprogram import compile_program  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from tests.support.bpffs import make_pin_dir  # noqa: E402
@@ -160,7 +161,7 @@ def main() -> int:
     headers = ["User-Agent: wrk/4.2 (server_probe_ab)",
                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"] if args.headers else []
     os.sched_setaffinity(0, {1})
-    ksrc, _ = loader.find_kernel_headers("auto")
+    ksrc, _ = preflight.find_kernel_headers("auto")
     exe = build_go_fixture("httpserver", args.go, "plain")
     gb = GoBinary.open(str(exe))
     pin_dir = make_pin_dir(f"otelgo-ab-{os.getpid()}")
@@ -176,12 +177,12 @@ def main() -> int:
             names = {d.split("=")[0] for d in v.defines}
             flags = [f for f in base if f.split("=")[0] not in names] + v.defines
             if v.empty_text:
-                v.bpf = loader.compile_program(empty_src, [], ksrc).bpf
+                v.bpf = compile_program(empty_src, [], ksrc).bpf
             elif v.before or any(d.startswith("-DAB_") for d in v.defines):
                 old = server_source_at(args.before_rev if v.before else args.ab_rev, Path(tmp))
-                v.bpf = loader.compile_program(old, flags, ksrc).bpf
+                v.bpf = compile_program(old, flags, ksrc).bpf
             else:
-                v.bpf = loader.compile_program(nethttp_server.BPF_SOURCE, flags, ksrc).bpf
+                v.bpf = compile_program(nethttp_server.BPF_SOURCE, flags, ksrc).bpf
     sym = nethttp_server.SYMBOL
     entry = gb.entry_probe(sym).addr
     ends = {"ret": nethttp_server.end_plan(gb, "ret").points, "emulated": nethttp_server.end_plan(gb, "emulated").points,

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from receiver.ebpf_go.loader import release_bpf  # noqa: E402
+from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
 
 C_SOURCE = r"""
 #include <stdio.h>

@@ -8,7 +8,7 @@ extracts what the kernel needs to load the result again: each function's instruc
 license, every map (as the kernel reports it), where the code refers to a map (ld_imm64 of a map
 fd: a relocation by map name), and which maps are pinned under which file name. The child pins
 into a temporary directory of its own (PIN_DIR is replaced), so the image depends neither on the
-collector's pin directory nor on its pid, and can be cached (loader.ImageStore).
+collector's pin directory nor on its pid, and can be cached (images.ImageStore).
 
 Request: {"source": path, "cflags": [...], "kernel_source": path or null}
 Answer (stdout, one JSON object): {"image": {...}} or {"error": "..."}; clang's diagnostics go to

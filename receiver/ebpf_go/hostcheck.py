@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from collector.errors import UserError
 
-from . import hostfs, loader
+from . import hostfs, preflight
 from .propagation import probe_write
 
 MIN_KERNEL = (5, 8)   # BPF ring buffers (the probes' only way out)
@@ -67,11 +67,11 @@ def in_private_mount_namespace(fn: Callable[[], str]) -> str:
 
 
 def check_privileges() -> Line:
-    missing = loader.missing_capabilities()
+    missing = preflight.missing_capabilities()
     if not missing:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()} with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE"
         return Line("privileges", True, who)
-    return Line("privileges", False, f"uid {os.geteuid()} lacks {', '.join(missing)}: {loader.PRIVILEGE_FIX}")
+    return Line("privileges", False, f"uid {os.geteuid()} lacks {', '.join(missing)}: {preflight.PRIVILEGE_FIX}")
 
 
 def check_kernel() -> Line:
@@ -153,7 +153,7 @@ def check_lockdown() -> Line:
 
 def check_headers() -> Line:
     try:
-        _, how = loader.find_kernel_headers("auto")
+        _, how = preflight.find_kernel_headers("auto")
     except UserError as e:
         return Line("kernel headers", False, str(e))
     return Line("kernel headers", True, how)
@@ -161,10 +161,10 @@ def check_headers() -> Line:
 
 def check_bcc() -> Line:
     try:
-        loader.check_bcc()
+        preflight.check_bcc()
     except UserError as e:
         return Line("BCC", False, str(e))
-    return Line("BCC", True, f"importable (version {loader.bcc_version()})")
+    return Line("BCC", True, f"importable (version {preflight.bcc_version()})")
 
 
 CHECKS: tuple[Callable[[], Line], ...] = (

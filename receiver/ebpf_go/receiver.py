@@ -24,8 +24,9 @@ from collector.errors import ConsumerError, KernelError, UserError
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry
 
-from . import discovery, events, hostfs, loader, propagation
+from . import bpfprogram, discovery, events, hostfs, preflight, propagation
 from .gobinary import BinaryError, GoBinary, NotGoBinary
+from .images import ImageStore
 from .probes import PROBES, Build, Probe, RawCollector, ctx_readers
 from .probes.spec import LOST_MAP, RINGBUF
 from .propagation.skmsg import HELD_ELSEWHERE_HINT
@@ -158,7 +159,7 @@ class ProbeProgram:
     """One probe's program for one binary."""
 
     probe: Probe
-    program: loader.Program
+    program: bpfprogram.Program
     collector: RawCollector
     state: Any
     build: Build         # what the program was compiled with: attach and spans use the same
@@ -247,16 +248,16 @@ class EbpfGoReceiver(Receiver):
         self._scopes: dict[str, Scope] = {}
         self.probes = [p for p in PROBES if getattr(config.instrumentations, p.name, False)]
         self.scan_seconds: list[float] = []
-        self.images: loader.ImageStore | None = None
+        self.images: ImageStore | None = None
 
     # -------------------------------------------------------- lifecycle
 
     def start(self, host: Host) -> None:
         # What the receiver cannot do without (BCC, privileges, headers, bpffs) fails the collector's
         # start, as in the Go collector: a collector that runs but traces nothing misleads its user.
-        loader.check_bcc()
-        loader.check_privileges()
-        self.kernel_source, how = loader.find_kernel_headers(self.config.kernel_headers)
+        preflight.check_bcc()
+        preflight.check_privileges()
+        self.kernel_source, how = preflight.find_kernel_headers(self.config.kernel_headers)
         self._mount_host_filesystems()
         stale = remove_stale_pin_dirs(os.path.dirname(self.pin_dir))
         if stale:
@@ -268,7 +269,7 @@ class EbpfGoReceiver(Receiver):
             raise KernelError(f"cannot create the pin directory {self.pin_dir}: {e.strerror}") from None
         self.common = Build(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
                             options=probe_options(self.config))
-        images = self.images = loader.ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
+        images = self.images = ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
                                                  log=self.log)
         # The propagation mode (sk_msg: a program to compile or load, sock_ops to attach) is chosen
         # on a thread of its own: only the client probe's program depends on it, so discovery and the
@@ -303,7 +304,7 @@ class EbpfGoReceiver(Receiver):
         if mode is not None:
             self.log.info("kernel lockdown: %s (%s)", mode, hostfs.LOCKDOWN_MEANING.get(mode, "unknown mode"))
 
-    def _choose_propagation(self, images: loader.ImageStore) -> None:
+    def _choose_propagation(self, images: ImageStore) -> None:
         # Without client spans nothing can propagate: report "off".
         requested = self.config.propagation if any(p.uses_propagation for p in self.probes) else "off"
         try:
@@ -455,7 +456,7 @@ class EbpfGoReceiver(Receiver):
         for pr, fut, flags, build in pending:
             try:
                 result = fut.result()
-                prog = loader.load_program(result, loader.pin_dir_of(flags))
+                prog = bpfprogram.load_program(result, bpfprogram.pin_dir_of(flags))
                 col = pr.collector()
                 col.bind(prog.bpf.ring_buffer(RINGBUF))
             except Exception as e:  # KernelError (compile, map creation): this probe is off
@@ -502,11 +503,11 @@ class EbpfGoReceiver(Receiver):
         for pp in tb.programs:
             try:
                 probe = pp.probe
-                loader.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid,  # noqa: B023
+                bpfprogram.attach(pp.program, p.pid, lambda bpf, pid: probe.attach(bpf, gb, p.exe_link, pid,  # noqa: B023
                                                                             pp.build))  # noqa: B023
                 n += len(pp.program.links.get(p.pid, []))
             except Exception as e:  # KernelError or the module's ProbeUnavailable: this probe is off here
-                loader.detach_pid(pp.program, p.pid)
+                bpfprogram.detach_pid(pp.program, p.pid)
                 self.m_errors.labels(reason="attach").inc()
                 self.log.warning("%s probe off for pid %d: %s", pp.probe.name, p.pid, e,
                                  extra={"pid": p.pid, "exe": p.exe})
@@ -514,7 +515,7 @@ class EbpfGoReceiver(Receiver):
             return
         if not self.watcher.still_same(p):  # exited (and maybe reused) while we attached
             for pp in tb.programs:
-                loader.detach_pid(pp.program, p.pid)
+                bpfprogram.detach_pid(pp.program, p.pid)
             return
         tb.pids[p.pid] = p
         tb.idle_since = None
@@ -541,7 +542,7 @@ class EbpfGoReceiver(Receiver):
             self._drain(tb)      # its last spans first, while the resource is known
             tb.pids.pop(pid, None)
             for pp in tb.programs:
-                loader.detach_pid(pp.program, pid)
+                bpfprogram.detach_pid(pp.program, pid)
             if not tb.pids:
                 # Kept for program_linger: a restarted process (crash loop, deploy) reuses the
                 # compiled programs instead of paying a ~2 s compile again. No uprobe stays attached.
@@ -559,7 +560,7 @@ class EbpfGoReceiver(Receiver):
         for pp in tb.programs:
             if pp.collector.ring is not None:
                 self.copier.remove(pp.collector.ring)   # the copier never reads an unmapped ring
-            loader.close_program(pp.program)
+            bpfprogram.close_program(pp.program)
         tb.programs.clear()
 
     def _update_gauges(self) -> None:

@@ -28,9 +28,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, from_json_dict
-from receiver.ebpf_go import loader
+from receiver.ebpf_go.bpfprogram import release_bpf
+from receiver.ebpf_go.compilechild import BPF_DIR
 from receiver.ebpf_go.gobinary import GoBinary
-from receiver.ebpf_go.loader import release_bpf
 from receiver.ebpf_go.probes import database_sql as dbsql
 from tests.support.bpffs import make_pin_dir
 from tests.support.collector import CollectorProcess
@@ -290,7 +290,7 @@ def test_probe_alone_parent_from_request_context(dbapp: Path, app: App) -> None:
     gb = GoBinary.open(dbapp)
     ctx_off = gb.struct_offset("net/http.Request", "ctx")
     assert ctx_off is not None
-    server = BPF(text=FAKE_SERVER_C.encode(), cflags=[f"-I{loader.BPF_DIR}", f'-DPIN_DIR="{pin}"',
+    server = BPF(text=FAKE_SERVER_C.encode(), cflags=[f"-I{BPF_DIR}", f'-DPIN_DIR="{pin}"',
                                                       f"-DREQ_CTX_POS={ctx_off.value}"])
     try:
         server.attach_uprobe(name=str(dbapp).encode(), addr=gb.entry_probe("net/http.serverHandler.ServeHTTP").addr,

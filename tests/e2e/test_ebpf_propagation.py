@@ -28,8 +28,8 @@ pytestmark = pytest.mark.root
 if os.geteuid() != 0 and os.environ.get("CI") != "true":
     pytest.skip("needs root and eBPF (never skipped under CI=true)", allow_module_level=True)
 
+from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
-from receiver.ebpf_go.loader import release_bpf  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_client as nc  # noqa: E402
 from receiver.ebpf_go.propagation.skmsg import SkMsgPropagation  # noqa: E402
 from tests.support.bpffs import make_pin_dir  # noqa: E402

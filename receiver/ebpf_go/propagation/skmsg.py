@@ -4,7 +4,7 @@ Loads skmsg_traceparent.c (beside this file) once per collector: a sock_ops prog
 every client socket of a watched (traced) process into a sockhash, and an sk_msg program on that sockhash rewrites the first
 send of a request for which the uprobe side (probes/nethttp_client/nethttp_client.c) left a pending trace context.
 The maps the two sides share are pinned under `pin_dir` (bpffs); this module owns them: it
-creates them at start and unlinks them at stop. Compiled in a child process (loader.run_compiler)
+creates them at start and unlinks them at stop. Compiled in a child process (compilechild.run_compiler)
 and loaded with bpfsys: no BCC in the collector process.
 """
 
@@ -20,7 +20,10 @@ from typing import Any
 
 from collector.errors import KernelError
 
-from .. import bpfsys, hostfs, loader
+from .. import bpfsys, hostfs, preflight
+from ..bpfobjects import LoadedProgram
+from ..compilechild import run_compiler
+from ..images import ImageStore
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"   # shared headers (traceparent_handoff.h)
 SOURCE = Path(__file__).resolve().with_name("skmsg_traceparent.c")
@@ -106,14 +109,14 @@ class SkMsgPropagation:
     """The sock_ops + sk_msg pair; `start()` loads and attaches, `stop()` detaches and unpins."""
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, fresh_ms: float = 50.0, scan_max: int = 4096,
-                 images: loader.ImageStore | None = None) -> None:
+                 images: ImageStore | None = None) -> None:
         if scan_max & (scan_max - 1) or not 256 <= scan_max <= 8192:
             raise ValueError("scan_max must be a power of two in [256, 8192]")
         self.pin_dir = pin_dir
         self.fresh_ns = int(fresh_ms * 1e6)
         self.scan_max = scan_max
         self.images = images      # compiled images (cache); None: compile in a child each start
-        self._bpf: loader.LoadedProgram | None = None
+        self._bpf: LoadedProgram | None = None
         self._cgroup_fd = -1
         self._link_fd = -1
         self._sockops = -1
@@ -127,7 +130,7 @@ class SkMsgPropagation:
 
     def start(self) -> None:
         try:
-            loader.check_bcc()
+            preflight.check_bcc()
         except Exception as e:
             raise PropagationError(str(e)) from None
         try:
@@ -142,8 +145,8 @@ class SkMsgPropagation:
             if self.images is not None:
                 image = self.images.get(source, self.cflags(), None).image
             else:
-                image = loader.run_compiler(source, self.cflags(), None)
-            self._bpf = bpf = loader.LoadedProgram(image, self.pin_dir)
+                image = run_compiler(source, self.cflags(), None)
+            self._bpf = bpf = LoadedProgram(image, self.pin_dir)
             self._sockops = bpf.load_func("sockops_track", bpfsys.PROG_SOCK_OPS)
             self._skmsg = bpf.load_func("skmsg_traceparent", bpfsys.PROG_SK_MSG)
             more = bpf.load_func("skmsg_scan_more", bpfsys.PROG_SK_MSG)
@@ -205,7 +208,7 @@ class SkMsgPropagation:
             raise PropagationError(HELD_ELSEWHERE_HINT)
 
     def table(self, name: str) -> Any:
-        """A map of the program (loader.BpfMap); the maps shared with the client probe have their
+        """A map of the program (bpfobjects.BpfMap); the maps shared with the client probe have their
         C structs as `Key`/`Leaf`, so `tab[tab.Key(...)] = tab.Leaf(...)` works."""
         if self._bpf is None:
             raise PropagationError("sk_msg propagation is not started")

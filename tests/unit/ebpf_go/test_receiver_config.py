@@ -71,10 +71,10 @@ def test_missing_privileges_fail_the_start_with_one_line(monkeypatch: pytest.Mon
     from collector.component import ComponentID
     from collector.errors import PrivilegeError
     from collector.telemetry import ComponentTelemetry, SelfMetrics
-    from receiver.ebpf_go import loader
+    from receiver.ebpf_go import preflight
 
-    monkeypatch.setattr(loader, "missing_capabilities", lambda: ["CAP_BPF", "CAP_SYS_PTRACE"])
-    monkeypatch.setattr(loader, "check_bcc", lambda: None)
+    monkeypatch.setattr(preflight, "missing_capabilities", lambda: ["CAP_BPF", "CAP_SYS_PTRACE"])
+    monkeypatch.setattr(preflight, "check_bcc", lambda: None)
     r = factory.create(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go",
                                                                                   SelfMetrics()), None)
     with pytest.raises(PrivilegeError) as e:

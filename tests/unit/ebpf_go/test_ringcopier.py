@@ -20,7 +20,8 @@ import pytest
 from collector.component import ComponentID
 from collector.spans import KIND_SERVER, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry, SelfMetrics
-from receiver.ebpf_go import bpfsys, loader
+from receiver.ebpf_go import bpfsys
+from receiver.ebpf_go.bpfprogram import Program
 from receiver.ebpf_go.probes import Probe, RawCollector, StructCollector
 from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary
 from receiver.ebpf_go.ringbuf import BUSY, DISCARD, RingBuffer, RingCopier, split_block, unpack_block
@@ -319,7 +320,7 @@ def receiver_with(r: RingBuffer) -> tuple[EbpfGoReceiver, TracedBinary, Spans]:
     probe = SeqProbe()
     col = probe.collector()
     col.bind(r)
-    pp = ProbeProgram(probe, loader.Program(FakeBpf(r), "seq.c", 0.0), col, None,  # type: ignore[arg-type]
+    pp = ProbeProgram(probe, Program(FakeBpf(r), "seq.c", 0.0), col, None,  # type: ignore[arg-type]
                       rcv.common)
     tb = TracedBinary((1, 2), None, "/bin/seq", [pp])  # type: ignore[arg-type]
     rcv.binaries[tb.key] = tb

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from receiver.ebpf_go.bpfprogram import release_bpf
 from receiver.ebpf_go.gobinary import GoBinary
-from receiver.ebpf_go.loader import release_bpf
 
 from .conftest import fixture_binary
 
