@@ -31,7 +31,8 @@ from http_server_overhead import Count, cpu_seconds  # noqa: E402
 
 from collector.component import ComponentID  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
-from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
+from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
+from receiver.ebpf_go.receiver import factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 

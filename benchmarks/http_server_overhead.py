@@ -33,8 +33,9 @@ from collector.component import ComponentID  # noqa: E402
 from collector.spans import SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go import discovery  # noqa: E402
+from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
-from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
+from receiver.ebpf_go.receiver import factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 

@@ -12,10 +12,10 @@ Pipeline (this process, pinned to CPU 1): the receiver's own per-event path: the
 by the receiver's copier (`receiver/ebpf_go/ringbuf.py`: `RingCopier`, with the receiver's period,
 idle wait and queue bound, copying the committed records as one bytes block per pass,
 `RingBuffer.read_block`, every 10 ms on its own thread), the copies drained as
-`EbpfGoReceiver._reader_loop` does (every 20 ms counted from the start of the previous drain; after
+`SpanDrain.run` (drain.py) does (every 20 ms counted from the start of the previous drain; after
 a drain that found nothing, a wait for the copier's next copy), decoded there as the receiver's
 `StructCollector.decode` does (the net/http server probe's layout), `nethttp_server.to_spans`,
-one `SpanBatch` per drain (as `EbpfGoReceiver._push`), the `batch` processor, the `otlp` exporter;
+one `SpanBatch` per drain (as `SpanDrain._push`), the `batch` processor, the `otlp` exporter;
 the heap frozen once set up, as the collector does (`collector.service.freeze_startup_heap`).
 `--no-copier`: the drain reads the ring itself, as the receiver did before the copier (after an
 empty drain, a wait on the ring's epoll of up to 100 ms); `--reader bcc` (BCC's ctypes callback per
@@ -62,8 +62,8 @@ from collector.service import freeze_startup_heap  # noqa: E402
 from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
+from receiver.ebpf_go.drain import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
 from receiver.ebpf_go.probes import StructCollector  # noqa: E402
-from receiver.ebpf_go.receiver import COPY_PERIOD_S, IDLE_WAIT_S, QUEUE_RINGS  # noqa: E402
 from receiver.ebpf_go.ringbuf import RingCopier, wait_any  # noqa: E402
 
 C_SOURCE = r"""
@@ -413,7 +413,7 @@ def main() -> int:
         os.set_blocking(prod.stdout.fileno(), False)
         line = ""
         woke = False
-        while True:   # as EbpfGoReceiver._reader_loop
+        while True:   # as SpanDrain.run
             started = time.monotonic()
             if copier is not None:
                 copier.ready.clear()

@@ -44,7 +44,8 @@ def main() -> int:
     args = ap.parse_args()
     from collector.component import ComponentID
     from collector.telemetry import ComponentTelemetry, SelfMetrics
-    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from receiver.ebpf_go.config import EbpfGoConfig
+    from receiver.ebpf_go.receiver import factory
     from tests.support.gobuild import build_go_fixture
     binary = args.binary or str(build_go_fixture("httpserver", "1.27", "plain"))
     srv = subprocess.Popen([binary], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -42,9 +42,10 @@ from http_server_overhead import Count, cpu_seconds, wrk  # noqa: E402
 
 from collector.component import ComponentID  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
+from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import database_sql, nethttp_client, nethttp_server  # noqa: E402
-from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
+from receiver.ebpf_go.receiver import factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 SPANS_PER_REQUEST = 4
@@ -140,7 +141,7 @@ def main() -> int:
             if r is not None:
                 time.sleep(0.3)
                 r.shutdown()
-                out.update(spans=sink.n, injected=r._skmsg_seen.get("request:injected", 0))
+                out.update(spans=sink.n, injected=r.metrics.skmsg_seen.get("request:injected", 0))
                 r = None
             return out
         finally:

@@ -45,7 +45,8 @@ def child(pids: list[int], cache_dir: str, out: Any, go: Any, propagation: str =
     from collector.component import ComponentID
     from collector.spans import SpanBatch
     from collector.telemetry import ComponentTelemetry, SelfMetrics
-    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from receiver.ebpf_go.config import EbpfGoConfig
+    from receiver.ebpf_go.receiver import factory
     from tests.support.procmaps import bcc_or_llvm_mapped
 
     class Count:

@@ -54,7 +54,8 @@ class Collect:
 
 
 def start_receiver(config: dict[str, Any]) -> tuple[Any, Collect]:
-    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from receiver.ebpf_go.config import EbpfGoConfig
+    from receiver.ebpf_go.receiver import factory
     sink = Collect()
     cfg = EbpfGoConfig.model_validate({"discovery_interval": "100ms", **config})
     r = factory.create(ComponentID("ebpf_go"), cfg, ComponentTelemetry("receiver", "ebpf_go", SelfMetrics()), sink)

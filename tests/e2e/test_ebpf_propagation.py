@@ -405,8 +405,9 @@ def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
     from collector.component import ComponentID
     from collector.telemetry import ComponentTelemetry, SelfMetrics
     from receiver.ebpf_go import propagation
+    from receiver.ebpf_go.config import EbpfGoConfig
     from receiver.ebpf_go.propagation import probe_write
-    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from receiver.ebpf_go.receiver import factory
     from tests.e2e.test_ebpf_http_server import Collect
     from tests.support.collector import wait_for
 
@@ -431,7 +432,7 @@ def test_receiver_in_probe_write_mode_compiles_attaches_and_counts_the_writer(
         r.start(None)
         wait_for(lambda: r.propagation is not None, 30, "propagation mode chosen (on its own thread)")
         assert r.enabled and r.propagation is not None and r.propagation.mode == "probe_write"
-        assert r.common.probe_write and not r.common.skmsg and r.stitcher is not None
+        assert r.common.probe_write and not r.common.skmsg and r.drain.stitcher is not None
         wait_for(lambda: proc.pid in r.processes, 30, "pid traced")
         tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         for query, headers in (("", {}), ("", {}), ("", {}), ("?fwd_tp=1", {"traceparent": tp})):

@@ -337,9 +337,10 @@ def test_sk_msg_is_stopped_when_the_choice_fails_after_it_attached() -> None:
 def test_connections_held_by_another_sk_msg_program_are_counted_and_said(caplog: pytest.LogCaptureFixture) -> None:
     from collector.component import ComponentID
     from collector.telemetry import ComponentTelemetry, SelfMetrics
+    from receiver.ebpf_go.config import EbpfGoConfig
     from receiver.ebpf_go.propagation import PropagationChoice
     from receiver.ebpf_go.propagation.skmsg import SkMsgCounts
-    from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+    from receiver.ebpf_go.receiver import factory
 
     class Counters:
         """The sk_msg program's counters as three successive reads find them."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from receiver.ebpf_go.receiver import EbpfGoConfig, factory
+from receiver.ebpf_go.config import EbpfGoConfig
+from receiver.ebpf_go.receiver import factory
 
 
 def test_defaults_need_no_options() -> None:
@@ -105,7 +106,7 @@ def test_pin_dirs_of_exited_collectors_are_removed(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from receiver.ebpf_go.receiver import remove_stale_pin_dirs
+    from receiver.ebpf_go.pins import remove_stale_pin_dirs
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
     for name in (f"otelgo-{gone}-ebpf_go", f"otelgo-{gone}-ebpf_go_2", f"otelgo-{os.getpid()}-ebpf_go",

@@ -21,7 +21,8 @@ if os.geteuid() != 0 and os.environ.get("CI") != "true":
 from collector.component import ComponentID  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go import receiver as receiver_module  # noqa: E402
-from receiver.ebpf_go.receiver import EbpfGoConfig, factory  # noqa: E402
+from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
+from receiver.ebpf_go.receiver import factory  # noqa: E402
 from tests.support.held import open_fds, sock_ops_on_root  # noqa: E402
 
 

@@ -22,9 +22,11 @@ from collector.spans import KIND_SERVER, Span, SpanBatch
 from collector.telemetry import ComponentTelemetry, SelfMetrics
 from receiver.ebpf_go import bpfsys
 from receiver.ebpf_go.bpfprogram import Program
+from receiver.ebpf_go.config import EbpfGoConfig
 from receiver.ebpf_go.probes import Probe, RawCollector, StructCollector
-from receiver.ebpf_go.receiver import EbpfGoConfig, EbpfGoReceiver, ProbeProgram, TracedBinary
+from receiver.ebpf_go.receiver import EbpfGoReceiver
 from receiver.ebpf_go.ringbuf import BUSY, DISCARD, RingBuffer, RingCopier, split_block, unpack_block
+from receiver.ebpf_go.traced import ProbeProgram, TracedBinary
 
 from .test_ringbuf import IS_ROOT, FakeRing, _ringbuf_output_prog
 
@@ -324,17 +326,17 @@ def receiver_with(r: RingBuffer) -> tuple[EbpfGoReceiver, TracedBinary, Spans]:
                       rcv.common)
     tb = TracedBinary((1, 2), None, "/bin/seq", [pp])  # type: ignore[arg-type]
     rcv.binaries[tb.key] = tb
-    rcv.copier.add(r, r.read_block, 4 * SIZE)   # as _binary_for does
+    rcv.drain.copier.add(r, r.read_block, 4 * SIZE)   # as ProcessTracker._binary_for does (SpanDrain.add_rings)
     return rcv, tb, out
 
 
 def test_receiver_shutdown_pushes_copied_and_ring_records(ring: tuple[FakeRing, RingBuffer]) -> None:
     f, r = ring
     rcv, tb, out = receiver_with(r)
-    rcv.copier.start()
+    rcv.drain.copier.start()
     put(f, 0, 50)
     deadline = time.monotonic() + 10
-    while rcv.copier.held(r)[1] < 50 * IN_RING and time.monotonic() < deadline:
+    while rcv.drain.copier.held(r)[1] < 50 * IN_RING and time.monotonic() < deadline:
         time.sleep(0.001)
     put(f, 50, 25)                    # not copied yet
     bpf = tb.programs[0].program.bpf
@@ -350,16 +352,16 @@ def test_receiver_drain_then_release_loses_nothing(ring: tuple[FakeRing, RingBuf
     f, r = ring
     rcv, tb, out = receiver_with(r)
     put(f, 0, 10)
-    assert rcv.copier.copy_pass() == (1, False)     # one block of 10 records
+    assert rcv.drain.copier.copy_pass() == (1, False)     # one block of 10 records
     with rcv._lock:
-        assert rcv._drain(tb) == 10
+        assert rcv.drain.drain_binary(tb) == 10
     put(f, 10, 5)
-    assert rcv.copier.copy_pass() == (1, False)
+    assert rcv.drain.copier.copy_pass() == (1, False)
     put(f, 15, 5)
     tb.idle_since = time.monotonic() - 1e6
-    rcv._close_idle()
+    rcv.tracker.close_idle()
     assert out.names == [str(i) for i in range(20)]
-    assert rcv.copier.take(r) == [] and rcv.copier.copy_pass() == (0, False)
+    assert rcv.drain.copier.take(r) == [] and rcv.drain.copier.copy_pass() == (0, False)
     rcv.shutdown()
 
 
@@ -413,12 +415,12 @@ def test_a_blocked_pipeline_does_not_hold_the_receiver_lock(ring: tuple[FakeRing
 
     out.consume = blocking  # type: ignore[method-assign]
     put(f, 0, 10)
-    assert rcv.copier.copy_pass() == (1, False)
+    assert rcv.drain.copier.copy_pass() == (1, False)
 
     def drain() -> None:
         with rcv._lock:
-            rcv._drain(tb)
-        rcv._send_outbox()
+            rcv.drain.drain_binary(tb)
+        rcv.drain.send_outbox()
 
     t = threading.Thread(target=drain)
     t.start()

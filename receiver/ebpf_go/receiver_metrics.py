@@ -1,0 +1,89 @@
+"""The `ebpf_go` receiver's self-metrics (Prometheus, localhost:8888/metrics): processes and uprobes
+traced, records read and lost, what was not traced and why, BPF programs prepared by origin, the
+stitcher's outcomes, and the propagation counters.
+
+In sk_msg mode the propagation counters live in a BPF array that the sk_msg program fills; they
+are read once a second (`read_skmsg_counts`) and exported by delta. In probe_write mode each client
+record carries the writer's outcome (`count_writer_outcomes`, from the drain).
+"""
+
+from __future__ import annotations
+
+from collector.component import ComponentID
+from collector.telemetry import ComponentTelemetry
+
+from .propagation import SkMsgPropagation
+from .propagation.skmsg import HELD_ELSEWHERE_HINT
+
+
+class ReceiverMetrics:
+    """The receiver's counters and gauges, registered once per receiver."""
+
+    def __init__(self, id: ComponentID, telemetry: ComponentTelemetry) -> None:
+        self.telemetry = telemetry
+        m = telemetry.metrics
+        self.processes = m.gauge("otelgo_ebpf_processes_instrumented", "Processes with probes attached.")
+        self.probes = m.gauge("otelgo_ebpf_probes_attached", "Uprobes attached, per probe.", ["probe"])
+        self.events = m.counter("otelgo_ebpf_events", "Ring-buffer records read.")
+        self.lost = m.counter("otelgo_ebpf_events_lost", "Records dropped in BPF: ring buffer full.")
+        self.errors = m.counter("otelgo_ebpf_attach_errors", "Processes or probes not traced, by reason.",
+                                ["reason"])
+        self.tp_injected = m.counter("otelgo_ebpf_propagation_injected",
+                                     "Requests whose traceparent sk_msg inserted at the socket.")
+        self.tp_skipped = m.counter("otelgo_ebpf_propagation_skipped",
+                                    "Requests sk_msg left unchanged, by reason.", ["reason"])
+        self.tp_sockets_skipped = m.counter(
+            "otelgo_ebpf_propagation_connections_skipped",
+            "Client connections sk_msg cannot watch, by reason (held_elsewhere: another sk_msg program "
+            "holds them; not_added: map full or other): their requests are sent unchanged.", ["reason"])
+        self.stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome.",
+                                ["outcome"])
+        self.compiles = m.counter("otelgo_ebpf_bpf_programs",
+                                  "BPF programs prepared, by origin: compiled (a compiler child ran), "
+                                  "memory or disk (image cache), error.", ["origin"])
+        self.accepted = m.receiver_accepted.labels(receiver=str(id), transport="ebpf")
+        self.refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
+        self.skmsg_seen: dict[str, int] = {}   # "<kind>:<name>" -> the sk_msg counter's last value
+
+    def count_stitch(self, outcome: str, n: int, protocol: str = "") -> None:
+        """The stitcher's outcome counts (`protocol`, which newer stitchers pass, is not a label yet)."""
+        self.stitch.labels(outcome=outcome).inc(n)
+
+    def count_writer_outcomes(self, outcomes: dict[str, int] | None) -> None:
+        """probe_write mode: the writer's outcome is in each client record (there is no sk_msg array)."""
+        for name, n in (outcomes or {}).items():
+            if name == "injected":
+                self.tp_injected.inc(n)
+            else:
+                self.tp_skipped.labels(reason=name).inc(n)
+
+    def read_skmsg_counts(self, sk: SkMsgPropagation | None) -> None:
+        """Export the sk_msg program's outcome counters (a BPF array) as self-metrics, by delta."""
+        if sk is None:
+            return
+        try:
+            counts = sk.counts()
+        except Exception:  # our bug or a map gone at shutdown: metrics only
+            self.telemetry.warn_once_per("skmsg-counts", 60, "cannot read the sk_msg counters")
+            return
+        for name, delta in self._skmsg_deltas("request", counts.outcomes):
+            if name == "injected":
+                self.tp_injected.inc(delta)
+            else:
+                self.tp_skipped.labels(reason=name).inc(delta)
+        for name, delta in self._skmsg_deltas("connection", counts.sockets_skipped):
+            self.tp_sockets_skipped.labels(reason=name).inc(delta)
+            if name == "held_elsewhere":
+                self.telemetry.warn_once_per("skmsg-held", 600, "sk_msg propagation: %s; %d more client "
+                                             "connections sent unchanged (their spans are joined by stitching)",
+                                             HELD_ELSEWHERE_HINT, delta)
+
+    def _skmsg_deltas(self, kind: str, counts: dict[str, int]) -> list[tuple[str, int]]:
+        """(name, increase since the last read) of the sk_msg counters that grew."""
+        grown = []
+        for name, value in counts.items():
+            delta = value - self.skmsg_seen.get(f"{kind}:{name}", 0)
+            if delta > 0:
+                self.skmsg_seen[f"{kind}:{name}"] = value
+                grown.append((name, delta))
+        return grown
