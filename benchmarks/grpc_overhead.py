@@ -24,6 +24,7 @@ The hits per call are counted once, before the rounds, with counting programs at
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ from tests.support.gobuild import build_go_fixture  # noqa: E402
 try:
     from receiver.ebpf_go.bpfprogram import release_bpf
 except ImportError:  # the tree before loader.py was split
-    from receiver.ebpf_go.loader import release_bpf
+    from receiver.ebpf_go.loader import release_bpf  # type: ignore[no-redef]
 
 PROBES = (grpc_server.PROBE, grpc_client.PROBE)
 MODES = ("without", "floor", "with", "with-server", "with-client")
@@ -92,6 +93,17 @@ def attach_floor(gb: GoBinary, path: str, pids: list[int], counting: bool = Fals
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in ns resolution: its CPU clock (MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED))."""
     return time.clock_gettime(((~pid) << 3) | 2)
+
+
+def prog_stats() -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) of every loaded uprobe_grpc_* program, by its (15-character) name."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    stats: dict[str, tuple[int, int]] = {}
+    for p in json.loads(out):
+        if p.get("name", "").startswith("uprobe_grpc"):
+            t, c = stats.get(p["name"], (0, 0))
+            stats[p["name"]] = (t + p.get("run_time_ns", 0), c + p.get("run_cnt", 0))
+    return stats
 
 
 class KindCount:
@@ -156,6 +168,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-n", type=int, default=50000, help="unary calls per /bench")
     ap.add_argument("--n-stream", default="20000,5000", help="calls per /benchstream with msgs=1 and msgs=100")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="after the rounds, one more unary run with the receiver and kernel.bpf_stats_enabled: "
+                         "each program's run time per call (not in the tables: the stats cost time themselves)")
     ap.add_argument("--modes", default="without,floor,with", help=f"comma-separated, in round order: {MODES}")
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -214,6 +229,21 @@ def main() -> int:
                         handle.shutdown()
                 if mode in WITH_PROBES:
                     spans[mode].append((sink.client, sink.server))
+        body: dict[str, tuple[float, float]] = {}
+        if args.bpf_stats:
+            r = start_receiver(pids, WITH_PROBES["with"], KindCount())
+            subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+            try:
+                st0 = prog_stats()
+                bench(c, s, endpoint("unary", args.n), args.n)
+                st1 = prog_stats()
+            finally:
+                subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+                r.shutdown()
+            for name, (t, cnt) in st1.items():
+                t0_, c0_ = st0.get(name, (0, 0))
+                if cnt > c0_:
+                    body[name] = ((t - t0_) / (cnt - c0_), (cnt - c0_) / args.n)
     finally:
         c.stop()
         s.stop()
@@ -259,6 +289,10 @@ def main() -> int:
             if (cl, sv) != (want_c, want_s):
                 ok = False
                 print(f"{mode}: {cl} client and {sv} server spans, expected {want_c} and {want_s}")
+    if body:
+        print("BPF run time per unary call (kernel.bpf_stats_enabled, one extra run): " + "; ".join(
+            f"{name}: {ns:.0f} ns x {runs:.2f}" for name, (ns, runs) in sorted(body.items()))
+              + f"; total {sum(ns * runs for ns, runs in body.values()) / 1e3:.2f} µs (both processes)")
     print(f"spans: every call one client and one server span in 'with' rounds: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
