@@ -40,15 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collector.component import ComponentID  # noqa: E402
 from collector.spans import KIND_CLIENT, KIND_SERVER, SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
+from receiver.ebpf_go.bpfprogram import release_bpf  # noqa: E402
 from receiver.ebpf_go.gobinary import GoBinary  # noqa: E402
 from receiver.ebpf_go.probes import Build, grpc_client, grpc_server  # noqa: E402
 from receiver.ebpf_go.receiver import factory  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
-
-try:
-    from receiver.ebpf_go.bpfprogram import release_bpf
-except ImportError:  # the tree before loader.py was split
-    from receiver.ebpf_go.loader import release_bpf  # type: ignore[no-redef]
 
 PROBES = (grpc_server.PROBE, grpc_client.PROBE)
 MODES = ("without", "floor", "with", "with-server", "with-client")
