@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from collector.component import Consumer
 from collector.errors import ConsumerError
@@ -25,7 +25,7 @@ from collector.telemetry import ComponentTelemetry
 
 from . import events
 from .probes.spec import LOST_MAP
-from .propagation.stitch import Stitcher
+from .propagation.stitch import Stitcher, StreamKey
 from .receiver_metrics import ReceiverMetrics
 from .ringbuf import RingCopier
 from .traced import DISTRO, VERSION, ProcessState, TracedBinary
@@ -144,7 +144,7 @@ class SpanDrain:
                                              pp.probe.name)
                 continue
             metrics.count_writer_outcomes(getattr(pp.state, "outcomes", None))
-            self._push(spans, pp.probe.scope, getattr(pp.state, "injected", ()))
+            self._push(spans, pp.probe.scope, getattr(pp.state, "injected", ()), getattr(pp.state, "h2_streams", None))
         return n
 
     def drain_final(self) -> None:
@@ -154,7 +154,10 @@ class SpanDrain:
         if self.stitcher is not None:
             self._outbox.append(self.stitcher.flush(force=True))
 
-    def _push(self, spans: list[tuple[int, Span]], scope_name: str, settled: Collection[bytes] = ()) -> None:
+    def _push(self, spans: list[tuple[int, Span]], scope_name: str, settled: Collection[bytes] = (),
+              streams: Mapping[bytes, StreamKey] | None = None) -> None:
+        """Group by process into a batch, through the stitcher: `settled` client spans propagated
+        their context already; `streams` keys gRPC spans by their HTTP/2 stream (stitch.py)."""
         by_pid: dict[int, list[Span]] = {}
         for pid, span in spans:
             by_pid.setdefault(pid, []).append(span)
@@ -168,7 +171,7 @@ class SpanDrain:
             rss.append(ResourceSpans(res, [ScopeSpans(scope, lst)]))
         batch = SpanBatch(rss)
         if self.stitcher is not None:
-            batch = self.stitcher.process(batch, settled)
+            batch = self.stitcher.process(batch, settled, streams)
         self._outbox.append(batch)
 
     def send_outbox(self) -> None:

@@ -36,8 +36,9 @@ class ReceiverMetrics:
             "otelgo_ebpf_propagation_connections_skipped",
             "Client connections sk_msg cannot watch, by reason (held_elsewhere: another sk_msg program "
             "holds them; not_added: map full or other): their requests are sent unchanged.", ["reason"])
-        self.stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome.",
-                                ["outcome"])
+        self.stitch = m.counter("otelgo_ebpf_stitch", "Local server spans the stitcher handled, by outcome and "
+                                "protocol (http/1.1: by connection and time; grpc: by connection and stream id).",
+                                ["outcome", "protocol"])
         self.compiles = m.counter("otelgo_ebpf_bpf_programs",
                                   "BPF programs prepared, by origin: compiled (a compiler child ran), "
                                   "memory or disk (image cache), error.", ["origin"])
@@ -45,9 +46,9 @@ class ReceiverMetrics:
         self.refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
         self.skmsg_seen: dict[str, int] = {}   # "<kind>:<name>" -> the sk_msg counter's last value
 
-    def count_stitch(self, outcome: str, n: int, protocol: str = "") -> None:
-        """The stitcher's outcome counts (`protocol`, which newer stitchers pass, is not a label yet)."""
-        self.stitch.labels(outcome=outcome).inc(n)
+    def count_stitch(self, outcome: str, n: int, protocol: str) -> None:
+        """The stitcher's outcome counts."""
+        self.stitch.labels(outcome=outcome, protocol=protocol).inc(n)
 
     def count_writer_outcomes(self, outcomes: dict[str, int] | None) -> None:
         """probe_write mode: the writer's outcome is in each client record (there is no sk_msg array)."""

@@ -7,7 +7,9 @@ streams (one span each), concurrent calls on one connection. Then the same over 
 from v1.40 to the newest, Go 1.21-1.27, plain, stripped and PIE builds.
 
 Server spans whose caller sent no traceparent come from a local peer: the stitcher (propagation
-auto) holds them STITCH_WINDOW_S before they leave, so the tests wait for counts, not for time.
+auto) joins each to the client span of its HTTP/2 stream when that client is traced (the calls
+grpcapp makes to itself), and holds them STITCH_WINDOW_S before they leave, so the tests wait for
+counts, not for time.
 """
 
 from __future__ import annotations
@@ -128,7 +130,9 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
                                      "network.peer.port"}
     for c in clients:
         assert c.kind == KIND_CLIENT
-        want = rpc(c.name, c.attributes["rpc.grpc.status_code"]) | {"server.address": "127.0.0.1", "server.port": port}
+        want = rpc(c.name, c.attributes["rpc.grpc.status_code"]) | {
+            "server.address": "127.0.0.1", "server.port": port, "network.peer.address": "127.0.0.1",
+            "network.peer.port": port}
         assert c.attributes == want
     by_route = {}
     for h in http_servers:
@@ -142,7 +146,7 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
     assert (nf.name, nf.trace_id.hex(), nf.parent_span_id.hex()) == (ECHO, TP_TRACE, TP_PARENT)
     assert nf.status_code == STATUS_UNSET and nf.status_message == ""   # NOT_FOUND is the caller's fault
 
-    # HTTP -> gRPC client -> gRPC server (a root: propagation of gRPC is the next issue)
+    # HTTP -> gRPC client -> gRPC server (joined by the stitcher on its stream)
     internal_c = one(clients, **{"rpc.grpc.status_code": 13})
     internal_s = one(servers, **{"rpc.grpc.status_code": 13})
     assert internal_c.name == internal_s.name == ECHO
@@ -150,6 +154,7 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
     assert (internal_s.status_code, internal_s.status_message) == (STATUS_ERROR, "boom")
     calls = {h.span_id: h for h in by_route["/call"]}
     assert internal_c.parent_span_id in calls and internal_c.trace_id == calls[internal_c.parent_span_id].trace_id
+    assert (internal_s.parent_span_id, internal_s.trace_id) == (internal_c.span_id, internal_c.trace_id)
     assert internal_s.start_time_unix_nano >= internal_c.start_time_unix_nano
     assert internal_s.end_time_unix_nano <= internal_c.end_time_unix_nano
 
@@ -168,13 +173,14 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
         assert c.attributes["rpc.grpc.status_code"] == s.attributes["rpc.grpc.status_code"] == 0
         assert c.status_code == s.status_code == STATUS_UNSET
         assert c.parent_span_id == by_route[route][0].span_id
+        assert (s.parent_span_id, s.trace_id) == (c.span_id, c.trace_id)
         assert c.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano <= c.end_time_unix_nano
 
     # gRPC -> gRPC in one process: the Health/Check client span is a child of the Echo server span
     check_c, check_s = one(clients, name=CHECK), one(servers, name=CHECK)
     (grpc_echo_s,) = [s for s in servers if s.span_id == check_c.parent_span_id]
     assert grpc_echo_s.name == ECHO and check_c.trace_id == grpc_echo_s.trace_id
-    assert check_s.parent_span_id == b""
+    assert (check_s.parent_span_id, check_s.trace_id) == (check_c.span_id, check_c.trace_id)
 
     # gRPC -> HTTP and SQLite in one process: both children of the Echo server span
     (ping_client,) = [s for scope, s in got if scope == "otelgo-collector/net/http/client"]
@@ -190,7 +196,7 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
     assert len(conc_c) == 8 and all(c.name == ECHO and c.attributes["rpc.grpc.status_code"] == 0 for c in conc_c)
     conc_s = [s for s in servers if s.name == ECHO and s.attributes["rpc.grpc.status_code"] == 0
               and s.start_time_unix_nano >= conc.start_time_unix_nano and s.end_time_unix_nano <= conc.end_time_unix_nano]
-    assert len(conc_s) == 8 and len({s.span_id for s in conc_s}) == 8
+    assert len(conc_s) == 8 and {s.parent_span_id for s in conc_s} == {c.span_id for c in conc_c}
 
 
 # grpc-go releases over the range, each with a Go it builds with, over plain/stripped/PIE builds, and
@@ -226,9 +232,60 @@ def test_grpc_versions(run: Callable[..., Run], grpc_version: str, go: str, vari
                                             "network.peer.port": nf.attributes["network.peer.port"]}
     s13, c13 = one(servers, **{"rpc.grpc.status_code": 13}), one(clients, **{"rpc.grpc.status_code": 13})
     assert (s13.status_message, c13.status_message) == ("boom", "boom")
-    assert c13.attributes == rpc(ECHO, 13) | {"server.address": "127.0.0.1", "server.port": r.app.grpc_port}
+    assert c13.attributes == rpc(ECHO, 13) | {"server.address": "127.0.0.1", "server.port": r.app.grpc_port,
+                                              "network.peer.address": "127.0.0.1", "network.peer.port": r.app.grpc_port}
     assert one(servers, name=COUNT).attributes["rpc.grpc.status_code"] == 0
     count_c = one(clients, name=COUNT)
     assert count_c.attributes["rpc.grpc.status_code"] == 0 and count_c.status_code == STATUS_UNSET
     https = {s.span_id: s for scope, s in got if scope == "otelgo-collector/net/http"}
     assert c13.parent_span_id in https and count_c.parent_span_id in https
+
+
+@pytest.mark.parametrize("mode", ["auto", "stitch"])
+def test_grpc_joined_across_processes_by_stream(tmp_path: Path, mode: str) -> None:
+    # A (HTTP -> gRPC client) calls B (gRPC server) in another process of this host. Nothing puts a
+    # traceparent into HTTP/2 yet, so the stitcher joins them: by (connection, stream id), exactly,
+    # 100 concurrent calls on one connection and a failing one, with no wrong join.
+    binary = build_go_fixture("grpcapp", "system")
+    b = GrpcApp(binary)
+    a = GrpcApp(binary, ("-target", b.grpc_addr))
+    out = tmp_path / "spans.jsonl"
+    col = None
+    try:
+        col = CollectorProcess({
+            "receivers": {"ebpf_go": {"targets": [{"exe_path": str(binary), "pid": [a.pid, b.pid]}],
+                                      "propagation": mode}},
+            "processors": {"batch": {"timeout": "100ms"}},
+            "exporters": {"file": {"path": str(out), "flush_interval": "50ms"}},
+            "service": {"pipelines": {"traces": {"receivers": ["ebpf_go"], "processors": ["batch"],
+                                                 "exporters": ["file"]}}},
+        }, tmp_path)
+        wait_instrumented(col, a.pid, ("grpc_server", "grpc_client", "net_http_server"))
+        wait_instrumented(col, b.pid, ("grpc_server", "grpc_client", "net_http_server"))
+        assert a.http("/concurrent?n=100") == "ok"
+        assert a.http("/call?v=internal") == "13"
+        want = 2 + 101 + 101
+        wait_for(lambda: len(_read_spans(out)) >= want, 20, f"{want} spans:\n{col.log()[-3000:]}")
+        metrics = col.scrape()
+        col.stop()
+        got = _read_spans(out)
+        assert len(got) == want
+        clients = {s.span_id: s for res, scope, s in got if scope == CLIENT_SCOPE and res["process.pid"] == a.pid}
+        servers = [s for res, scope, s in got if scope == SERVER_SCOPE and res["process.pid"] == b.pid]
+        assert (len(clients), len(servers)) == (101, 101)
+        parents = [s.parent_span_id for s in servers]
+        assert set(parents) == set(clients), "every server span joined to its own client span, one to one"
+        for s in servers:
+            c = clients[s.parent_span_id]
+            assert s.trace_id == c.trace_id
+            assert c.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano <= c.end_time_unix_nano
+            assert s.attributes["rpc.grpc.status_code"] == c.attributes["rpc.grpc.status_code"]
+            assert s.attributes["network.peer.port"] != b.grpc_port and c.attributes["network.peer.port"] == b.grpc_port
+        joined = [line for line in metrics.splitlines() if line.startswith("otelgo_ebpf_stitch_total{")
+                  and 'outcome="joined"' in line and 'protocol="grpc"' in line]
+        assert len(joined) == 1 and float(joined[0].rsplit(" ", 1)[1]) == 101
+    finally:
+        if col is not None:
+            col.stop()
+        a.stop()
+        b.stop()

@@ -28,8 +28,9 @@ def _die_with_parent() -> None:
 
 
 class GrpcApp:
-    def __init__(self, binary: Path) -> None:
-        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def __init__(self, binary: Path, args: tuple[str, ...] = ()) -> None:
+        """`args`: the fixture's flags, e.g. ("-target", other.grpc_addr) to call another server."""
+        self.proc = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
         assert self.proc.stdout is not None

@@ -53,10 +53,11 @@ MODULE_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "google.golang.org/grpc": {
         "google.golang.org/grpc.ClientConn": ("ctx", "target", "authority"),
         "google.golang.org/grpc.clientStream": ("callHdr", "cc", "ctx", "attempt"),
+        "google.golang.org/grpc.csAttempt": ("t", "s", "transport", "transportStream"),
         "google.golang.org/grpc/internal/transport.Stream": ("id", "ctx", "method", "st"),
         "google.golang.org/grpc/internal/transport.ServerStream": ("Stream", "st"),
         "google.golang.org/grpc/internal/transport.ClientStream": ("Stream", "ct"),
-        "google.golang.org/grpc/internal/transport.http2Client": ("nextID", "ctx", "framer"),
+        "google.golang.org/grpc/internal/transport.http2Client": ("nextID", "ctx", "framer", "localAddr", "remoteAddr"),
         # remoteAddr/localAddr in older versions (v1.56.3 still), one peer (peer.Peer) by v1.60.1
         "google.golang.org/grpc/internal/transport.http2Server": ("peer", "remoteAddr", "localAddr", "ctx", "framer"),
         "google.golang.org/grpc/internal/transport.CallHdr": ("Method", "Host"),

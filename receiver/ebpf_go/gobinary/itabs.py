@@ -35,6 +35,15 @@ def itab_types(binary: GoBinary) -> dict[int, tuple[str, str]]:
     return out
 
 
+def itab_symbol(binary: GoBinary, name: str) -> int:
+    """The ELF address of the itab symbol `name` (e.g. `go:itab.*net.TCPAddr,net.Addr`); 0 when the
+    binary is stripped or a PIE (whose itab pointers are relocated at run time: BPF compares
+    run-time values)."""
+    if binary.is_pie:
+        return 0
+    return next((s.value for s in binary.elf.symbols() or [] if s.name == name), 0)
+
+
 def returned_itab(binary: GoBinary, function: str) -> int:
     """The itab `function` returns (regabi: the interface's itab in RAX at RET), as the one address
     loaded into RAX by a rip-relative LEA at most 3 instructions before a RET; 0 when the function

@@ -27,19 +27,22 @@ def _pad(b: bytes, n: int) -> bytes:
 
 def server_record(code: int, method: bytes = b"/otelgo.test.Echo/Echo", message: bytes = b"",
                   remote: bool = False, peer: tuple[bytes, int] = (bytes([127, 0, 0, 1]), 5000),
-                  local: tuple[bytes, int] = (bytes([127, 0, 0, 1]), 7000)) -> tuple[Any, ...]:
+                  local: tuple[bytes, int] = (bytes([127, 0, 0, 1]), 7000), stream_id: int = 1) -> tuple[Any, ...]:
     raw = gs.RECORD.layout.pack(
         4, 99, 1000, 5000, 7, TRACE, SPAN, PARENT if remote else b"\0" * 8, 1, int(remote), code, len(method),
         len(message), _pad(peer[0], 16), peer[1], len(peer[0]), _pad(local[0], 16), local[1], len(local[0]),
-        _pad(method, 128), _pad(message, 128))
+        stream_id, _pad(method, 128), _pad(message, 128))
     return gs.RECORD.layout.unpack(raw)
 
 
 def client_record(err_tab: int, code: int, message: bytes = b"", eof: bool = False, from_ctx: bool = True,
-                  target: bytes = b"127.0.0.1:7000", method: bytes = b"/otelgo.test.Echo/Echo") -> tuple[Any, ...]:
+                  target: bytes = b"127.0.0.1:7000", method: bytes = b"/otelgo.test.Echo/Echo", stream_id: int = 1,
+                  local: tuple[bytes, int] = (bytes([127, 0, 0, 1]), 5000),
+                  peer: tuple[bytes, int] = (bytes([127, 0, 0, 1]), 7000)) -> tuple[Any, ...]:
     raw = gc.RECORD.layout.pack(
         5, 99, 1000, 5000, 7, TRACE, SPAN, PARENT, 1, 0, err_tab, code, len(method), len(target), len(message),
-        int(from_ctx), int(eof), _pad(method, 128), _pad(target, 128), _pad(message, 128))
+        int(from_ctx), int(eof), stream_id, _pad(local[0], 16), local[1], len(local[0]), _pad(peer[0], 16), peer[1],
+        len(peer[0]), _pad(method, 128), _pad(target, 128), _pad(message, 128))
     return gc.RECORD.layout.unpack(raw)
 
 
@@ -97,7 +100,8 @@ def test_client_status(err_tab: int, code: int, eof: bool, want_code: int) -> No
     s = gc.to_span(client_record(err_tab, code, b"no such thing", eof=eof), ITAB, 0)
     assert s.kind == KIND_CLIENT and s.name == "otelgo.test.Echo/Echo"
     assert s.attributes == {"rpc.system": "grpc", "rpc.service": "otelgo.test.Echo", "rpc.method": "Echo",
-                            "rpc.grpc.status_code": want_code, "server.address": "127.0.0.1", "server.port": 7000}
+                            "rpc.grpc.status_code": want_code, "server.address": "127.0.0.1", "server.port": 7000,
+                            "network.peer.address": "127.0.0.1", "network.peer.port": 7000}
     if want_code == 0:
         assert (s.status_code, s.status_message) == (STATUS_UNSET, "")
     else:
@@ -188,3 +192,17 @@ def test_load_bias_of_a_running_pie(variant: str) -> None:
             assert mem.read(32) == gb.elf.read(f.start, 32)
     finally:
         app.stop()
+
+
+def test_stream_keys_for_the_stitcher() -> None:
+    # Both ends name one stream the same way: (client end address, client end port, server port, id).
+    streams: dict[bytes, tuple[str, int, int, int]] = {}
+    gs.to_spans([server_record(0, stream_id=7)], 0, streams)
+    assert streams == {SPAN: ("127.0.0.1", 5000, 7000, 7)}
+    streams.clear()
+    gc.to_span(client_record(0, 0, stream_id=7), ITAB, 0, streams)
+    assert streams == {SPAN: ("127.0.0.1", 5000, 7000, 7)}
+    streams.clear()
+    gc.to_span(client_record(0, 0, stream_id=0), ITAB, 0, streams)     # no attempt read: no key
+    gs.to_spans([server_record(0, peer=(b"", 0))], 0, streams)
+    assert streams == {}

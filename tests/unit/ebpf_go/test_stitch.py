@@ -59,7 +59,8 @@ def spans_of(b: SpanBatch) -> list[Span]:
 def make(clock: Clock, **kw: object) -> tuple[Stitcher, dict[str, int]]:
     counts: dict[str, int] = {}
 
-    def count(o: str, n: int) -> None:
+    def count(o: str, n: int, protocol: str) -> None:
+        assert protocol == "http/1.1"
         counts[o] = counts.get(o, 0) + n
     return Stitcher(window_s=2.0, local_addresses=LOCAL, count=count, clock=clock, **kw), counts  # type: ignore[arg-type]
 
@@ -226,3 +227,84 @@ def test_same_local_port_to_another_server_is_not_joined() -> None:
     assert mine.parent_span_id == cli.span_id and mine.trace_id == cli.trace_id
     assert other.parent_span_id == b"" and other.trace_id != cli.trace_id
     assert counts == {"joined": 1, "unmatched": 1}
+
+
+def rpc_span(kind: int, start: int, end: int, peer_port: int) -> Span:
+    return Span(rid(), sid(), "otelgo.test.Echo/Echo", kind=kind, start_time_unix_nano=start, end_time_unix_nano=end,
+                attributes={"rpc.system": "grpc", "network.peer.address": "127.0.0.1", "network.peer.port": peer_port})
+
+
+def test_grpc_streams_join_exactly_100_concurrent_on_one_connection() -> None:
+    # 100 calls at once on one HTTP/2 connection (127.0.0.1:5000 -> :7000), their intervals all
+    # overlapping: a time window could not tell them apart, the stream id does. Each server span
+    # joins the client span of its own stream; a server span whose stream no client span has stays
+    # unmatched; both counted as grpc.
+    clock = Clock()
+    counts: dict[tuple[str, str], int] = {}
+
+    def count(o: str, n: int, protocol: str) -> None:
+        counts[o, protocol] = counts.get((o, protocol), 0) + n
+    st = Stitcher(window_s=2.0, local_addresses=LOCAL, count=count, clock=clock)
+    streams: dict[bytes, tuple[str, int, int, int]] = {}
+    pairs = []
+    order = list(range(100))
+    random.Random(7).shuffle(order)
+    for i in range(100):
+        c = rpc_span(KIND_CLIENT, 1000 + i, 10_000 + order[i], 7000)
+        s = rpc_span(KIND_SERVER, 2000 + order[i], 9000 + i, 5000)
+        streams[c.span_id] = ("127.0.0.1", 5000, 7000, 2 * i + 1)
+        streams[s.span_id] = ("127.0.0.1", 5000, 7000, 2 * i + 1)
+        pairs.append((c, s))
+    lone = rpc_span(KIND_SERVER, 3000, 4000, 5000)
+    streams[lone.span_id] = ("127.0.0.1", 5000, 7000, 999)
+    servers = [s for _, s in pairs]
+    random.Random(8).shuffle(servers)
+    out = spans_of(st.process(batch("b", *servers, lone), streams=streams))
+    out += spans_of(st.process(batch("a", *(c for c, _ in pairs)), streams=streams))
+    assert out == []                      # all held for the window
+    clock.t += 2.5
+    out = spans_of(st.flush())
+    assert len(out) == 201
+    for c, s in pairs:
+        assert (s.parent_span_id, s.trace_id) == (c.span_id, c.trace_id)
+    assert lone.parent_span_id == b""
+    assert counts == {("joined", "grpc"): 100, ("unmatched", "grpc"): 1}
+
+
+def test_grpc_spans_without_a_stream_key_are_not_candidates() -> None:
+    # A gRPC client span carries no network.local.*: without its stream key it is no HTTP/1.1
+    # candidate either, and passes at once.
+    clock = Clock()
+    st, counts = make(clock)
+    c = rpc_span(KIND_CLIENT, 1, 2, 7000)
+    assert spans_of(st.process(batch("a", c))) == [c] and counts == {}
+
+
+def test_in_process_children_leave_with_their_roots_new_trace() -> None:
+    # B's handler runs a query (a child span that ends first) under B's server span, which a
+    # client span of A joins later: the query must end up in A's trace too, not in B's old one.
+    # A child of a root that passes at once (not a candidate) leaves with it, unchanged.
+    clock = Clock()
+    st, counts = make(clock)
+    ta, tb, tc = rid(), rid(), rid()
+    b_server = server(tb, 200, 900, peer_port=5001)
+    query = Span(tb, sid(), "SELECT", kind=KIND_CLIENT, parent_span_id=b_server.span_id,
+                 start_time_unix_nano=300, end_time_unix_nano=400, flags=0x101)
+    assert spans_of(st.process(batch("b", query))) == []          # waits for its root
+    assert spans_of(st.process(batch("b", b_server))) == []       # the root waits for its client
+    a_client = client(ta, sid(), 100, 1000, lport=5001)
+    st.process(batch("a", a_client))
+    clock.t += 2.5
+    out = spans_of(st.flush())
+    assert {s.span_id for s in out} == {query.span_id, b_server.span_id, a_client.span_id}
+    assert query.trace_id == b_server.trace_id == ta and counts == {"joined": 1}
+    ext_root = server(tc, 1, 9, peer_port=6000, peer="10.9.9.9")          # not local: no candidate
+    kid = Span(tc, sid(), "SELECT", kind=KIND_CLIENT, parent_span_id=ext_root.span_id,
+               start_time_unix_nano=2, end_time_unix_nano=3, flags=0x101)
+    assert spans_of(st.process(batch("c", kid))) == []
+    assert {s.span_id for s in spans_of(st.process(batch("c", ext_root)))} == {kid.span_id, ext_root.span_id}
+    orphan = Span(rid(), sid(), "SELECT", kind=KIND_CLIENT, parent_span_id=sid(), flags=0x101,
+                  start_time_unix_nano=1, end_time_unix_nano=2)
+    assert spans_of(st.process(batch("d", orphan))) == []
+    clock.t += 2.5
+    assert spans_of(st.flush()) == [orphan]                               # its root never came: window

@@ -20,15 +20,26 @@ turns into success) is OK: recognised by its text, since its pointer is only kno
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collector.spans import KIND_CLIENT, STATUS_ERROR, STATUS_UNSET, Span, make_span
 
 from ...gobinary import GoBinary
-from ...gobinary.itabs import load_bias, returned_itab
-from ..grpc_server import MODULE, grpc_version, method_attrs
+from ...gobinary.itabs import itab_symbol, load_bias, returned_itab
+from ...gobinary.offsets import version_key
+from ..grpc_server import (
+    ATTEMPT_RENAMED,
+    ITAB_TCPADDR,
+    MODULE,
+    STREAM_BY_POINTER,
+    STREAM_BY_VALUE,
+    TRANSPORT,
+    grpc_version,
+    ip_text,
+    method_attrs,
+)
 from ..spec import (
     HEADER,
     TRACE_CTX,
@@ -63,9 +74,28 @@ OFFSETS = (
 RECORD = Record("grpc_client_event", (
     *HEADER, *TRACE_CTX, Field("err_tab", "Q"), Field("code", "i"), Field("method_len", "H"),
     Field("target_len", "H"), Field("message_len", "H"), Field("parent_from_ctx", "B"), Field("eof", "B"),
-    Field(None, "4x"),
+    Field("stream_id", "I"),
+    Field("local.ip", "16s"), Field("local.port", "H"), Field("local.ip_len", "B"), Field(None, "5x"),
+    Field("peer.ip", "16s"), Field("peer.port", "H"), Field("peer.ip_len", "B"), Field(None, "5x"),
     Field("method", "128s"), Field("target", "128s"), Field("message", "128s")))
-assert RECORD.size == 480, RECORD.size
+assert RECORD.size == 528, RECORD.size
+
+
+def stream_offsets(gb: GoBinary) -> tuple[Offset, ...]:
+    """What finish reads for the stitcher (the attempt's stream id, its connection's ends), by release."""
+    v = version_key(grpc_version(gb))
+    renamed = v >= version_key(ATTEMPT_RENAMED)
+    out = [Offset("CS_ATTEMPT_POS", f"{MODULE}.clientStream", "attempt", None, strict=True),
+           Offset("ATTEMPT_T_POS", f"{MODULE}.csAttempt", "transport" if renamed else "t", None, strict=True),
+           Offset("ATTEMPT_S_POS", f"{MODULE}.csAttempt", "transportStream" if renamed else "s", None, strict=True),
+           Offset("STREAM_ID_POS", f"{TRANSPORT}.Stream", "id", None, strict=True),
+           Offset("H2C_LOCALADDR_POS", f"{TRANSPORT}.http2Client", "localAddr", None, strict=True),
+           Offset("H2C_REMOTEADDR_POS", f"{TRANSPORT}.http2Client", "remoteAddr", None, strict=True),
+           Offset("TCPADDR_IP_POS", "net.TCPAddr", "IP", 0),
+           Offset("TCPADDR_PORT_POS", "net.TCPAddr", "Port", 24)]
+    if v >= version_key(STREAM_BY_POINTER):
+        out.append(Offset("CS_STREAM_POS", f"{TRANSPORT}.ClientStream", "Stream", None, strict=True))
+    return tuple(out)
 
 
 @dataclass
@@ -74,6 +104,7 @@ class ClientState:
 
     status_itab: int
     by_pid: dict[int, int]
+    h2_streams: dict[bytes, tuple[str, int, int, int]] = field(default_factory=dict)   # as StreamKeys
 
 
 class GrpcClient(Probe):
@@ -88,13 +119,21 @@ class GrpcClient(Probe):
     context = "reads"
 
     def binary_offsets(self, gb: GoBinary) -> tuple[Offset, ...]:
-        grpc_version(gb)    # a release older than the oldest traced is off before any offset is looked up
-        return self.offsets
+        return (*self.offsets, *stream_offsets(gb))   # a release older than the oldest traced is off first
 
     def constants(self, gb: GoBinary, build: Build) -> list[str]:
         if status_error_itab(gb) == 0:
             raise ProbeUnavailable(f"cannot find the *status.Error itab in {STATUS_ERR}: status codes would be guessed")
-        return []
+        v = version_key(grpc_version(gb))
+        mode = 0 if v < version_key(STREAM_BY_POINTER) else 1 if v < version_key(STREAM_BY_VALUE) else 2
+        flags = ["-DCS_STREAM_POS=0"] if mode == 0 else []
+        off = {o.const: gb.struct_offset(o.struct, o.field) for o in stream_offsets(gb)}
+        t, s_, remote, local = (off[c].value if off[c] else -1 for c in
+                                ("ATTEMPT_T_POS", "ATTEMPT_S_POS", "H2C_REMOTEADDR_POS", "H2C_LOCALADDR_POS"))
+        if not (0 <= t < s_ <= t + 64 and local == remote + 16):
+            raise ProbeUnavailable(f"grpc {grpc_version(gb)}: csAttempt or http2Client laid out unlike every "
+                                   "known release (transport before stream, remoteAddr then localAddr)")
+        return [*flags, f"-DCLIENT_STREAM_MODE={mode}", f"-DITAB_TCPADDR={itab_symbol(gb, ITAB_TCPADDR)}ULL"]
 
     def binary_state(self, gb: GoBinary, build: Build) -> ClientState:
         return ClientState(status_error_itab(gb), {})
@@ -106,12 +145,14 @@ class GrpcClient(Probe):
     def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
               build: Build) -> list[tuple[int, Span]]:
         out = []
+        streams = state.h2_streams
+        streams.clear()
         for r in records:
             tgid = r[1]
             itab = state.by_pid.get(tgid)
             if itab is None:
                 itab = state.by_pid[tgid] = state.status_itab + load_bias(tgid, gb)
-            out.append((tgid, to_span(r, itab, mono_to_unix)))
+            out.append((tgid, to_span(r, itab, mono_to_unix, streams)))
         return out
 
 
@@ -157,9 +198,12 @@ def target_attrs(target: str) -> dict[str, Any]:
     return attrs
 
 
-def to_span(r: tuple[Any, ...], status_itab: int, mono_to_unix_ns: int) -> Span:
+def to_span(r: tuple[Any, ...], status_itab: int, mono_to_unix_ns: int,
+            streams: dict[bytes, tuple[str, int, int, int]] | None = None) -> Span:
+    """One record -> its span; its stream key into `streams` when given (the stitcher's)."""
     (_kind, _tgid, start, end, _g, trace_id, span_id, parent, flags, _remote, err_tab, code, method_len,
-     target_len, message_len, from_ctx, eof, method_b, target_b, message_b) = r
+     target_len, message_len, from_ctx, eof, stream_id, local_ip, local_port, local_n, peer_ip, peer_port, peer_n,
+     method_b, target_b, message_b) = r
     name, rpc = method_attrs(method_b[:method_len])
     attrs = dict(rpc)
     message = ""
@@ -177,6 +221,11 @@ def to_span(r: tuple[Any, ...], status_itab: int, mono_to_unix_ns: int) -> Span:
             _TARGET_MEMO.clear()
         tattrs = _TARGET_MEMO[raw] = target_attrs(raw.decode("utf-8", "replace"))
     attrs.update(tattrs)
+    if peer_n:
+        attrs["network.peer.address"] = ip_text(peer_ip, peer_n)
+        attrs["network.peer.port"] = peer_port
+        if streams is not None and stream_id and local_n:
+            streams[span_id] = (ip_text(local_ip, local_n), local_port, peer_port, stream_id)
     span = make_span(trace_id, span_id, name, parent if from_ctx else b"", KIND_CLIENT,
                      start + mono_to_unix_ns, end + mono_to_unix_ns, attrs,
                      STATUS_ERROR if code else STATUS_UNSET, (flags & 0xFF) | 0x100)

@@ -17,14 +17,23 @@
  * A call whose stream is never created (newClientStream failed before newAttemptLocked) leaves its
  * pending entry, replaced by the goroutine's next call; no span is made for it.
  *
+ * At finish it also reads, for the stitcher, the last attempt's HTTP/2 stream id and its connection's
+ * two ends: cs.attempt -> csAttempt.{t|transport} (*http2Client: localAddr, remoteAddr) and
+ * csAttempt.{s|transportStream} -> the Stream (through ClientStream from grpc 1.69) -> id.
+ *
  * -D constants from probes/grpc_client PROBE:
  *   CC_TARGET_POS         ClientConn.target (string)
+ *   CS_ATTEMPT_POS, ATTEMPT_T_POS, ATTEMPT_S_POS, CLIENT_STREAM_MODE (0 *Stream, 1 ClientStream{*Stream},
+ *   2 ClientStream{Stream}), CS_STREAM_POS, STREAM_ID_POS, H2C_REMOTEADDR_POS (remoteAddr, localAddr
+ *   follows: resolved once per connection, conn_cache)
+ *   TCPADDR_IP_POS, TCPADDR_PORT_POS, ITAB_TCPADDR  (netaddr.h)
  *   STATUS_ERROR_S_POS, STATUS_S_POS, SPB_CODE_POS, SPB_MESSAGE_POS  the status chain
  *   PIN_DIR, CTX_WALK_MAX, MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  */
 #include "go_types.h"
 #include "record.h"
 #include "ctx_spans.h"
+#include "netaddr.h"
 
 #define METHOD_MAX 128
 #define TARGET_MAX 128
@@ -54,10 +63,12 @@ struct grpc_client_event {
     u16 message_len;           /*  88 */
     u8 parent_from_ctx;        /*  90 */
     u8 eof;                    /*  91: err's data is a string header of "EOF" (io.EOF ends a stream: OK) */
-    u8 pad[4];
-    char method[METHOD_MAX];   /*  96 */
-    char target[TARGET_MAX];   /* 224 */
-    char message[MESSAGE_MAX]; /* 352, size 480 */
+    u32 stream_id;             /*  92: the HTTP/2 stream of the last attempt (0: none) */
+    struct addr local;         /*  96: the connection's ends */
+    struct addr peer;          /* 120 */
+    char method[METHOD_MAX];   /* 144 */
+    char target[TARGET_MAX];   /* 272 */
+    char message[MESSAGE_MAX]; /* 400, size 528 */
 };
 RECORD_ASSERTS;
 
@@ -75,6 +86,13 @@ BPF_TABLE("lru_hash", struct cs_key, struct grpc_client_call, grpc_calls, MAX_IN
 BPF_PERCPU_ARRAY(call_scratch, struct grpc_client_call, 1);
 BPF_PERCPU_ARRAY(event_out, struct grpc_client_event, 1);
 BPF_PERCPU_ARRAY(id_rng, u64, 1);
+/* conn_cache: {*http2Client, tgid} -> its two ends (netaddr.h: checked against the transport's fields) */
+BPF_TABLE("lru_hash", struct conn_key, struct conn_addrs, conn_cache, MAX_INFLIGHT);
+BPF_PERCPU_ARRAY(conn_scratch, struct conn_addrs, 1);
+/* csAttempt from its transport interface to its stream pointer (ATTEMPT_T_POS < ATTEMPT_S_POS) */
+struct attempt_block {
+    u8 b[ATTEMPT_S_POS - ATTEMPT_T_POS + 8];
+};
 
 /* Walk the context chain from the call's ctx up to a context with a span (ctx_spans.h). */
 static __always_inline int parent_from_ctx(u64 p, u32 tgid, struct trace_ctx *out) {
@@ -185,6 +203,43 @@ int uprobe_grpc_finish(struct pt_regs *ctx) {
             u64 ml = 0;
             READ_GO_STRING_DATA(e->message, MESSAGE_MAX, msg, ml);
             e->message_len = ml;
+        }
+    }
+    e->stream_id = 0;
+    __builtin_memset(&e->local, 0, sizeof(e->local));
+    __builtin_memset(&e->peer, 0, sizeof(e->peer));
+    u64 a = 0;
+    if (bpf_probe_read_user(&a, sizeof(a), (void *)(GO_PARAM1(ctx) + CS_ATTEMPT_POS)) == 0 && a != 0) {
+        struct attempt_block ab = {};   /* csAttempt's transport interface and stream pointer, one read */
+        u64 s = 0;
+        if (bpf_probe_read_user(&ab, sizeof(ab), (void *)(a + ATTEMPT_T_POS)) == 0) {
+            s = *(u64 *)(ab.b + (ATTEMPT_S_POS - ATTEMPT_T_POS));
+#if CLIENT_STREAM_MODE == 1
+            if (s != 0 && bpf_probe_read_user(&s, sizeof(s), (void *)(s + CS_STREAM_POS)) != 0)
+                s = 0;
+#elif CLIENT_STREAM_MODE == 2
+            if (s != 0)
+                s += CS_STREAM_POS;
+#endif
+            if (s != 0)
+                bpf_probe_read_user(&e->stream_id, sizeof(e->stream_id), (void *)(s + STREAM_ID_POS));
+            struct conn_key ck = {.transport = ((struct go_iface *)ab.b)->data, .tgid = tgid};
+            struct conn_ifaces ci = {};
+            if (ck.transport != 0 &&
+                bpf_probe_read_user(&ci, sizeof(ci), (void *)(ck.transport + H2C_REMOTEADDR_POS)) == 0) {
+                struct conn_addrs *ca = conn_cache.lookup(&ck);
+                if (!ca || ca->remote_data != ci.remote.data || ca->local_data != ci.local.data) {
+                    ca = conn_scratch.lookup(&z);
+                    if (ca) {
+                        resolve_conn_addrs(&ci, ca);
+                        conn_cache.update(&ck, ca);
+                    }
+                }
+                if (ca) {
+                    __builtin_memcpy(&e->peer, &ca->remote, sizeof(e->peer));
+                    __builtin_memcpy(&e->local, &ca->local, sizeof(e->local));
+                }
+            }
         }
     }
     e->target_len = 0;

@@ -19,12 +19,14 @@ server-fault codes, with the status message as description.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, make_span
 
 from ...gobinary import GoBinary
+from ...gobinary.itabs import itab_symbol
 from ...gobinary.offsets import version_key
 from ..spec import (
     HEADER,
@@ -67,15 +69,16 @@ OFFSETS = (
 )
 # grpc-go releases where the layout the C depends on changed (checked in their sources)
 STREAM_BY_POINTER = "v1.69.0"   # handleStream gets *ServerStream{*Stream, ...}
-STREAM_BY_VALUE = "v1.77.0"     # ServerStream{Stream, ...}
+STREAM_BY_VALUE = "v1.77.0"     # ServerStream{Stream, ...} (and ClientStream alike)
+ATTEMPT_RENAMED = "v1.71.0"     # csAttempt.t, .s became .transport, .transportStream
 PEER_FIELD = "v1.60.0"          # http2Server.peer (peer.Peer) replaced remoteAddr/localAddr; operateHeaders(ctx, frame, ...)
 
 RECORD = Record("grpc_server_event", (
     *HEADER, *TRACE_CTX, Field("code", "I"), Field("method_len", "H"), Field("message_len", "H"),
     Field("peer.ip", "16s"), Field("peer.port", "H"), Field("peer.ip_len", "B"), Field(None, "5x"),
     Field("local.ip", "16s"), Field("local.port", "H"), Field("local.ip_len", "B"), Field(None, "5x"),
-    Field("method", "128s"), Field("message", "128s")))
-assert RECORD.size == 384, RECORD.size
+    Field("stream_id", "I"), Field(None, "4x"), Field("method", "128s"), Field("message", "128s")))
+assert RECORD.size == 392, RECORD.size
 
 
 def grpc_version(gb: GoBinary) -> str:
@@ -124,12 +127,14 @@ class GrpcServer(Probe):
         if v >= version_key(PEER_FIELD):
             flags += [f"-DREMOTE_ADDR_POS={off['PEER_POS'] + off['PEER_ADDR_POS']}",
                       f"-DLOCAL_ADDR_POS={off['PEER_POS'] + off['PEER_LOCALADDR_POS']}"]
+        remote_local = ((off["PEER_POS"] + off["PEER_ADDR_POS"], off["PEER_POS"] + off["PEER_LOCALADDR_POS"])
+                        if v >= version_key(PEER_FIELD) else (off["REMOTE_ADDR_POS"], off["LOCAL_ADDR_POS"]))
+        if remote_local[1] != remote_local[0] + 16:
+            raise ProbeUnavailable(f"grpc {grpc_version(gb)}: http2Server's remote and local address are not "
+                                   "adjacent as in every known release")
         ends = [off[c] for c in ("STREAM_ID_POS", "STREAM_CTX_POS", "STREAM_METHOD_POS")]
         flags.append(f"-DSTREAM_BLOCK_LEN={max(ends) + 16}")
-        itab = 0
-        if not gb.is_pie:
-            itab = next((s.value for s in gb.elf.symbols() or [] if s.name == ITAB_TCPADDR), 0)
-        flags.append(f"-DITAB_TCPADDR={itab}ULL")
+        flags.append(f"-DITAB_TCPADDR={itab_symbol(gb, ITAB_TCPADDR)}ULL")
         return flags
 
     def extra_points(self, gb: GoBinary, build: Build) -> list[tuple[int, str]]:
@@ -144,9 +149,21 @@ class GrpcServer(Probe):
         return {"end": {"mode": "emulated", "points": [{"addr": addr, "program": program}],
                         "reason": f"entry of {status_writer(gb)}"}}
 
+    def binary_state(self, gb: GoBinary, build: Build) -> StreamKeys:
+        return StreamKeys()
+
     def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
               build: Build) -> list[tuple[int, Span]]:
-        return to_spans(records, mono_to_unix)
+        state.h2_streams.clear()
+        return to_spans(records, mono_to_unix, state.h2_streams)
+
+
+@dataclass
+class StreamKeys:
+    """For the last `spans()` call: span id -> (client end address, client end port, server port,
+    HTTP/2 stream id), what the stitcher joins gRPC client and server spans on (propagation/stitch.py)."""
+
+    h2_streams: dict[bytes, tuple[str, int, int, int]] = field(default_factory=dict)
 
 
 def status_writer(gb: GoBinary) -> str:
@@ -215,10 +232,12 @@ def _ip(raw: bytes, n: int) -> str:
     return text
 
 
-def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple[int, Span]]:
+def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int,
+             streams: dict[bytes, tuple[str, int, int, int]] | None = None) -> list[tuple[int, Span]]:
+    """Decoded records -> [(pid, span)]; each span's stream key into `streams` when given."""
     out: list[tuple[int, Span]] = []
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, code, method_len, message_len,
-         peer_ip, peer_port, peer_n, local_ip, local_port, local_n, method_b, message_b) in records:
+         peer_ip, peer_port, peer_n, local_ip, local_port, local_n, stream_id, method_b, message_b) in records:
         name, rpc = method_attrs(method_b[:method_len])
         attrs = dict(rpc)
         attrs["rpc.grpc.status_code"] = code
@@ -226,8 +245,10 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple
             attrs["server.address"] = _ip(local_ip, local_n)
             attrs["server.port"] = local_port
         if peer_n:
-            attrs["network.peer.address"] = _ip(peer_ip, peer_n)
+            peer = attrs["network.peer.address"] = _ip(peer_ip, peer_n)
             attrs["network.peer.port"] = peer_port
+            if streams is not None and stream_id and local_n:
+                streams[span_id] = (peer, peer_port, local_port, stream_id)
         fault = code in SERVER_FAULT_CODES
         span = make_span(trace_id, span_id, name, parent if remote else b"", KIND_SERVER,
                          start + mono_to_unix_ns, end + mono_to_unix_ns, attrs,

@@ -22,7 +22,8 @@
  *   OPH_FRAME_ARG, MHF_FIELDS_POS, FH_STREAMID_POS, HF_SIZE         header frame
  *   STREAM_MODE (0 *Stream, 1 ServerStream{*Stream}, 2 ServerStream{Stream}), SS_STREAM_POS
  *   STREAM_ID_POS, STREAM_CTX_POS, STREAM_METHOD_POS, STREAM_BLOCK_LEN  transport.Stream
- *   REMOTE_ADDR_POS, LOCAL_ADDR_POS   net.Addr fields of http2Server (peer.Addr/LocalAddr, or remoteAddr/localAddr)
+ *   REMOTE_ADDR_POS   the two adjacent net.Addr fields of http2Server, remote then local (peer.Addr and
+ *                     LocalAddr, or remoteAddr and localAddr); resolved once per connection (conn_cache)
  *   TCPADDR_IP_POS, TCPADDR_PORT_POS, ITAB_TCPADDR (0: unknown, the address is checked for shape)
  *   STATUS_S_POS, SPB_CODE_POS, SPB_MESSAGE_POS   status.Status.s -> genproto Status.Code, Message
  *   PIN_DIR, CTX_SPANS, MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
@@ -31,18 +32,12 @@
 #include "record.h"
 #include "ctx_spans.h"
 #include "traceparent.h"
+#include "netaddr.h"
 
 #define METHOD_MAX 128
 #define MESSAGE_MAX 128
 #define MAX_FIELDS 24      /* header fields looked at per new stream (a call sends ~10, metadata after them) */
 #define TP_NAME_LEN 11     /* "traceparent" */
-
-struct addr {
-    u8 ip[16];
-    u16 port;
-    u8 ip_len;             /* 4, 16, or 0: unknown */
-    u8 pad[5];
-};
 
 /* Per-call state, between handleStream and the status. */
 struct grpc_server_call {
@@ -50,6 +45,8 @@ struct grpc_server_call {
     u64 stream;            /* handleStream's stream argument: writeStatus gets the same pointer */
     u64 transport;         /* *http2Server */
     u64 ctx_data;          /* the stream context's data word: the key in ctx_spans (0: none kept) */
+    u32 stream_id;         /* the HTTP/2 stream: with the connection, the key the stitcher joins on */
+    u32 pad0;
     struct trace_ctx tc;
     u16 method_len;
     u8 pad[6];
@@ -65,8 +62,10 @@ struct grpc_server_event {
     u16 message_len;         /*  78 */
     struct addr peer;        /*  80 */
     struct addr local;       /* 104 */
-    char method[METHOD_MAX]; /* 128 */
-    char message[MESSAGE_MAX]; /* 256, size 384 */
+    u32 stream_id;           /* 128 */
+    u32 pad;
+    char method[METHOD_MAX]; /* 136 */
+    char message[MESSAGE_MAX]; /* 264, size 392 */
 };
 RECORD_ASSERTS;
 
@@ -95,6 +94,9 @@ struct stream_block {
 };
 BPF_PERCPU_ARRAY(stream_block, struct stream_block, 1);
 BPF_PERCPU_ARRAY(id_rng, u64, 1);
+/* conn_cache: {transport, tgid} -> its two ends (netaddr.h: checked against the transport's fields) */
+BPF_TABLE("lru_hash", struct conn_key, struct conn_addrs, conn_cache, MAX_INFLIGHT);
+BPF_PERCPU_ARRAY(conn_scratch, struct conn_addrs, 1);
 
 /* ---- operateHeaders: the traceparent of a new stream */
 
@@ -185,7 +187,8 @@ int uprobe_grpc_handleStream(struct pt_regs *ctx) {
     READ_GO_STRING_DATA(c->method, METHOD_MAX, m, mlen);
     c->method_len = mlen;
 
-    struct incoming_key ik = {.transport = t, .stream_id = STREAM_AT(sb, STREAM_ID_POS, u32), .tgid = k.tgid};
+    c->stream_id = STREAM_AT(sb, STREAM_ID_POS, u32);
+    struct incoming_key ik = {.transport = t, .stream_id = c->stream_id, .tgid = k.tgid};
     struct trace_ctx *parent = grpc_incoming.lookup(&ik);
     int keep = 0;
     if (parent) {
@@ -207,31 +210,6 @@ int uprobe_grpc_handleStream(struct pt_regs *ctx) {
 
 /* ---- writeStatus: the span ends */
 
-/* The IP and port of a net.Addr interface at user address `iface` (a *net.TCPAddr). */
-static __always_inline void read_addr(u64 iface, struct addr *out) {
-    struct go_iface a = {};
-    if (bpf_probe_read_user(&a, sizeof(a), (void *)iface) != 0 || a.data == 0)
-        return;
-    if (ITAB_TCPADDR != 0 && a.tab != ITAB_TCPADDR)
-        return;
-    struct go_slice ip = {};
-    s64 port = 0;
-    if (bpf_probe_read_user(&ip, sizeof(ip), (void *)(a.data + TCPADDR_IP_POS)) != 0 ||
-        bpf_probe_read_user(&port, sizeof(port), (void *)(a.data + TCPADDR_PORT_POS)) != 0)
-        return;
-    if (port < 0 || port > 65535 || ip.ptr == 0)
-        return;
-    if (ip.len == 4) {
-        if (bpf_probe_read_user(out->ip, 4, (void *)ip.ptr) == 0)
-            out->ip_len = 4;
-    } else if (ip.len == 16) {
-        if (bpf_probe_read_user(out->ip, 16, (void *)ip.ptr) == 0)
-            out->ip_len = 16;
-    }
-    if (out->ip_len)
-        out->port = port;
-}
-
 int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
     u64 now = bpf_ktime_get_ns();
     struct goroutine_key k = goroutine_key(ctx);
@@ -251,6 +229,8 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
     e->h.goroutine = k.g;
     __builtin_memcpy(&e->tc, &c->tc, sizeof(e->tc));
     e->method_len = c->method_len;
+    e->stream_id = c->stream_id;
+    e->pad = 0;
     bpf_probe_read_kernel(e->method, METHOD_MAX, c->method);
     if (c->ctx_data != 0) {
         struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
@@ -273,11 +253,22 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
     }
     __builtin_memset(&e->peer, 0, sizeof(e->peer));
     __builtin_memset(&e->local, 0, sizeof(e->local));
-    u64 t = c->transport;
+    struct conn_key ck = {.transport = c->transport, .tgid = k.tgid};
     grpc_inflight.delete(&k);
-    if (t != 0) {
-        read_addr(t + REMOTE_ADDR_POS, &e->peer);
-        read_addr(t + LOCAL_ADDR_POS, &e->local);
+    struct conn_ifaces ci = {};
+    if (ck.transport != 0 && bpf_probe_read_user(&ci, sizeof(ci), (void *)(ck.transport + REMOTE_ADDR_POS)) == 0) {
+        struct conn_addrs *ca = conn_cache.lookup(&ck);
+        if (!ca || ca->remote_data != ci.remote.data || ca->local_data != ci.local.data) {
+            ca = conn_scratch.lookup(&z);
+            if (ca) {
+                resolve_conn_addrs(&ci, ca);
+                conn_cache.update(&ck, ca);
+            }
+        }
+        if (ca) {
+            __builtin_memcpy(&e->peer, &ca->remote, sizeof(e->peer));
+            __builtin_memcpy(&e->local, &ca->local, sizeof(e->local));
+        }
     }
     if (events.ringbuf_output(e, sizeof(*e), wakeup_flags(submitted.lookup(&z))) != 0)
         count_lost(lost.lookup(&z));
