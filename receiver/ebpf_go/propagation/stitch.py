@@ -255,7 +255,8 @@ class Stitcher:
         below: dict[bytes, list[tuple[float, Resource, Scope, Span]]] = {}
         for k in kids:
             below.setdefault(k[3].parent_span_id, []).append(k)
-        released, todo = [], [root.span_id]
+        released: list[tuple[float, Resource, Scope, Span]] = []
+        todo = [root.span_id]
         while todo:
             for k in below.pop(todo.pop(), ()):
                 released.append(k)
@@ -271,7 +272,7 @@ class Stitcher:
         out.extend((r, sc, sp) for _, r, sc, sp in released)
 
     def _due(self, now: float, force: bool) -> list[tuple[Resource, Scope, Span]]:
-        out = []
+        out: list[tuple[Resource, Scope, Span]] = []
         # children whose root never came (lost, or not traced) leave after the window, unchanged
         while self._children:
             tid, kids = next(iter(self._children.items()))

@@ -51,6 +51,7 @@ from ..spec import (
     ProbeUnavailable,
     Record,
     include_flags,
+    offset_flags,
 )
 
 BPF_SOURCE = Path(__file__).resolve().with_name("grpc_client.c")
@@ -127,9 +128,9 @@ class GrpcClient(Probe):
         v = version_key(grpc_version(gb))
         mode = 0 if v < version_key(STREAM_BY_POINTER) else 1 if v < version_key(STREAM_BY_VALUE) else 2
         flags = ["-DCS_STREAM_POS=0"] if mode == 0 else []
-        off = {o.const: gb.struct_offset(o.struct, o.field) for o in stream_offsets(gb)}
-        t, s_, remote, local = (off[c].value if off[c] else -1 for c in
-                                ("ATTEMPT_T_POS", "ATTEMPT_S_POS", "H2C_REMOTEADDR_POS", "H2C_LOCALADDR_POS"))
+        off = offset_flags(gb, stream_offsets(gb))
+        t, s_, remote, local = (off[c] for c in ("ATTEMPT_T_POS", "ATTEMPT_S_POS", "H2C_REMOTEADDR_POS",
+                                                 "H2C_LOCALADDR_POS"))
         if not (0 <= t < s_ <= t + 64 and local == remote + 16):
             raise ProbeUnavailable(f"grpc {grpc_version(gb)}: csAttempt or http2Client laid out unlike every "
                                    "known release (transport before stream, remoteAddr then localAddr)")
