@@ -261,11 +261,13 @@ def test_grpc_joined_across_processes_by_stream(tmp_path: Path, mode: str) -> No
                                                  "exporters": ["file"]}}},
         }, tmp_path)
         wait_instrumented(col, a.pid, ("grpc_server", "grpc_client", "net_http_server"))
-        wait_instrumented(col, b.pid, ("grpc_server", "grpc_client", "net_http_server"))
+        for pid in (a.pid, b.pid):   # the metric counts processes: wait for each one by its log line
+            wait_for(lambda: f"tracing pid {pid} " in col.log(), 60, f"pid {pid} traced:\n{col.log()[-3000:]}")
         assert a.http("/concurrent?n=100") == "ok"
         assert a.http("/call?v=internal") == "13"
         want = 2 + 101 + 101
-        wait_for(lambda: len(_read_spans(out)) >= want, 20, f"{want} spans:\n{col.log()[-3000:]}")
+        wait_for(lambda: len(_read_spans(out)) >= want, 20,
+                 f"{want} spans, got {len(_read_spans(out))}:\n{col.log()}")
         metrics = col.scrape()
         col.stop()
         got = _read_spans(out)
