@@ -262,7 +262,7 @@ def test_grpc_joined_across_processes_by_stream(tmp_path: Path, mode: str) -> No
         }, tmp_path)
         wait_instrumented(col, a.pid, ("grpc_server", "grpc_client", "net_http_server"))
         for pid in (a.pid, b.pid):   # the metric counts processes: wait for each one by its log line
-            wait_for(lambda: f"tracing pid {pid} " in col.log(), 60, f"pid {pid} traced:\n{col.log()[-3000:]}")
+            wait_for(lambda pid=pid: f"tracing pid {pid} " in col.log(), 60, f"pid {pid} traced:\n{col.log()[-3000:]}")
         assert a.http("/concurrent?n=100") == "ok"
         assert a.http("/call?v=internal") == "13"
         want = 2 + 101 + 101

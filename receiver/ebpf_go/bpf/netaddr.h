@@ -65,12 +65,24 @@ struct conn_key {
     u32 pad;
 };
 
-static __always_inline void resolve_conn_addrs(struct conn_ifaces *ci, struct conn_addrs *out) {
-    __builtin_memset(out, 0, sizeof(*out));
-    out->remote_data = ci->remote.data;
-    out->local_data = ci->local.data;
-    read_tcpaddr(ci->remote, &out->remote);
-    read_tcpaddr(ci->local, &out->local);
+/* The connection's ends: `cached` (the cache's entry for the transport, or NULL) while it still
+ * matches the interfaces `ci` read now, else resolved into `scratch`, and *fresh set: the caller then
+ * updates the cache with it (BCC rewrites map calls only in the .c file, so the lookup and the update
+ * stay there). NULL when there is neither. */
+static __always_inline struct conn_addrs *conn_addrs_of(struct conn_ifaces *ci, struct conn_addrs *cached,
+                                                        struct conn_addrs *scratch, int *fresh) {
+    *fresh = 0;
+    if (cached && cached->remote_data == ci->remote.data && cached->local_data == ci->local.data)
+        return cached;
+    if (!scratch)
+        return 0;
+    __builtin_memset(scratch, 0, sizeof(*scratch));
+    scratch->remote_data = ci->remote.data;
+    scratch->local_data = ci->local.data;
+    read_tcpaddr(ci->remote, &scratch->remote);
+    read_tcpaddr(ci->local, &scratch->local);
+    *fresh = 1;
+    return scratch;
 }
 
 #endif

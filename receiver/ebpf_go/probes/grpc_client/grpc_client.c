@@ -227,14 +227,10 @@ int uprobe_grpc_finish(struct pt_regs *ctx) {
             struct conn_ifaces ci = {};
             if (ck.transport != 0 &&
                 bpf_probe_read_user(&ci, sizeof(ci), (void *)(ck.transport + H2C_REMOTEADDR_POS)) == 0) {
-                struct conn_addrs *ca = conn_cache.lookup(&ck);
-                if (!ca || ca->remote_data != ci.remote.data || ca->local_data != ci.local.data) {
-                    ca = conn_scratch.lookup(&z);
-                    if (ca) {
-                        resolve_conn_addrs(&ci, ca);
-                        conn_cache.update(&ck, ca);
-                    }
-                }
+                int fresh = 0;
+                struct conn_addrs *ca = conn_addrs_of(&ci, conn_cache.lookup(&ck), conn_scratch.lookup(&z), &fresh);
+                if (ca && fresh)
+                    conn_cache.update(&ck, ca);
                 if (ca) {
                     __builtin_memcpy(&e->peer, &ca->remote, sizeof(e->peer));
                     __builtin_memcpy(&e->local, &ca->local, sizeof(e->local));
