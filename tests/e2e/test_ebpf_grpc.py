@@ -160,8 +160,11 @@ def test_grpc_spans_statuses_streams_and_parents(run: Callable[..., Run]) -> Non
 
     # a deadline: the client says DEADLINE_EXCEEDED after ~100 ms; the server span ends when its
     # handler returns (the client's RST_STREAM or its own deadline, whichever grpc saw first)
+    # (grpc-go's own message: its timer's, or the server's RST_STREAM if that arrived first)
     late_c = one(clients, **{"rpc.grpc.status_code": 4})
-    assert (late_c.status_code, late_c.status_message) == (STATUS_ERROR, "context deadline exceeded")
+    assert late_c.status_code == STATUS_ERROR
+    assert late_c.status_message in ("context deadline exceeded",
+                                     "stream terminated by RST_STREAM with error code: CANCEL")
     assert 90e6 <= late_c.end_time_unix_nano - late_c.start_time_unix_nano < 1000e6
     late_s = [s for s in servers if s.attributes["rpc.grpc.status_code"] in (1, 4)]
     assert len(late_s) == 1 and late_s[0].end_time_unix_nano - late_s[0].start_time_unix_nano < 1500e6
