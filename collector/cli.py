@@ -1,4 +1,5 @@
-"""`otelgo-collector`: run (default), validate, components, inspect, check."""
+"""`otelgo-collector`: run (default), validate, components, and the subcommands components bring
+(the ebpf_go receiver's inspect and check)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import yaml
 
 from collector import config as configmod
-from collector.component import Kind
+from collector.component import Factory, Kind
 from collector.errors import ConfigError
 from collector.registry import load_factories
 from collector.telemetry import collector_version, setup_logging
@@ -38,7 +39,7 @@ def _add_config_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="override one option, e.g. processors.batch.timeout=2s; applied after every --config")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(factories: dict[tuple[Kind, str], Factory] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="otelgo-collector", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="An OpenTelemetry-Collector-style agent that traces Go programs with eBPF, untouched.")
@@ -50,11 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check the configuration and exit (0 valid, 2 invalid)")
     _add_config_flags(val, "sub_")
     sub.add_parser("components", help="list the available components as YAML")
-    ins = sub.add_parser("inspect", help="show what would be traced in a Go binary or process")
-    ins.add_argument("target", metavar="PATH|PID")
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("check", help="what this host allows the eBPF receiver, with the fix for each gap "
-                                 "(0 tracing can work, 1 not)")
+    seen: set[int] = set()
+    for f in (factories if factories is not None else load_factories()).values():
+        if id(f) in seen:   # a factory is indexed under its aliases too
+            continue
+        seen.add(id(f))
+        for c in f.commands:
+            cp = sub.add_parser(c.name, help=c.help)
+            c.add_arguments(cp)
+            cp.set_defaults(component_command=c)
     return p
 
 
@@ -81,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "components":
         return _components()
-    if args.command == "check":
-        from receiver.ebpf_go import hostcheck
-
-        return hostcheck.main([])
-    if args.command == "inspect":
-        from receiver.ebpf_go.gobinary import inspect  # type: ignore[attr-defined]
-
-        return inspect.main([args.target] + (["--json"] if args.json else []))
+    command = getattr(args, "component_command", None)
+    if command is not None:
+        return int(command.run(args))
     setup_logging()  # until the config's own logs section applies: warnings while loading it
     try:
         factories = load_factories()

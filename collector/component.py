@@ -133,6 +133,17 @@ class Extension(Component):
 CreateFn = Callable[..., Component]
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of `otelgo-collector` that a component brings (the ebpf_go receiver's `inspect`
+    and `check`): the core lists them from the factories and knows none by name."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]   # (argparse.ArgumentParser) -> None
+    run: Callable[[Any], int]              # (argparse.Namespace) -> exit code
+
+
 @dataclass
 class Factory:
     """How the YAML type name becomes a component.
@@ -150,3 +161,4 @@ class Factory:
     description: str = ""
     # Exporter types a receiver or processor in the same pipeline may expect; unused for now.
     extra: dict[str, Any] = field(default_factory=dict)
+    commands: tuple[Command, ...] = ()   # CLI subcommands this component adds

@@ -15,6 +15,7 @@ from collector.component import ComponentID, Consumer, Factory, Host, Kind, Rece
 from collector.telemetry import ComponentTelemetry
 
 from . import hostfs, pins, preflight, propagation
+from .commands import COMMANDS
 from .config import EbpfGoConfig, probe_options
 from .drain import SpanDrain
 from .images import ImageStore
@@ -190,4 +191,5 @@ factory = Factory(
     create=_create,
     stability="development",
     description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans), without touching them.",
+    commands=COMMANDS,
 )
