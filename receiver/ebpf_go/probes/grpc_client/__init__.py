@@ -37,7 +37,7 @@ from ..grpc_server import (
     STREAM_BY_VALUE,
     TRANSPORT,
     grpc_version,
-    ip_text,
+    ip_memo,
     method_attrs,
 )
 from ..spec import (
@@ -223,10 +223,10 @@ def to_span(r: tuple[Any, ...], status_itab: int, mono_to_unix_ns: int,
         tattrs = _TARGET_MEMO[raw] = target_attrs(raw.decode("utf-8", "replace"))
     attrs.update(tattrs)
     if peer_n:
-        attrs["network.peer.address"] = ip_text(peer_ip, peer_n)
+        attrs["network.peer.address"] = ip_memo(peer_ip, peer_n)
         attrs["network.peer.port"] = peer_port
         if streams is not None and stream_id and local_n:
-            streams[span_id] = (ip_text(local_ip, local_n), local_port, peer_port, stream_id)
+            streams[span_id] = (ip_memo(local_ip, local_n), local_port, peer_port, stream_id)
     span = make_span(trace_id, span_id, name, parent if from_ctx else b"", KIND_CLIENT,
                      start + mono_to_unix_ns, end + mono_to_unix_ns, attrs,
                      STATUS_ERROR if code else STATUS_UNSET, (flags & 0xFF) | 0x100)

@@ -222,7 +222,8 @@ def method_attrs(raw: bytes) -> tuple[str, dict[str, Any]]:
     return hit
 
 
-def _ip(raw: bytes, n: int) -> str:
+def ip_memo(raw: bytes, n: int) -> str:
+    """ip_text, memoised: a process talks to few addresses, and parsing one costs ~0.8 µs, a lookup ~0.1."""
     key = (raw, n)
     text = _ADDR_MEMO.get(key)
     if text is None:
@@ -242,10 +243,10 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int,
         attrs = dict(rpc)
         attrs["rpc.grpc.status_code"] = code
         if local_n:
-            attrs["server.address"] = _ip(local_ip, local_n)
+            attrs["server.address"] = ip_memo(local_ip, local_n)
             attrs["server.port"] = local_port
         if peer_n:
-            peer = attrs["network.peer.address"] = _ip(peer_ip, peer_n)
+            peer = attrs["network.peer.address"] = ip_memo(peer_ip, peer_n)
             attrs["network.peer.port"] = peer_port
             if streams is not None and stream_id and local_n:
                 streams[span_id] = (peer, peer_port, local_port, stream_id)
