@@ -46,6 +46,7 @@ class FieldOffset:
     value: int
     source: str  # "dwarf" | "table" | "guess"
     detail: str
+    agreed: bool = True  # False: a table guess across releases whose layouts may differ (offsets.TableHit)
 
 
 # DWARF answers shared between binaries. A struct's layout is fixed by the code that declares it (the
@@ -377,7 +378,7 @@ class GoBinary:
         hit = self._table.lookup(module, version, struct, field)
         if hit is None or hit.offset is None:
             return None
-        return FieldOffset(hit.offset, hit.source, hit.detail)
+        return FieldOffset(hit.offset, hit.source, hit.detail, hit.agreed)
 
 
 def _read_buildinfo(img: ElfImage) -> bi.BuildInfo | None:

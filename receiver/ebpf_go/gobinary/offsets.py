@@ -28,6 +28,7 @@ class TableHit:
     offset: int | None  # None: the field does not exist there
     source: str  # "table" | "guess"
     detail: str
+    agreed: bool = True  # a guess from the same minor release, or between neighbours that agree
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -96,4 +97,5 @@ class OffsetTable:
         hi = per_version[newer[0]] if newer else None
         agree = older and newer and lo == hi
         note = "; neighbours agree" if agree else ("; neighbours DISAGREE" if older and newer else "")
-        return TableHit(per_version[pick], "guess", f"{module}@{norm} not in table: using {pick} ({why}{note})")
+        return TableHit(per_version[pick], "guess", f"{module}@{norm} not in table: using {pick} ({why}{note})",
+                        bool(same_minor or agree))

@@ -182,8 +182,7 @@ def offset_flags(binary: GoBinary, offsets: tuple[Offset, ...] | list[Offset]) -
     out = {}
     for o in offsets:
         off = binary.struct_offset(o.struct, o.field)
-        if off is not None and o.strict and off.source == "guess" and not (
-                "same minor release" in off.detail or "neighbours agree" in off.detail):
+        if off is not None and o.strict and not off.agreed:
             raise ProbeUnavailable(f"no measured offset for {o.struct}.{o.field}: {off.detail}, and layouts "
                                    "change between those releases (a build with DWARF is traced)")
         value = off.value if off is not None else o.fallback

@@ -73,6 +73,8 @@ def test_lookup_rules() -> None:
     assert mod is not None and (mod.offset, mod.source) == (24, "table")
     mod2 = t.lookup("google.golang.org/grpc", "v1.70.0", "google.golang.org/grpc/internal/transport.Stream", "method")
     assert mod2 is not None and (mod2.offset, mod2.source) == (24, "guess")
+    assert not mod2.agreed          # past the newest known release: nothing vouches for the layout
+    assert mod.agreed and newer is not None and not newer.agreed
     assert t.lookup("google.golang.org/grpc", "v1.70.0", "x.Y", "z") is None
 
 
