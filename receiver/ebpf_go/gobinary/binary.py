@@ -34,6 +34,13 @@ class ProbePoint:
 
 
 @dataclass(frozen=True)
+class FieldStorePoint:
+    addr: int
+    base: str   # register holding the struct's address at addr ("rax"); "" when addr is 0
+    reason: str
+
+
+@dataclass(frozen=True)
 class ReturnPoint:
     addr: int
     caller: str
@@ -301,6 +308,17 @@ class GoBinary:
             return ReturnPoint(0, caller, "none", f"{caller if f is None else callee} not in the binary")
         p = disasm.point_after_call(self.arch, self._sweep(f), self._img.read, g.start)
         return ReturnPoint(p.addr, caller, "emulated-after-call" if p.addr else "none", p.reason)
+
+    def point_after_field_store(self, func: str, disp: int) -> FieldStorePoint:
+        """The first kernel-emulated instruction after `func`'s one assignment of the string field at
+        `disp` of a struct, and the register holding the struct's address there (disasm.point_after_field_store).
+        `addr` 0 when there is none; `reason` says why or what was found."""
+        f = self.function(func)
+        if f is None:
+            return FieldStorePoint(0, "", f"{func} not in the binary")
+        barriers = {g.start for n, g in self._functions().items() if n.startswith("runtime.gcWriteBarrier")}
+        p = disasm.point_after_field_store(self.arch, self._sweep(f), self._img.read, disp, barriers)
+        return FieldStorePoint(p.addr, p.base, p.reason)
 
     # ---- struct offsets -----------------------------------------------------------------
     def _dwarf_structs(self) -> DwarfStructs | None:

@@ -20,6 +20,7 @@ entry; anything else falls back to the entry itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,3 +215,106 @@ def point_after_call(arch: str, sw: Sweep, code_at: Any, callee: int, max_insns:
         if i.mnemonic in _LEAVES or i.mnemonic.startswith("j") or i.mnemonic.startswith("loop"):
             return AfterCall(0, call.address, f"{i.mnemonic} at {i.address:#x} before any emulated instruction")
     return AfterCall(0, call.address, f"no emulated instruction within {max_insns} instructions after the call")
+
+
+@dataclass(frozen=True)
+class AfterStore:
+    addr: int    # 0 when there is no usable point (reason says why)
+    base: str    # the register holding the struct's address at `addr` ("rax"), "" with addr 0
+    reason: str
+
+
+# A store of one 8-byte word into a struct field: `mov qword ptr [<base> + <disp>], <reg>`.
+_STORE = re.compile(r"^qword ptr \[(?P<base>r[a-z0-9]+) \+ (?P<disp>0x[0-9a-f]+)\], (?P<src>r[a-z0-9]+)$")
+# Registers by their 64-bit name, with the narrower names that write them.
+_ALIASES = {"rax": ("eax", "ax", "al", "ah"), "rbx": ("ebx", "bx", "bl", "bh"), "rcx": ("ecx", "cx", "cl", "ch"),
+            "rdx": ("edx", "dx", "dl", "dh"), "rsi": ("esi", "si", "sil"), "rdi": ("edi", "di", "dil"),
+            "rbp": ("ebp", "bp", "bpl"), **{f"r{n}": (f"r{n}d", f"r{n}w", f"r{n}b") for n in range(8, 16)}}
+# Mnemonics whose first operand is only read.
+_READ_ONLY = frozenset({"cmp", "test", "push", "nop", "bt", "ucomisd", "ucomiss", "comisd", "comiss"})
+# Registers some instructions write without naming them (exact mnemonics; any `rep` form writes
+# rcx, rdi and rsi).
+_IMPLICIT = {"rax": {"mul", "div", "idiv", "cqo", "cdq", "cwd", "cpuid", "rdtsc", "lodsb", "lodsq", "cmpxchg"},
+             "rdx": {"mul", "div", "idiv", "cqo", "cdq", "cwd", "cpuid", "rdtsc"},
+             "rbx": {"cpuid"}, "rcx": {"cpuid", "syscall", "loop"}, "r11": {"syscall"},
+             "rdi": {"stosb", "stosq", "movsb", "movsq"}, "rsi": {"movsb", "movsq", "lodsb", "lodsq"}}
+
+
+def _writes(insn: Insn, reg: str) -> bool:
+    """Whether `insn` may change `reg` (a 64-bit name): it is, or a narrower name of it is, the first
+    operand of an instruction that is not a compare, an exchange names it, or it is written implicitly."""
+    names = (reg, *_ALIASES.get(reg, ()))
+    m = insn.mnemonic
+    if m.startswith("j") or m in _READ_ONLY:
+        return False
+    operands = [o.strip() for o in insn.op_str.split(",")]
+    if operands[0] in names:
+        return True
+    if m in ("xchg", "xadd", "cmpxchg") and any(o in names for o in operands):
+        return True
+    return m in _IMPLICIT.get(reg, ()) or m.startswith("rep") and reg in ("rcx", "rdi", "rsi")
+
+
+def point_after_field_store(arch: str, sw: Sweep, code_at: Any, disp: int, allowed_calls: set[int],
+                            max_insns: int = 24) -> AfterStore:
+    """The first kernel-emulated instruction after a function's one assignment of a string field at
+    `disp` of a struct (`s.f = v`: the length word stored at disp+8 and the pointer word at disp),
+    where the struct's address is still in the register the stores used.
+
+    Go writes a string field as two 8-byte stores with the write-barrier check between them (the
+    barrier's buffer call, runtime.gcWriteBarrier*, in `allowed_calls`, keeps every register but
+    R11). Accepted only when the function has exactly one such pair with one base register, the
+    stretch from the first store to the point is straight-line code apart from branches that start
+    and end inside it, no other branch of the function lands in it, and nothing in it writes the base
+    register: then the point runs once after every such assignment, with both words in memory."""
+    if arch != "amd64":
+        return AfterStore(0, "", f"{arch}: not implemented")
+    ins = sw.insns
+    stores: dict[int, list[tuple[int, str]]] = {disp: [], disp + 8: []}
+    for k, i in enumerate(ins):
+        if i.mnemonic != "mov":
+            continue
+        m = _STORE.match(i.op_str)
+        if m is None or m["base"] == "rsp":
+            continue
+        d = int(m["disp"], 16)
+        if d in stores:
+            stores[d].append((k, m["base"]))
+    ptr, length = stores[disp], stores[disp + 8]
+    if len(ptr) != 1 or len(length) != 1:
+        return AfterStore(0, "", f"{len(ptr)} stores of the field's pointer word and {len(length)} of its length "
+                                 f"at +{disp:#x} (need one of each)")
+    (kp, base), (kl, base_l) = ptr[0], length[0]
+    if base != base_l:
+        return AfterStore(0, "", f"the field's two words are stored through {base} and {base_l}")
+    first, last = min(kp, kl), max(kp, kl)
+    if last - first > max_insns:
+        return AfterStore(0, "", f"the field's two words are {last - first} instructions apart")
+    lo = ins[first].address
+    for j in range(first + 1, min(last + 1 + max_insns, len(ins))):
+        i = ins[j]
+        if j > last and is_emulated(code_at(i.address, min(i.size, 2))) and not i.mnemonic.startswith("push"):
+            hi = i.address
+            for other in ins:
+                t = _target(other) if other.mnemonic.startswith("j") or other.mnemonic == "call" else None
+                if t is None or other is i or not lo < t <= hi:
+                    continue
+                inside = lo < other.address < hi and other.mnemonic != "call"
+                if not inside:
+                    return AfterStore(0, "", f"a branch at {other.address:#x} lands between the store and {hi:#x}")
+            return AfterStore(hi, base, f"{i.mnemonic} {i.op_str} at +{hi - ins[last].address} after the store "
+                                        f"(struct address in {base})")
+        if i.mnemonic == "call":
+            if _target(i) not in allowed_calls or base == "r11":
+                return AfterStore(0, "", f"a call at {i.address:#x} between the store and any emulated instruction")
+            continue
+        if i.mnemonic in _LEAVES or i.mnemonic.startswith("loop"):
+            return AfterStore(0, "", f"{i.mnemonic} at {i.address:#x} before any emulated instruction")
+        if i.mnemonic.startswith("j"):
+            t = _target(i)
+            if j > last or t is None or not (ins[first].address < t <= ins[last].address):
+                return AfterStore(0, "", f"a branch at {i.address:#x} leaves the assignment")
+            continue
+        if _writes(i, base):
+            return AfterStore(0, "", f"{i.mnemonic} {i.op_str} at {i.address:#x} overwrites {base}")
+    return AfterStore(0, "", f"no emulated instruction within {max_insns} instructions after the store")

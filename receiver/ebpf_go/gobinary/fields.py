@@ -75,4 +75,7 @@ MODULE_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "google.golang.org/genproto/googleapis/rpc": {
         "google.golang.org/genproto/googleapis/rpc/status.Status": ("Code", "Message", "Details"),
     },
+    "github.com/gin-gonic/gin": {
+        "github.com/gin-gonic/gin.Context": ("Request", "handlers", "index", "fullPath"),
+    },
 }

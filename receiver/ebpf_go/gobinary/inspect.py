@@ -128,7 +128,7 @@ def collect(b: GoBinary) -> dict[str, Any]:
     return out
 
 
-_ITEM_KEYS = {"name", "probe", "applies", "reason", "functions", "offsets", "warnings", "end"}
+_ITEM_KEYS = {"name", "probe", "applies", "reason", "functions", "offsets", "warnings", "end", "routes"}
 
 
 def render(rep: dict[str, Any]) -> str:
@@ -157,6 +157,9 @@ def render(rep: dict[str, Any]) -> str:
             pts = ", ".join(f"{p['addr']:#x} {p['program']}" for p in end["points"]) or "none"
             lines.append(f"        span end: {end['mode'] or 'not attached'}: {pts}"
                          + (f" ({end['reason']})" if end["reason"] else ""))
+        for r in inst.get("routes") or []:
+            state = f"read at {r['addr']:#x}" if r["attach"] else "not read, spans keep the method-only name"
+            lines.append(f"        routes: {r['framework']} {r['version'] or '(version unknown)'}: {state}: {r['reason']}")
         for key, value in inst.items():
             if key not in _ITEM_KEYS and isinstance(value, str):
                 lines.append(f"        {key}: {value}")

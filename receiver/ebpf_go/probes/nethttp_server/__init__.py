@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from collector.telemetry import LOG_NAME
 
 from ...gobinary import GoBinary
 from ...gobinary.gomaps import header_map_flags
+from ..routes import route_flags, route_plans, route_points, route_report
 from ..spec import (
     HEADER,
     TRACE_CTX,
@@ -122,21 +124,27 @@ class NetHttpServer(Probe):
         flags.append(f"-DREQ_ENTRY_LEN={max(values['REQ_HEADER_POS'] + 8, values['REQ_CTX_POS'] + 16)}")
         for const, value in zip(("H2_RWS_POS", "H2_STATUS_POS"), h2_status_offsets(gb), strict=True):
             flags.append(f"-D{const}={value}")
-        return flags + header_map_flags(gb)
+        return flags + header_map_flags(gb) + route_flags(route_plans(gb))
 
     def extra_points(self, gb: GoBinary, build: Build) -> list[tuple[int, str]]:
         plan = end_plan(gb, self.end_mode)
-        key = (gb.path, plan.mode)
-        if key not in _PLAN_LOGGED:
-            _PLAN_LOGGED.add(key)
+        if _first_time(gb, f"end {plan.mode}"):
             if plan.mode == "ret":
                 log.info("net/http server: %s: span end at every RET of ServeHTTP (%s)", gb.path, plan.reason)
             else:
                 log.info("net/http server: %s: span end at emulated points (%d)", gb.path, len(plan.points))
-        return plan.points
+        plans = route_plans(gb)
+        for r in plans:
+            if _first_time(gb, f"routes {r.source.framework}"):
+                if r.addr:
+                    log.info("net/http server: %s: routes of %s %s", gb.path, r.source.framework, r.version or "")
+                else:
+                    log.warning("net/http server: %s: %s %s found, its routes are not read (spans keep the "
+                                "method-only name): %s", gb.path, r.source.framework, r.version or "", r.reason)
+        return plan.points + route_points(plans)
 
     def report(self, gb: GoBinary) -> dict[str, Any]:
-        return {"end": end_report(gb)}
+        return {"end": end_report(gb), "routes": route_report(route_plans(gb))}
 
     def spans(self, records: list[Any], state: Any, gb: GoBinary, mono_to_unix: int,
               build: Build) -> list[tuple[int, Span]]:
@@ -182,7 +190,17 @@ class EndPlan:
     reason: str
 
 
-_PLAN_LOGGED: set[tuple[str, str]] = set()
+# What was logged about each binary (the binary, not its path: that is /proc/<pid>/exe of whichever
+# process brought it), so that a binary's plan is said once however many processes run it.
+_LOGGED: weakref.WeakKeyDictionary[GoBinary, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _first_time(gb: GoBinary, what: str) -> bool:
+    said = _LOGGED.setdefault(gb, set())
+    if what in said:
+        return False
+    said.add(what)
+    return True
 
 
 def end_plan(binary: GoBinary, mode: str = "auto") -> EndPlan:

@@ -24,6 +24,8 @@
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   CTX_SPANS     1: fill ctx_spans (the binary has a client or database/sql probe that reads it), 0: not
+ *   ROUTE_PROBES  ROUTE_PROBE(framework, register, offset) for each web framework whose matched route
+ *                 template is read (probes/routes): the span's route instead of the ServeMux pattern
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  * Benchmarks that measure pieces of this program compile their variants from the source as of a
  * revision that still had switches for them (benchmarks/server_probe_ab.py --ab-rev): this file
@@ -67,6 +69,7 @@ struct server_call {
     u64 resp;                /* *http.response (rw's data word) */
     u64 ctx_data;            /* req.ctx data word: the key in ctx_spans */
     struct trace_ctx tc;
+    struct go_string route;  /* a framework's matched route template (ROUTE_PROBES), else empty */
     u16 ua_len;
     u8 pad[6];
     char user_agent[UA_MAX];
@@ -471,6 +474,12 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
         READ_GO_STRING(e->pattern, PATTERN_MAX, pat + PATTERN_STR_POS, n);
 #endif
 #endif
+#ifdef ROUTE_PROBES
+    if (c->route.len > 0) {      /* the framework routed: its template, not the ServeMux pattern */
+        n = 0;
+        READ_GO_STRING_DATA(e->pattern, PATTERN_MAX, c->route, n);
+    }
+#endif
     e->pattern_len = n;
 
     u32 z = 0;
@@ -509,3 +518,25 @@ int uprobe_server_end_h1(struct pt_regs *ctx) {
 int uprobe_server_end_h2(struct pt_regs *ctx) {
     return end_call(ctx, 1);
 }
+
+#ifdef ROUTE_PROBES
+/* A framework assigned its matched route template to the string field at `field` (probes/routes):
+ * keep its header in the server call of this goroutine, whose end reads the bytes. Template strings
+ * live in the framework's route tree for the program's life. */
+static __always_inline int take_route(struct pt_regs *ctx, u64 field) {
+    struct goroutine_key k = goroutine_key(ctx);
+    struct server_call *c = inflight.lookup(&k);
+    if (!c)
+        return 0;                /* not under a traced ServeHTTP (e.g. a test calling the engine) */
+    struct go_string s = {};
+    if (bpf_probe_read_user(&s, sizeof(s), (void *)field) != 0)
+        return 0;
+    c->route = s;
+    return 0;
+}
+
+/* uprobe_route_<framework>: the struct's address is in `reg` (a pt_regs field) at the probe point. */
+#define ROUTE_PROBE(framework, reg, offset) \
+    int uprobe_route_##framework(struct pt_regs *ctx) { return take_route(ctx, ctx->reg + (offset)); }
+ROUTE_PROBES
+#endif
