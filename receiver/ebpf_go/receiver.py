@@ -190,6 +190,6 @@ factory = Factory(
     config_model=EbpfGoConfig,
     create=_create,
     stability="development",
-    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans), without touching them.",
+    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans; gin routes), without touching them.",
     commands=COMMANDS,
 )
