@@ -4,7 +4,8 @@ Go 1.21-1.27, plain, stripped and PIE builds.
 
 What a user checks: the span is named `{method} {route}` with gin's own template in `http.route`
 (parameters, wildcards, group prefixes), a request that matches no route keeps the method-only name
-and no `http.route` (also on a keep-alive connection right after a routed request), AbortWithStatus(500)
+and no `http.route` (also on a keep-alive connection right after a routed request), over HTTP/1.1
+and HTTP/2 (h2c, Go >= 1.24), AbortWithStatus(500)
 is an Error span, an internal redirect carries the route that served, and a client call from a
 handler is the child of the gin span. Where the route cannot be read (Go 1.19's write barrier
 branches out of the assignment), the plain net/http spans come out unchanged and the reason
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -74,12 +76,32 @@ CASES: list[tuple[str, str, int, str, str | None]] = [
 ]
 
 
+# over HTTP/2 without TLS (the fixture built with Go >= 1.24): (path, status, name, route)
+H2C_CASES: list[tuple[str, int, str, str | None]] = [
+    ("/items/5", 200, "GET /items/:id", "/items/:id"),
+    ("/nowhere", 404, "GET", None),
+    ("/api/v1/users/3/orders", 200, "GET /api/v1/users/:uid/orders", "/api/v1/users/:uid/orders"),
+]
+
+
+def h2c(addr: str, paths: list[str]) -> list[str]:
+    """HTTP/2 with prior knowledge, one curl (and connection) per path, in turn: `<http_version> <code>`
+    each (curl 7.88 gets an empty reply on a reused prior-knowledge connection, with or without us)."""
+    out = []
+    for p in paths:
+        args = ["curl", "-s", "--http2-prior-knowledge", "--max-time", "20", "-o", "/dev/null",
+                "-w", "%{http_version} %{http_code}", f"http://{addr}{p}"]
+        out.append(subprocess.run(args, capture_output=True, text=True, timeout=30).stdout.strip())
+    return out
+
+
 @pytest.mark.parametrize("gin,go,variant", MATRIX, ids=[f"gin{g or '-gomod'}-go{v}-{x}" for g, v, x in MATRIX])
 def test_gin_routes(gin: str | None, go: str, variant: str) -> None:
     binary = ginapp(gin, go, variant)
     [plan] = route_plans(GoBinary.open(binary))
     assert plan.addr and plan.version == (gin or "v1.12.0"), plan
     srv = Server(binary)
+    with_h2c = tuple(int(x) for x in go.split(".")) >= (1, 24)
     r, sink = start_receiver({"targets": [{"pid": srv.pid}]})
     try:
         wait_for(lambda: srv.pid in r.processes, 30, "attach")
@@ -89,15 +111,24 @@ def test_gin_routes(gin: str | None, go: str, variant: str) -> None:
         # keep-alive: the same connection's goroutine serves both; the second matches no route
         (m1, p1, s1, _, _), (m2, p2, s2, _, _) = CASES[-2:]
         assert statuses(srv.raw(request(m1, p1, host, close=False) + request(m2, p2, host))) == [s1, s2]
-        spans = [s for _, scope, s in wait_spans(sink, len(CASES)) if scope == SCOPE]
-        assert len(spans) == len(CASES), [s.name for s in spans]
+        n = len(CASES)
+        if with_h2c:   # the handler runs on the HTTP/2 server's handler goroutine: the same keying
+            assert h2c(host, [p for p, *_ in H2C_CASES]) == [f"2 {st}" for _, st, _, _ in H2C_CASES]
+            n += len(H2C_CASES)
+        spans = [s for _, scope, s in wait_spans(sink, n) if scope == SCOPE]
+        assert len(spans) == n, [s.name for s in spans]
         spans.sort(key=lambda s: s.start_time_unix_nano)
-        for s, (method, path, status, name, route) in zip(spans, CASES, strict=True):
+        for s, (method, path, status, name, route) in zip(spans, CASES, strict=False):
             a = s.attributes
             assert (s.name, s.kind, a.get("http.route"), a["http.request.method"], a["http.response.status_code"]) \
                 == (name, KIND_SERVER, route, method, status), (method, path, a)
             assert s.status_code == (STATUS_ERROR if status >= 500 else STATUS_UNSET)
             assert a["url.path"] == ("/items/7" if path == "/redirect" else path)  # the redirect rewrote it
+            assert a["network.protocol.version"] == "1.1"
+        for s, (path, status, name, route) in zip(spans[len(CASES):], H2C_CASES if with_h2c else [], strict=True):
+            a = s.attributes
+            assert (s.name, a.get("http.route"), a["url.path"], a["http.response.status_code"],
+                    a["network.protocol.version"]) == (name, route, path, status, "2"), a
     finally:
         r.shutdown()
         srv.stop()
