@@ -171,6 +171,20 @@ def is_emulated(code: bytes) -> bool:
             or 0x50 <= b0 <= 0x57 or (b0 == 0x41 and 0x50 <= b1 <= 0x57))
 
 
+def _branch_into(ins: list[Insn], lo: int, hi: int, point: Insn, inside_ok: bool = False) -> Insn | None:
+    """A direct jump or call of the function, other than `point`, that lands in (lo, hi]: then that
+    stretch is not reached only by straight-line code from lo. `inside_ok`: jumps that themselves
+    sit in (lo, hi) are allowed (a write-barrier check that starts and ends inside the stretch)."""
+    for other in ins:
+        t = _target(other) if other.mnemonic.startswith("j") or other.mnemonic == "call" else None
+        if t is None or other is point or not lo < t <= hi:
+            continue
+        if inside_ok and lo < other.address < hi and other.mnemonic != "call":
+            continue
+        return other
+    return None
+
+
 # Instructions that end the straight line after a call: control leaves or the program stops.
 _LEAVES = frozenset({"ret", "retf", "retq", "jmp", "int3", "ud2", "hlt", "syscall", "iretq", "int"})
 
@@ -204,11 +218,10 @@ def point_after_call(arch: str, sw: Sweep, code_at: Any, callee: int, max_insns:
             if i.mnemonic == "call" and _target(i) is None:
                 continue  # defensive: an indirect call never has an emulated opcode
             lo, hi = call.address, i.address
-            for other in ins:
-                t = _target(other) if other.mnemonic.startswith("j") or other.mnemonic == "call" else None
-                if t is not None and lo < t <= hi and other is not i:
-                    return AfterCall(0, call.address, f"a branch at {other.address:#x} lands between the call "
-                                                      f"and {hi:#x}")
+            other = _branch_into(ins, lo, hi, i)
+            if other is not None:
+                return AfterCall(0, call.address, f"a branch at {other.address:#x} lands between the call "
+                                                  f"and {hi:#x}")
             return AfterCall(i.address, call.address,
                              f"{i.mnemonic} {i.op_str} at +{i.address - call.address} after the call "
                              f"({j - k - 1} instructions between)")
@@ -293,15 +306,11 @@ def point_after_field_store(arch: str, sw: Sweep, code_at: Any, disp: int, allow
     lo = ins[first].address
     for j in range(first + 1, min(last + 1 + max_insns, len(ins))):
         i = ins[j]
-        if j > last and is_emulated(code_at(i.address, min(i.size, 2))) and not i.mnemonic.startswith("push"):
+        if j > last and is_emulated(code_at(i.address, min(i.size, 2))):
             hi = i.address
-            for other in ins:
-                t = _target(other) if other.mnemonic.startswith("j") or other.mnemonic == "call" else None
-                if t is None or other is i or not lo < t <= hi:
-                    continue
-                inside = lo < other.address < hi and other.mnemonic != "call"
-                if not inside:
-                    return AfterStore(0, "", f"a branch at {other.address:#x} lands between the store and {hi:#x}")
+            other = _branch_into(ins, lo, hi, i, inside_ok=True)
+            if other is not None:
+                return AfterStore(0, "", f"a branch at {other.address:#x} lands between the store and {hi:#x}")
             return AfterStore(hi, base, f"{i.mnemonic} {i.op_str} at +{hi - ins[last].address} after the store "
                                         f"(struct address in {base})")
         if i.mnemonic == "call":
