@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3-venv python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 linux-libc-dev
-  golang-1.19-go postgresql prometheus wrk git ca-certificates gcc libc6-dev
+  golang-1.19-go postgresql prometheus wrk curl git ca-certificates gcc libc6-dev
 )
 
 need_apt=()
