@@ -15,7 +15,6 @@ is logged once.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -26,16 +25,12 @@ from collector.spans import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from receiver.ebpf_go.gobinary import GoBinary
 from receiver.ebpf_go.probes.routes import route_plans
 from tests.e2e.test_ebpf_http_server import start_receiver, wait_spans
+from tests.support.ci import needs_root
 from tests.support.collector import wait_for
 from tests.support.gobuild import build_go_fixture
 from tests.support.goserver import Server
 
-IS_ROOT = os.geteuid() == 0
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root and eBPF"),
-    pytest.mark.timeout(300),
-]
+pytestmark = [*needs_root(), pytest.mark.timeout(300)]
 
 GIN = "github.com/gin-gonic/gin"
 SCOPE = "otelgo-collector/net/http"

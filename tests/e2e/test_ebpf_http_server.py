@@ -23,17 +23,13 @@ import pytest
 from collector.component import ComponentID
 from collector.spans import KIND_SERVER, STATUS_ERROR, STATUS_UNSET, Span, SpanBatch, from_json_dict
 from collector.telemetry import ComponentTelemetry, SelfMetrics
+from tests.support.ci import needs_root
 from tests.support.collector import json_lines, wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
 from tests.support.goserver import Server
 from tests.support.held import open_fds
 
-IS_ROOT = os.geteuid() == 0
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root and eBPF"),
-    pytest.mark.timeout(300),
-]
+pytestmark = [*needs_root(), pytest.mark.timeout(300)]
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

@@ -7,7 +7,6 @@ Needs root and eBPF: marked `root`, skipped when not root unless CI=true.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -16,16 +15,13 @@ from typing import Any
 import pytest
 
 from receiver.ebpf_go.gobinary import GoBinary
+from tests.support.ci import needs_root
 from tests.support.collector import CollectorProcess, wait_for
 from tests.support.gobuild import build_go_fixture
 from tests.support.goserver import Server
 from tests.support.procmaps import bcc_or_llvm_mapped
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root and eBPF"),
-    pytest.mark.timeout(300),
-]
+pytestmark = [*needs_root(), pytest.mark.timeout(300)]
 
 SYMBOL = "net/http.serverHandler.ServeHTTP"
 

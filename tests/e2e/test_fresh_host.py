@@ -20,16 +20,12 @@ import pytest
 
 from collector.spans import KIND_SERVER, Span, from_json_dict
 from receiver.ebpf_go import hostfs
-from tests.support.ci import skip_or_fail_in_ci
+from tests.support.ci import needs_root, skip_or_fail_in_ci
 from tests.support.collector import BINARY, CollectorProcess, free_port, json_lines, wait_for
 from tests.support.gobuild import build_go_fixture
 from tests.support.goserver import Server
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root and eBPF"),
-    pytest.mark.timeout(300),
-]
+pytestmark = [*needs_root(), pytest.mark.timeout(300)]
 
 # What a host without systemd lacks. Several mounts may be stacked on one path: all go.
 BARE = ("/sys/fs/bpf", "/sys/kernel/security", "/sys/kernel/tracing", "/sys/kernel/debug")
