@@ -4,7 +4,8 @@ resource. The tracker (tracker.py) fills them; the drain (drain.py) reads them u
 receiver's lock.
 
 `process_resource` builds a process's resource attributes (DESIGN.md §5): service.name from the
-target, else the process's own OTEL_SERVICE_NAME, else the executable's name.
+target, else the process's own OTEL_SERVICE_NAME, else the executable's name; the host's, its owner
+and its container and pod from identity.py; the target's `attributes` last (they win).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from collector.spans import Resource
 
-from . import discovery
+from . import discovery, identity
 from .bpfprogram import Program
 from .gobinary import GoBinary
 from .probes import Build, Probe, RawCollector
@@ -55,7 +56,8 @@ class ProcessState:
     binary_key: tuple[int, int]
 
 
-def process_resource(p: discovery.ProcInfo, gb: GoBinary, sel: discovery.Selector, host_name: str) -> Resource:
+def process_resource(p: discovery.ProcInfo, gb: GoBinary, sel: discovery.Selector,
+                     host: dict[str, Any]) -> Resource:
     service = sel.service_name or discovery.read_environ(p.pid, "OTEL_SERVICE_NAME") or os.path.basename(p.exe)
     attrs: dict[str, Any] = {
         "service.name": service,
@@ -63,7 +65,8 @@ def process_resource(p: discovery.ProcInfo, gb: GoBinary, sel: discovery.Selecto
         "process.executable.path": p.exe,
         "process.runtime.name": "go",
         "process.runtime.version": gb.go_version,
-        "host.name": host_name,
+        **host,
+        **identity.process_attributes(p.pid),
         "telemetry.distro.name": DISTRO,
         "telemetry.distro.version": VERSION,
     }

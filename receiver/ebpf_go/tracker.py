@@ -13,14 +13,13 @@ are the receiver's dicts, changed under its lock, which the drain reads them und
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 from collector.telemetry import ComponentTelemetry
 
-from . import discovery
+from . import discovery, identity
 from .bpfprogram import attach, close_program, detach_pid
 from .config import EbpfGoConfig, selectors
 from .drain import SpanDrain
@@ -55,7 +54,7 @@ class ProcessTracker:
         self.selectors = selectors(config)
         self.rejected: dict[tuple[int, int], str] = {}    # binary key -> why it is not traced
         self.watcher = discovery.ProcessWatcher(exclude_pids={os.getpid()})
-        self.host_name = socket.gethostname()
+        self.host = identity.host_attributes()   # host.name, host.id, os.type: read once
         self.scan_seconds: list[float] = []
         self.builder: ProgramBuilder | None = None
 
@@ -171,7 +170,7 @@ class ProcessTracker:
             return
         tb.pids[p.pid] = p
         tb.idle_since = None
-        self.processes[p.pid] = ProcessState(p, process_resource(p, gb, sel, self.host_name), tb.key)
+        self.processes[p.pid] = ProcessState(p, process_resource(p, gb, sel, self.host), tb.key)
         sk = self._skmsg()
         if sk is not None:
             sk.watch(p.pid)    # its connections from now on can carry an inserted traceparent

@@ -8,15 +8,18 @@ import os
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
 class Server:
     """The server process on a free port; `request` sends one HTTP/1.1 request with Connection: close."""
 
-    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, binary: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        """`preexec_fn`: run in the child before the exec (e.g. to enter a cgroup)."""
         self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         assert line.startswith("LISTENING "), line
         self.addr = line.split()[1]
