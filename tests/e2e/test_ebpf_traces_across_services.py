@@ -18,11 +18,9 @@ import http.client
 import os
 import re
 import shutil
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,9 @@ if os.geteuid() != 0 and os.environ.get("CI") != "true":
 
 from collector.spans import KIND_CLIENT, KIND_SERVER, Span, from_json_dict  # noqa: E402
 from receiver.ebpf_go import hostfs  # noqa: E402
-from tests.support.collector import CollectorProcess, free_port, json_lines, wait_for_port  # noqa: E402
+from tests.support.collector import CollectorProcess, json_lines  # noqa: E402
 from tests.support.gobuild import build_go_fixture  # noqa: E402
+from tests.support.httpchain import Chain  # noqa: E402
 
 # probe_write: this kernel refuses bpf_probe_write_user (lockdown), so it falls back to sk_msg
 MODES = ["auto", "sk_msg", "stitch", "probe_write"]
@@ -51,41 +50,6 @@ def refused() -> str:
 
 
 ID = re.compile(r"/chain/([A-Za-z0-9_-]+)")
-
-
-@dataclass
-class Chain:
-    """A -> B -> C, each one httpchain process."""
-
-    capture: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def role_of_pid(self) -> dict[int, str]:
-        return {p.pid: name for name, p in self.procs.items()}
-
-    def start(self, binary: Path) -> None:
-        nxt = ""
-        for name in ("C", "B", "A"):
-            port = free_port()
-            args = [str(binary), "-name", name, "-listen", f"127.0.0.1:{port}", "-capture", str(self.capture)]
-            if nxt:
-                args += ["-next", nxt]
-            self.procs[name] = subprocess.Popen(args, stderr=subprocess.DEVNULL)
-            self.ports[name] = port
-            wait_for_port(port, proc=self.procs[name])
-            nxt = f"http://127.0.0.1:{port}/chain"
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            p.kill()
-            p.wait()
-
-    def get(self, rid: str, headers: dict[str, str] | None = None) -> bytes:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.ports['A']}/chain/{rid}", headers=headers or {})
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return bytes(r.read())
 
 
 class Traced:

@@ -1,6 +1,7 @@
 """A real OpenTelemetry Collector for end-to-end tests, built from tests/fixtures/otelcol/.
 
-`build_otelcol()` compiles the fixture (otlp receiver, probabilistic_sampler, file and debug exporters)
+`build_otelcol()` compiles the fixture (otlp receiver; probabilistic_sampler and batch processors; file, debug,
+loadbalancing and otlp exporters)
 with the machine's Go, once per content hash of the fixture (cached under .cache/otelcol/<hash>/), so
 the first run takes a minute or two and later runs none. `RealCollector` writes a config, starts the
 binary on free loopback ports, waits until it listens, and reads back what its file exporter wrote.
@@ -90,33 +91,39 @@ def free_port() -> int:
 
 
 class RealCollector:
-    """otelcol-test running `otlp` (gRPC + HTTP) → [processors] → file exporter (JSON lines)."""
+    """otelcol-test running `otlp` (gRPC + HTTP) → [processors] → exporters (by default the file
+    exporter, JSON lines). `name` keeps the files of several collectors in one workdir apart; fixed
+    ports let a test restart a collector where its clients expect it."""
 
-    def __init__(self, workdir: Path, processors: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, processors: dict[str, Any] | None = None,
+                 exporters: dict[str, Any] | None = None, name: str = "otelcol",
+                 grpc_port: int | None = None, http_port: int | None = None) -> None:
         self.workdir = workdir
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        self.out = workdir / "received.jsonl"
-        self.log = workdir / "otelcol.log"
+        self.name = name
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.out = workdir / ("received.jsonl" if name == "otelcol" else f"{name}.received.jsonl")
+        self.log = workdir / f"{name}.log"
         procs = processors or {}
+        exps = exporters or {"file": {"path": str(self.out), "flush_interval": "100ms"}}
         cfg = {
             "receivers": {"otlp": {"protocols": {
                 "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}", "max_recv_msg_size_mib": 64},
                 "http": {"endpoint": f"127.0.0.1:{self.http_port}"}}}},
             "processors": procs,
-            "exporters": {"file": {"path": str(self.out), "flush_interval": "100ms"}},
+            "exporters": exps,
             "service": {
                 "telemetry": {"metrics": {"level": "none"}, "logs": {"level": "info"}},
                 "pipelines": {"traces": {"receivers": ["otlp"], "processors": list(procs),
-                                         "exporters": ["file"]}}},
+                                         "exporters": list(exps)}}},
         }
-        self.config = workdir / "otelcol.yaml"
+        self.config = workdir / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RealCollector:
         binary = build_otelcol()
-        self._logf = open(self.log, "wb")
+        self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen([str(binary), "--config", str(self.config)], stdout=self._logf,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
