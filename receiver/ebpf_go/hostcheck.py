@@ -69,7 +69,7 @@ def in_private_mount_namespace(fn: Callable[[], str]) -> str:
 def check_privileges() -> Line:
     missing = preflight.missing_capabilities()
     if not missing:
-        who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()} with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE"
+        who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()} with CAP_SYS_ADMIN and CAP_SYS_PTRACE"
         return Line("privileges", True, who)
     return Line("privileges", False, f"uid {os.geteuid()} lacks {', '.join(missing)}: {preflight.PRIVILEGE_FIX}")
 

@@ -21,8 +21,11 @@ from collector.errors import KernelError, PrivilegeError
 
 STUB_HEADERS = Path("/tmp/otelgo-collector-kheaders")
 
-# Capability bits (linux/capability.h) a BPF tracer needs.
-CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 19, 21, 38, 39
+# Capability bits (linux/capability.h) a BPF tracer needs; deploy/ grants these and CAP_DAC_READ_SEARCH
+# (executables other users own), and tests/unit/deploy checks that it does.
+CAP_SYS_PTRACE, CAP_SYS_ADMIN = 19, 21
+REQUIRED_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_PTRACE")
+GRANTED_CAPABILITIES = (*REQUIRED_CAPABILITIES, "CAP_DAC_READ_SEARCH")
 
 
 def import_bcc() -> Any:
@@ -38,9 +41,11 @@ def import_bcc() -> Any:
 
 
 def missing_capabilities() -> list[str]:
-    """The capabilities this process lacks to trace others: loading BPF and opening uprobe perf
-    events (CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON), and reading other users' /proc/<pid>/exe and
-    memory (CAP_SYS_PTRACE). Empty when it may trace."""
+    """The capabilities this process lacks to trace others: opening uprobe perf events (CAP_SYS_ADMIN:
+    from 5.8 CAP_PERFMON was enough, but the kernel went back to CAP_SYS_ADMIN for the uprobe PMU,
+    stable kernels included; with CAP_BPF and CAP_PERFMON alone every probe fails with EACCES, measured
+    on this platform's 6.18), which also covers loading BPF and attaching sock_ops, and reading other
+    users' /proc/<pid>/exe and memory (CAP_SYS_PTRACE). Empty when it may trace."""
     try:
         with open("/proc/self/status") as f:
             cap_eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
@@ -48,15 +53,15 @@ def missing_capabilities() -> list[str]:
         cap_eff = 0
     has = lambda bit: bool(cap_eff >> bit & 1)  # noqa: E731
     missing = []
-    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
-        missing += [n for n, b in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON)) if not has(b)]
+    if not has(CAP_SYS_ADMIN):
+        missing.append("CAP_SYS_ADMIN")
     if not has(CAP_SYS_PTRACE):
         missing.append("CAP_SYS_PTRACE")
     return missing
 
 
-PRIVILEGE_FIX = ("run as root, or grant `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep` "
-                 "(in a container: --privileged --pid=host)")
+PRIVILEGE_FIX = ("run as root, or grant `setcap cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep` "
+                 "(in a container: --pid=host with those capabilities, see deploy/)")
 
 
 def check_privileges() -> None:
@@ -64,8 +69,8 @@ def check_privileges() -> None:
     missing = missing_capabilities()
     if missing:
         raise PrivilegeError(
-            f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_BPF, CAP_PERFMON "
-            f"and CAP_SYS_PTRACE; missing: {', '.join(missing)}: {PRIVILEGE_FIX}")
+            f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_SYS_ADMIN (the "
+            f"kernel opens uprobes for no less) and CAP_SYS_PTRACE; missing: {', '.join(missing)}: {PRIVILEGE_FIX}")
 
 
 def _usable_tree(path: Path) -> bool:

@@ -137,8 +137,9 @@ def test_check_without_privileges_says_what_to_grant() -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = check_lines(proc)
     assert lines["privileges"] == (
-        "✗ privileges: uid 65534 lacks CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE: run as root, or grant `setcap "
-        "cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep` (in a container: --privileged --pid=host)")
+        "✗ privileges: uid 65534 lacks CAP_SYS_ADMIN, CAP_SYS_PTRACE: run as root, or grant `setcap "
+        "cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep` (in a container: --pid=host with those "
+        "capabilities, see deploy/)")
     assert proc.stdout.splitlines()[-1].startswith("tracing cannot work here: fix privileges")
 
 

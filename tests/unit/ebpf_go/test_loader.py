@@ -51,7 +51,7 @@ def test_privilege_message_names_capabilities(monkeypatch: pytest.MonkeyPatch, t
     with pytest.raises(PrivilegeError) as e:
         preflight.check_privileges()
     msg = str(e.value)
-    assert "missing: CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE: run as root, or grant `setcap " in msg and "\n" not in msg
+    assert "missing: CAP_SYS_ADMIN, CAP_SYS_PTRACE: run as root, or grant `setcap " in msg and "\n" not in msg
 
 
 @pytest.mark.root

@@ -74,7 +74,7 @@ def test_missing_privileges_fail_the_start_with_one_line(monkeypatch: pytest.Mon
     from collector.telemetry import ComponentTelemetry, SelfMetrics
     from receiver.ebpf_go import preflight
 
-    monkeypatch.setattr(preflight, "missing_capabilities", lambda: ["CAP_BPF", "CAP_SYS_PTRACE"])
+    monkeypatch.setattr(preflight, "missing_capabilities", lambda: ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"])
     monkeypatch.setattr(preflight, "check_bcc", lambda: None)
     r = factory.create(ComponentID("ebpf_go"), EbpfGoConfig(), ComponentTelemetry("receiver", "ebpf_go",
                                                                                   SelfMetrics()), None)
@@ -82,9 +82,10 @@ def test_missing_privileges_fail_the_start_with_one_line(monkeypatch: pytest.Mon
         r.start(None)
     assert not r.enabled
     assert str(e.value) == (
-        f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_BPF, CAP_PERFMON and "
-        "CAP_SYS_PTRACE; missing: CAP_BPF, CAP_SYS_PTRACE: run as root, or grant `setcap "
-        "cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep` (in a container: --privileged --pid=host)")
+        f"the ebpf_go receiver needs root (uid is {os.getuid()}) or the capabilities CAP_SYS_ADMIN (the kernel "
+        "opens uprobes for no less) and CAP_SYS_PTRACE; missing: CAP_SYS_ADMIN, CAP_SYS_PTRACE: run as root, or "
+        "grant `setcap cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep` (in a container: --pid=host with "
+        "those capabilities, see deploy/)")
     r.shutdown()
 
 
