@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # One-shot set-up on a fresh Debian 12 machine: system packages, the virtual environment, and
 # Debian's BCC made visible inside it. Idempotent: each step is skipped when already done.
+# `setup.sh --runtime` (the container image, deploy/docker/Dockerfile) installs only what the
+# collector runs with: no test tools, databases or Go toolchains.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(
-  python3-venv python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 linux-libc-dev
-  golang-1.19-go postgresql prometheus wrk curl git ca-certificates gcc libc6-dev
-)
+RUNTIME_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 linux-libc-dev ca-certificates)
+if [ "${1:-}" = "--runtime" ]; then
+  MODE=runtime
+  APT_PACKAGES=("${RUNTIME_PACKAGES[@]}")
+else
+  MODE=dev
+  APT_PACKAGES=(
+    "${RUNTIME_PACKAGES[@]}" bpfcc-tools bpftool systemd util-linux
+    golang-1.19-go postgresql prometheus wrk curl git gcc libc6-dev
+  )
+fi
 
 need_apt=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,8 +34,9 @@ fi
 
 # BCC compiles against a kernel build tree. The running kernel ships none, so point the expected
 # path at the installed Debian tree (uprobe programs read no kernel structs: a mismatch is safe).
+# (Not in an image: the kernel it runs on is not known yet, and the receiver finds /usr/src/linux-headers-*.)
 kver="$(uname -r)"
-if [ "$(id -u)" -eq 0 ] && [ ! -e "/lib/modules/$kver/build" ]; then
+if [ "$MODE" = dev ] && [ "$(id -u)" -eq 0 ] && [ ! -e "/lib/modules/$kver/build" ]; then
   hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
   if [ -n "$hdr" ]; then
     mkdir -p "/lib/modules/$kver"
@@ -40,10 +50,14 @@ PY=/usr/bin/python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$MODE-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  if [ "$MODE" = runtime ]; then
+    .venv/bin/pip install -q --no-cache-dir -e .
+  else
+    .venv/bin/pip install -q -e '.[test]'
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
