@@ -204,3 +204,13 @@ def test_traces_whole_on_one_backend_and_nothing_lost_while_one_is_down(fleet: F
         assert metric(agent, "otelcol_exporter_send_failed_spans_total") == 0, role
         assert metric(agent, "otelcol_exporter_enqueue_failed_spans_total") == 0, role
         assert metric(agent, "otelcol_exporter_sent_spans_total") >= (2 if role != "C" else 1) * 70, role
+
+
+@pytest.mark.parametrize("name", ["gateway.yaml", "backend.yaml"])
+def test_gateway_and_backend_configs_are_valid_for_the_real_collector(name: str) -> None:
+    import subprocess
+
+    from tests.support.otelcol import build_otelcol
+    proc = subprocess.run([str(build_otelcol()), "validate", "--config", str(DEPLOY / name)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
