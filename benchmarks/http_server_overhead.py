@@ -1,7 +1,7 @@
 """Requests/s of a Go net/http server with and without the ebpf_go receiver, side by side.
 
     .venv/bin/python benchmarks/http_server_overhead.py [--go 1.27] [--rounds 3] [--seconds 4]
-        [--end auto|ret|ret,auto]   (root)
+        [--end auto|ret|ret,auto] [--attach links|perf|links,perf]   (root)
 
 The server (tests/fixtures/go/httpserver, GOMAXPROCS=1) is pinned to CPU 0; wrk (1 thread, 4
 keep-alive connections, GET /hello) and the receiver run on CPU 1. Rounds alternate: without, with
@@ -13,6 +13,8 @@ jitter). Also measures the receiver's /proc discovery scan.
 `--end` chooses where the server span ends (probes/nethttp_server.py END_MODE): "auto" (what the
 receiver does: emulated end points where the binary allows), "ret" (every RET of ServeHTTP, the
 probe before issue 8), or both, comma-separated: each round then runs without and once per mode.
+`--attach` chooses how uprobes are attached (bpfsys.py): uprobe_multi "links" (the default where
+the kernel has them) or "perf" events (the fallback), or both, each round once per (end, attach).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collector.component import ComponentID  # noqa: E402
 from collector.spans import SpanBatch  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
-from receiver.ebpf_go import discovery  # noqa: E402
+from receiver.ebpf_go import bpfsys, discovery  # noqa: E402
 from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
 from receiver.ebpf_go.probes import nethttp_server  # noqa: E402
 from receiver.ebpf_go.receiver import factory  # noqa: E402
@@ -91,11 +93,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--end", default="auto", help="auto, ret, or several comma-separated (e.g. ret,auto)")
+    ap.add_argument("--attach", default="links", help="links, perf, or both comma-separated")
     args = ap.parse_args()
-    ends = args.end.split(",")
-    for e in ends:
+    for e in args.end.split(","):
         if e not in nethttp_server.END_MODES:
             ap.error(f"--end {e}: one of {nethttp_server.END_MODES}")
+    attaches = args.attach.split(",")
+    for a in attaches:
+        if a not in ("links", "perf"):
+            ap.error(f"--attach {a}: links or perf")
+    if "links" in attaches and not bpfsys.uprobe_multi_supported():
+        ap.error("--attach links: this kernel has no uprobe_multi links")
+    # one variant per (end, attach); named by the end alone when attach is not varied
+    ends = [e if len(attaches) == 1 else f"{e} {a}" for e in args.end.split(",") for a in attaches]
     os.sched_setaffinity(0, {1})
     binary = build_go_fixture("httpserver", args.go, "plain")
     srv = subprocess.Popen(["taskset", "-c", "0", str(binary)], stdout=subprocess.PIPE, text=True,
@@ -118,7 +128,9 @@ def main() -> int:
             without.append(res)
             cpu_without.append((cpu_seconds(pid) - c0) / res.total * 1e6)
             for end in ends:
-                nethttp_server.END_MODE = end
+                nethttp_server.END_MODE = end.split()[0]
+                attach = end.split()[1] if len(attaches) > 1 else attaches[0]
+                bpfsys._uprobe_multi = attach == "links"
                 sink = Count()
                 cfg = EbpfGoConfig.model_validate({"targets": [{"pid": pid}], "discovery_interval": "100ms",
                                                    "propagation": "off"})

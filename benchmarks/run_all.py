@@ -34,6 +34,8 @@ RUNS: list[tuple[str, list[str]]] = [
     ("pipeline capacity: ring buffer -> otlp on one core",
      ["pipeline_ebpf_otlp.py", "--rates", "20000,50000,100000", "--seconds", "3"]),
     ("start-up and memory", ["startup_memory.py", "--binaries", "1,20", "--propagation", "auto"]),
+    ("many services: 24 processes of 6 binaries, attach / RSS / shutdown, links vs perf events",
+     ["many_services.py", "--per-binary", "4", "--rounds", "1"]),
     ("receiver threads tracing an idle server", ["receiver_idle.py", "--seconds", "5"]),
     ("sk_msg propagation: a TCP send of a traced process and of any other",
      ["skmsg_send_cost.py", "--rounds", "3", "--sends", "20000"]),

@@ -1,7 +1,7 @@
 """One probe's program for one binary, and the uprobes it has attached by pid: `Program`;
 `load_program` (the maps of an image, from images.ImageStore), `attach` (a probe module's attach,
 remembering each uprobe it made, even when it fails half-way), `detach_pid` (a process exited),
-`close_program` (the binary released).
+`close_programs` (binaries released: every uprobe of them detached at once).
 
 `compile_program` compiles and loads in one call (tests, benchmarks); `release_bpf` frees the BCC
 objects that tests and benchmarks build in-process.
@@ -86,18 +86,22 @@ def attach(prog: Program, pid: int, attach_fn: Callable[[Any, int], Any]) -> Any
 
 
 def detach_pid(prog: Program, pid: int) -> int:
-    """Close this pid's uprobe perf events (closing the fd detaches)."""
+    """Close this pid's uprobes (closing the fd detaches), all at once."""
     keys = prog.links.pop(pid, [])
-    for key in keys:
-        prog.bpf.detach(key)
+    bpfsys.close_concurrently(prog.bpf.take_uprobes(keys))
     return len(keys)
 
 
-def close_program(prog: Program) -> None:
-    """Detach every pid, then free maps, programs and the ring buffer."""
-    for pid in list(prog.links):
-        detach_pid(prog, pid)
-    prog.bpf.close()
+def close_programs(progs: list[Program]) -> None:
+    """Detach every uprobe of these programs at once (one wait of the kernel's, not one per uprobe:
+    bpfsys), then free their maps, functions and ring buffers."""
+    fds = [fd for prog in progs for fd in prog.bpf.take_uprobes()]
+    for prog in progs:
+        prog.links.clear()
+    bpfsys.close_concurrently(fds)
+    for prog in progs:
+        prog.bpf.close()
+
 
 
 def release_bpf(bpf: Any) -> None:

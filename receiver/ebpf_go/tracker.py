@@ -20,7 +20,7 @@ from collections.abc import Callable
 from collector.telemetry import ComponentTelemetry
 
 from . import discovery, identity
-from .bpfprogram import attach, close_program, detach_pid
+from .bpfprogram import attach, close_programs, detach_pid
 from .config import EbpfGoConfig, selectors
 from .drain import SpanDrain
 from .gobinary import BinaryError, GoBinary, NotGoBinary
@@ -96,9 +96,13 @@ class ProcessTracker:
                               self.config.program_linger)
 
     def close_all(self) -> None:
-        """At shutdown, with the lock held and the drain done: release every binary."""
-        for tb in list(self.binaries.values()):
-            self.close_binary(tb)
+        """At shutdown, with the lock held and the drain done: release every binary, every uprobe of
+        all of them detached at once (bpfsys: the kernel's waits overlap)."""
+        for tb in self.binaries.values():
+            self.drain.remove_rings(tb)
+        close_programs([pp.program for tb in self.binaries.values() for pp in tb.programs])
+        for tb in self.binaries.values():
+            tb.programs.clear()
         self.binaries.clear()
         self.processes.clear()
 
@@ -209,8 +213,7 @@ class ProcessTracker:
     def close_binary(self, tb: TracedBinary) -> None:
         """Free its programs, maps and ring buffers; drain first (`drain_binary(tb, final=True)`)."""
         self.drain.remove_rings(tb)   # the copier never reads an unmapped ring
-        for pp in tb.programs:
-            close_program(pp.program)
+        close_programs([pp.program for pp in tb.programs])
         tb.programs.clear()
 
     def update_gauges(self) -> None:

@@ -8,7 +8,6 @@ Needs root and eBPF: marked `root`, skipped when not root unless CI=true.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from tests.support.ci import needs_root
 from tests.support.collector import json_lines, wait_for
 from tests.support.gobuild import ROOT, build_go_fixture
 from tests.support.goserver import Server
-from tests.support.held import open_fds
+from tests.support.held import open_fds, uprobes_held
 
 pytestmark = [*needs_root(), pytest.mark.timeout(300)]
 
@@ -67,9 +66,9 @@ def wait_spans(sink: Collect, n: int, timeout: float = 10.0) -> list[tuple[dict[
 
 
 def our_uprobes(pid: int) -> list[dict[str, Any]]:
-    """uprobe perf events held by `pid` (bpftool), plus tracefs uprobe_events lines naming our probes."""
-    out = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True)
-    held = [e for e in json.loads(out.stdout or "[]") if e.get("pid") == pid and e.get("fd_type") == "uprobe"]
+    """uprobes held by `pid` (perf events and uprobe_multi links), plus tracefs uprobe_events lines
+    naming our probes."""
+    held = uprobes_held(pid)
     for f in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
         if os.path.exists(f):
             held += [{"tracefs": line} for line in Path(f).read_text().splitlines() if "httpserver" in line]
@@ -333,7 +332,13 @@ def test_end_points_h2_hijack_panic_exact_counts(fixture: str, version: str, var
 # ---------------------------------------------------------------- no change to the service, clean detach
 
 
-def test_byte_identical_and_clean_detach() -> None:
+@pytest.mark.parametrize("attach_as", ["uprobe_multi links", "perf events"])
+def test_byte_identical_and_clean_detach(attach_as: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # links where the kernel has them (this one does); perf events, the fallback, on older kernels
+    from receiver.ebpf_go import bpfsys
+    assert bpfsys.uprobe_multi_supported(), "this platform's 6.18 has uprobe_multi links"
+    if attach_as == "perf events":
+        monkeypatch.setattr(bpfsys, "_uprobe_multi", False)
     binary = fixture_binary("1.27")
     srv = Server(binary)
     reqs = [b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -349,7 +354,9 @@ def test_byte_identical_and_clean_detach() -> None:
         r, sink = start_receiver({"targets": [{"exe_path": str(binary)}]})
         try:
             wait_for(lambda: srv.pid in r.processes, 30, "attach")
-            assert len(our_uprobes(os.getpid())) == 3  # entry + the HTTP/1.x and the HTTP/2 end points
+            held = our_uprobes(os.getpid())
+            assert len(held) == 3  # entry + the HTTP/1.x and the HTTP/2 end points
+            assert all(("fd_type" in h) == (attach_as == "perf events") for h in held), held
             during = answers()
             wait_spans(sink, len(reqs))
         finally:

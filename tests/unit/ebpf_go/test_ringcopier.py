@@ -212,7 +212,7 @@ def test_a_removed_ring_is_never_read_again(ring: tuple[FakeRing, RingBuffer]) -
         assert in_take.wait(10)
         left = c.remove(r)            # a pass is inside slow_take now: remove waits for it
         closed.set()
-        r.close()                     # as close_program does
+        r.close()                     # as close_programs does
         assert seqs(left) == list(range(20))
         put(f2, 0, 7)                 # the other ring is still copied
         deadline = time.monotonic() + 10
@@ -301,6 +301,9 @@ class FakeBpf:
             def read_u64(index: int) -> int:
                 return 0
         return Lost()
+
+    def take_uprobes(self, keys: Any = None) -> list[int]:
+        return []
 
     def close(self) -> None:
         self.closed = True
