@@ -36,6 +36,8 @@ RUNS: list[tuple[str, list[str]]] = [
     ("start-up and memory", ["startup_memory.py", "--binaries", "1,20", "--propagation", "auto"]),
     ("many services: 24 processes of 6 binaries, attach / RSS / shutdown, links vs perf events",
      ["many_services.py", "--per-binary", "4", "--rounds", "1"]),
+    ("function spans: added CPU per traced call, emulated ends vs a RET",
+     ["function_spans.py", "--rounds", "3"]),
     ("receiver threads tracing an idle server", ["receiver_idle.py", "--seconds", "5"]),
     ("sk_msg propagation: a TCP send of a traced process and of any other",
      ["skmsg_send_cost.py", "--rounds", "3", "--sends", "20000"]),

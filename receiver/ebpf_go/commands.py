@@ -12,12 +12,15 @@ from collector.component import Command
 def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="PATH|PID")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--functions", action="append", metavar="GLOB",
+                   help="what function spans for this Go symbol or glob would trace (repeatable)")
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .gobinary import inspect
 
-    return inspect.main([args.target] + (["--json"] if args.json else []))
+    extra = [a for g in args.functions or () for a in ("--functions", g)]
+    return inspect.main([args.target] + (["--json"] if args.json else []) + extra)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -46,6 +46,32 @@ class TargetConfig(ComponentConfig):
         return v
 
 
+class FunctionConfig(ComponentConfig):
+    """One entry of `functions`: spans for the calls of the Go functions it names (probes/functions)."""
+
+    symbol: str                         # Go symbol as the binary names it, or a glob: main.lookupItem, pkg.(*T).*
+    min_duration: Duration = 0.0        # shorter calls get no span (dropped in BPF)
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)  # on each span
+    max_spans_per_second: int = 10_000  # per function: beyond, calls are counted and dropped in BPF
+
+    @field_validator("symbol")
+    @classmethod
+    def _symbol(cls, v: str) -> str:
+        v = v.strip()
+        if not v or v.replace("*", "").replace("?", "").replace("(", "").strip() == "":
+            raise ValueError("symbol: name a Go function, e.g. main.lookupItem or \"example.com/shop/store.(*Store).*\"")
+        if any(c.isspace() for c in v):
+            raise ValueError(f"symbol: {v!r} has a space; Go symbols have none (e.g. main.(*Server).Handle)")
+        return v
+
+    @field_validator("max_spans_per_second")
+    @classmethod
+    def _rate(cls, v: int) -> int:
+        if not 1 <= v <= 10_000_000:
+            raise ValueError(f"max_spans_per_second: {v} must be between 1 and 10000000")
+        return v
+
+
 class _Instrumentations(ComponentConfig):
     """`instrumentations`: one switch per probe of the registry (probes/__init__.py), on by default."""
 
@@ -67,6 +93,8 @@ class EbpfGoConfig(ComponentConfig):
     include_db_statement: bool = False  # database_sql options (probes/database_sql.py)
     sanitize_db_statement: bool = True
     db_statement_max_length: int = 1024
+    functions: list[FunctionConfig] = Field(default_factory=list)   # function spans (probes/functions)
+    max_functions: int = 64             # functions one binary gets spans for, after globs are expanded
     # Compiled BPF program images, reused across restarts ("" disables the disk cache).
     bpf_cache_dir: str = "/var/cache/otelgo-collector/bpf"
 
@@ -77,6 +105,10 @@ class EbpfGoConfig(ComponentConfig):
             raise ValueError(f"ring_buffer_size: {n} must be a power of two of at least 4096 bytes, e.g. 1048576")
         if not 16 <= self.max_inflight_calls <= 1 << 20:
             raise ValueError(f"max_inflight_calls: {self.max_inflight_calls} must be between 16 and 1048576")
+        if not 1 <= self.max_functions <= 512:
+            raise ValueError(f"max_functions: {self.max_functions} must be between 1 and 512")
+        if self.functions and not getattr(self.instrumentations, "functions", True):
+            raise ValueError("functions: listed while instrumentations.functions is false; remove one of the two")
         if self.discovery_interval <= 0:
             raise ValueError("discovery_interval: must be greater than 0, e.g. 1s")
         return self

@@ -19,7 +19,7 @@ from . import discovery
 from .bpfprogram import load_program, pin_dir_of
 from .gobinary import GoBinary
 from .images import CompileResult, ImageStore
-from .probes import Build, Probe, ctx_readers
+from .probes import Build, Probe, ctx_readers, g_spans_needed
 from .probes.spec import RINGBUF
 from .receiver_metrics import ReceiverMetrics
 from .traced import ProbeProgram
@@ -46,13 +46,15 @@ class ProgramBuilder:
         """The programs of the probes in `wanted` that compile and load (p: the process that asked)."""
         programs: list[ProbeProgram] = []
         pending: list[tuple[Probe, Future[CompileResult], list[str], Build]] = []
-        readers = ctx_readers(wanted)
+        readers, g_spans = ctx_readers(wanted), g_spans_needed(wanted)
         # The client probe last: its program depends on the propagation mode, which may still be chosen.
         for pr in sorted(wanted, key=lambda pr: pr.uses_propagation):
             if pr.uses_propagation:
                 self.propagation_chosen.wait()
             try:
-                build = dataclasses.replace(self.common, ctx_readers=readers)
+                build = dataclasses.replace(self.common, ctx_readers=readers, g_spans=g_spans)
+                for note in pr.notes(gb, build):
+                    self.log.warning("%s: %s", p.exe, note, extra={"pid": p.pid, "exe": p.exe})
                 flags = pr.cflags(gb, build)
                 pending.append((pr, self.images.submit(pr.source, flags, self.kernel_source), flags, build))
             except Exception as e:  # ProbeUnavailable (an offset or a function missing), or our bug: this probe is off

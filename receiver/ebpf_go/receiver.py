@@ -88,7 +88,7 @@ class EbpfGoReceiver(Receiver):
                       "every Go process" if not self.tracker.selectors
                       else f"{len(self.tracker.selectors)} target selector(s)")
         self.drain.copier.start(f"{self.id}-copier")
-        reader = lambda: self.drain.run(self._stop, self._read_skmsg_counts)  # noqa: E731
+        reader = lambda: self.drain.run(self._stop, self._read_counts)  # noqa: E731
         for name, fn in (("discovery", self.tracker.run), ("reader", reader)):
             t = threading.Thread(target=fn, name=f"{self.id}-{name}", daemon=True)
             t.start()
@@ -158,6 +158,7 @@ class EbpfGoReceiver(Receiver):
         self._threads.clear()
         with self._lock:
             self.drain.drain_final()
+            self.metrics.read_probe_counters(self.binaries.values())
             self.tracker.close_all()
         self.drain.send_outbox()
         self.metrics.processes.set(0)
@@ -178,6 +179,12 @@ class EbpfGoReceiver(Receiver):
     def _read_skmsg_counts(self) -> None:
         self.metrics.read_skmsg_counts(self._skmsg())
 
+    def _read_counts(self) -> None:
+        """Once a second, on the reader thread: the counters kept in BPF maps, as self-metrics."""
+        self._read_skmsg_counts()
+        with self._lock:
+            self.metrics.read_probe_counters(self.binaries.values())
+
 
 def _create(id: ComponentID, config: EbpfGoConfig, telemetry: ComponentTelemetry,
             next_consumer: Consumer) -> EbpfGoReceiver:
@@ -190,6 +197,6 @@ factory = Factory(
     config_model=EbpfGoConfig,
     create=_create,
     stability="development",
-    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans; gin routes), without touching them.",
+    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans; gin routes; spans of the functions a user names), without touching them.",
     commands=COMMANDS,
 )

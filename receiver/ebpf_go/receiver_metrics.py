@@ -9,11 +9,20 @@ record carries the writer's outcome (`count_writer_outcomes`, from the drain).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from collector.component import ComponentID
 from collector.telemetry import ComponentTelemetry
 
 from .propagation import SkMsgPropagation
 from .propagation.skmsg import HELD_ELSEWHERE_HINT
+
+if TYPE_CHECKING:
+    from .traced import TracedBinary
+
+
+FUNCTION_DROP_REASONS = {"dropped_rate": "rate_limit", "dropped_short": "min_duration", "dropped_depth": "depth"}
 
 
 class ReceiverMetrics:
@@ -44,11 +53,36 @@ class ReceiverMetrics:
                                   "memory or disk (image cache), error.", ["origin"])
         self.accepted = m.receiver_accepted.labels(receiver=str(id), transport="ebpf")
         self.refused = m.receiver_refused.labels(receiver=str(id), transport="ebpf")
+        # function spans (probes/functions): what the BPF counts per function, by delta
+        self.function_calls = m.counter("otelgo_ebpf_function_calls", "Calls of a traced function seen.", ["function"])
+        self.function_spans = m.counter("otelgo_ebpf_function_spans", "Spans of a traced function sent.", ["function"])
+        self.function_dropped = m.counter(
+            "otelgo_ebpf_function_spans_dropped", "Calls of a traced function without a span, by reason "
+            "(rate_limit: over max_spans_per_second; min_duration: shorter; depth: too deeply nested).",
+            ["function", "reason"])
         self.skmsg_seen: dict[str, int] = {}   # "<kind>:<name>" -> the sk_msg counter's last value
 
     def count_stitch(self, outcome: str, n: int, protocol: str) -> None:
         """The stitcher's outcome counts."""
         self.stitch.labels(outcome=outcome, protocol=protocol).inc(n)
+
+    def read_probe_counters(self, binaries: Iterable[TracedBinary]) -> None:
+        """The counters probes keep in BPF (function spans' per function), with the receiver's lock held."""
+        for tb in binaries:
+            for pp in tb.programs:
+                try:
+                    grown = pp.probe.read_counters(pp.program.bpf, pp.state)
+                except Exception:  # our bug or a map gone: metrics only
+                    self.telemetry.warn_once_per(f"counters-{pp.probe.name}", 60, "cannot read the %s counters",
+                                                 pp.probe.name)
+                    continue
+                for subject, name, delta in grown:
+                    if name == "calls":
+                        self.function_calls.labels(function=subject).inc(delta)
+                    elif name == "spans":
+                        self.function_spans.labels(function=subject).inc(delta)
+                    else:
+                        self.function_dropped.labels(function=subject, reason=FUNCTION_DROP_REASONS[name]).inc(delta)
 
     def count_writer_outcomes(self, outcomes: dict[str, int] | None) -> None:
         """probe_write mode: the writer's outcome is in each client record (there is no sk_msg array)."""

@@ -127,11 +127,11 @@ class ProcessTracker:
         except OSError as e:
             self._reject(key, p, f"cannot read the executable: {e}", "unreadable", debug=True)
             return None
-        wanted = [pr for pr in self.probes if pr.present(gb)]
+        assert self.builder is not None
+        wanted = [pr for pr in self.probes if pr.wanted(gb, self.builder.common)]
         if not wanted:
             self._reject(key, p, "no instrumented library in it (or all disabled)", "no_probes", debug=True)
             return None
-        assert self.builder is not None
         tb = TracedBinary(key, gb, p.exe, self.builder.build(gb, wanted, p))
         gb.release_dwarf()  # every offset the probes need is known now (and kept by gb)
         if not tb.programs:

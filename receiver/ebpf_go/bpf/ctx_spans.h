@@ -25,6 +25,20 @@ struct ctx_key {
 
 BPF_TABLE_PINNED("lru_hash", struct ctx_key, struct trace_ctx, ctx_spans, CTX_SPANS_MAX, PIN_DIR "/ctx_spans");
 
+/* g_spans: {goroutine, tgid} -> trace_ctx of the span the goroutine is running (G_SPANS=1 only: a
+ * binary with function spans, probes/functions). Written by the servers at entry (deleted at their end,
+ * marked `server_goroutine`: the parent of a function called on that goroutine) and by a function span
+ * while it runs. The readers look here first for a function span (a call made inside one is its
+ * child), then walk the context as without function spans: a server entry is not theirs to use, so a
+ * query with context.Background() in a handler stays a root as it is without function spans. */
+#define G_SPAN_IS_FUNCTION(tc) ((tc) && !(tc)->server_goroutine)
+#ifndef G_SPANS
+#define G_SPANS 0
+#endif
+#if G_SPANS
+BPF_TABLE_PINNED("lru_hash", struct goroutine_key, struct trace_ctx, g_spans, CTX_SPANS_MAX, PIN_DIR "/g_spans");
+#endif
+
 /* The data word of the parent of the context whose data word is `p`, 0 when there is none. */
 static __always_inline u64 ctx_parent(u64 p) {
     u64 next = 0;

@@ -70,7 +70,8 @@ struct trace_ctx {
     u8 parent_span_id[8];  /* all zero: root span */
     u8 flags;              /* W3C trace-flags (bit 0 sampled) */
     u8 remote_parent;      /* 1 when the parent came from a valid incoming traceparent */
-    u8 pad[6];
+    u8 server_goroutine;   /* in g_spans only: a server's span, for function spans (ctx_spans.h) */
+    u8 pad[5];
 };
 
 static __always_inline void random_bytes(u8 *dst, int words) {

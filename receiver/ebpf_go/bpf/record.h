@@ -26,6 +26,7 @@
 #define EVENT_KIND_DATABASE_SQL 3
 #define EVENT_KIND_GRPC_SERVER 4
 #define EVENT_KIND_GRPC_CLIENT 5
+#define EVENT_KIND_FUNCTION 6
 
 /* Every ring-buffer record starts with this header (spec.py HEADER). */
 struct event_header {

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import buildinfo as bi
+from . import callers as callers_mod
 from . import disasm, pclntab
 from .dwarf import DwarfError, DwarfStructs
 from .elf import PF_W, PF_X, ElfImage
@@ -85,13 +86,14 @@ class GoBinary:
         self.build_settings: dict[str, str] = dict(info.settings)
         self.warnings: list[str] = []
         self.ambiguous: set[str] = set()  # pclntab names given to two functions (the first is kept)
+        self._same_name: dict[str, list[Function]] = {}   # every function of an ambiguous name
         syms = image.section(".symtab")
         self.stripped: bool = syms is None or syms.size == 0
         self._funcs: dict[str, Function] | None = None
         self._starts: list[int] | None = None
         self._by_start: list[Function] | None = None
         self._func_source = ""
-        self._sweeps: dict[str, disasm.Sweep] = {}
+        self._sweeps: dict[int, disasm.Sweep] = {}   # by function start
         self._dwarf: DwarfStructs | None | bool = None
         self._table: OffsetTable | None = None
         self._offsets: dict[tuple[str, str], FieldOffset | None] = {}  # every answer given, kept
@@ -151,16 +153,98 @@ class GoBinary:
             for f in entries:
                 dup = counts[f.name] > 1
                 name = f.name + ".abi0" if dup and f.flag & pclntab.FUNC_FLAG_ASM else f.name
+                fn = Function(name, f.start, f.end)
                 if name in funcs:
                     self.ambiguous.add(name)
-                funcs.setdefault(name, Function(name, f.start, f.end))
+                    self._same_name.setdefault(name, [funcs[name]]).append(fn)
+                funcs.setdefault(name, fn)
             self._func_source = "pclntab"
         self._funcs = funcs
         self._by_start = sorted(funcs.values(), key=lambda f: f.start)
         self._starts = [f.start for f in self._by_start]
         return funcs
 
-    def _pclntab_functions(self) -> list[pclntab.FuncEntry]:
+    def functions_named(self, name: str) -> list[Function]:
+        """Every function of this name: one, or several where the pclntab repeats it (the instances of a
+        generic function, named `f[...]` there); [] when there is none."""
+        self._functions()
+        if name in self._same_name:
+            return list(self._same_name[name])
+        f = self.function(name)
+        return [f] if f is not None else []
+
+    def inlined_only(self, name: str) -> bool:
+        """`name` is no function of the binary but its function table names it: the inlining records of
+        its callers do (the compiler inlined it into every one)."""
+        if self.function(name) is not None:
+            return False
+        try:
+            data = self._pclntab_data()[0]
+        except (BinaryError, pclntab.PclntabError, IndexError, ValueError):
+            return False
+        return data.find(b"\0" + name.encode() + b"\0") >= 0
+
+    def entry_probe_of(self, f: Function) -> ProbePoint:
+        """`entry_probe` of this very function (one of several of a name)."""
+        funcs = self._functions()
+        morestack = {g.start for n, g in funcs.items() if n.startswith("runtime.morestack")}
+        ep = disasm.entry_point(self.arch, self._sweep(f), f.start, f.end, morestack or None)
+        return ProbePoint(ep.addr, ep.kind, ep.reason)
+
+    def return_sites_of(self, f: Function) -> list[int]:
+        return disasm.return_sites(self.arch, self._sweep(f))
+
+    def callers(self, funcs: list[Function]) -> dict[int, callers_mod.Callers]:
+        """By function start: its direct call sites (checked against each caller's sweep), and why it
+        may also be called indirectly ("" : it may not). One pass over the text for all (callers.py)."""
+        img = self._img
+        segs = [(seg.vaddr, bytes(img.data[seg.offset: seg.offset + seg.filesz]))
+                for seg in img.segments if seg.flags & PF_X]
+        candidates, lea = callers_mod.scan_text(segs, {f.start for f in funcs})
+        # data the program reads pointers from: allocated, not code, not the function table (whose
+        # entry offsets name every function)
+        data = [img.section_bytes(sec) for sec in img.sections
+                if sec.flags & 2 and not sec.flags & 4 and sec.type != 8 and "pclntab" not in sec.name
+                and sec.name not in (".go.buildinfo", ".note.go.buildid")]
+        separate_table = any("pclntab" in sec.name for sec in img.sections)
+        addends = set(img.relative_relocations().values()) if img.is_pie else set()
+        text = img.section(".text")
+        text_start = text.addr if text is not None else 0     # runtime.text: what method tables count from
+        out: dict[int, callers_mod.Callers] = {}
+        for f in funcs:
+            if not separate_table or text is None:
+                out[f.start] = callers_mod.Callers((), "no separate function table section to exclude from the data search")
+                continue
+            taken = "its address is loaded by a lea (a func value made in code)" if f.start in lea else ""
+            sites = []
+            for site in candidates.get(f.start, []):
+                caller = self.function_at(site)
+                if caller is None:
+                    taken = taken or f"a call at {site:#x} outside any known function"
+                    continue
+                sw = self._sweep(caller)
+                if any(i.address == site and i.mnemonic == "call" for i in sw.insns):
+                    sites.append(site)
+            taken = taken or callers_mod.address_taken(data, addends, text_start if callers_mod.is_method(f.name)
+                                                        else None, f.start)
+            out[f.start] = callers_mod.Callers(tuple(sites), taken)
+        return out
+
+    def point_after_call_site(self, site: int) -> ReturnPoint:
+        """The first kernel-emulated instruction after the `call` at `site`, reached by straight-line
+        code with the caller's stack pointer (disasm.point_after_call_site)."""
+        f = self.function_at(site)
+        if f is None:
+            return ReturnPoint(0, "", "none", f"{site:#x} is in no known function")
+        sw = self._sweep(f)
+        k = next((k for k, i in enumerate(sw.insns) if i.address == site), None)
+        if k is None or sw.insns[k].mnemonic != "call":
+            return ReturnPoint(0, f.name, "none", f"no call instruction at {site:#x}")
+        p = disasm.point_after_call_site(sw, self._img.read, k)
+        return ReturnPoint(p.addr, f.name, "emulated-after-call" if p.addr else "none", p.reason)
+
+    def _pclntab_data(self) -> tuple[bytes, int]:
+        """The pclntab's bytes and virtual address (not kept: megabytes, needed once or twice)."""
         img = self._img
         data: bytes | None = None
         base_vaddr = 0
@@ -191,6 +275,11 @@ class GoBinary:
                     break
         if data is None:
             raise BinaryError(f"{self.path}: no symbol table and no Go function table (pclntab) found")
+        return data, base_vaddr
+
+    def _pclntab_functions(self) -> list[pclntab.FuncEntry]:
+        img = self._img
+        data, base_vaddr = self._pclntab_data()
         text_start: int | None = None
         ts_off = pclntab.text_start_offset(data)
         if ts_off >= 0:
@@ -271,13 +360,13 @@ class GoBinary:
         return f
 
     def _sweep(self, f: Function) -> disasm.Sweep:
-        sw = self._sweeps.get(f.name)
+        sw = self._sweeps.get(f.start)
         if sw is None:
             code = self._img.read(f.start, f.end - f.start)
             sw = disasm.sweep(self.arch, code, f.start)
             if not sw.complete:
                 self.warnings.append(f"{f.name}: disassembly stopped early; return sites may be incomplete")
-            self._sweeps[f.name] = sw
+            self._sweeps[f.start] = sw
         return sw
 
     def instructions(self, name: str) -> list[disasm.Insn]:
@@ -288,11 +377,7 @@ class GoBinary:
         return disasm.return_sites(self.arch, self._sweep(self._require(name)))
 
     def entry_probe(self, name: str) -> ProbePoint:
-        f = self._require(name)
-        funcs = self._functions()
-        morestack = {g.start for n, g in funcs.items() if n.startswith("runtime.morestack")}
-        ep = disasm.entry_point(self.arch, self._sweep(f), f.start, f.end, morestack or None)
-        return ProbePoint(ep.addr, ep.kind, ep.reason)
+        return self.entry_probe_of(self._require(name))
 
     def caller_return_points(self, name: str) -> list[ReturnPoint] | None:
         """Not provably exact for every caller (see README: "Return points in callers"): always

@@ -210,7 +210,13 @@ def point_after_call(arch: str, sw: Sweep, code_at: Any, callee: int, max_insns:
     sites = [k for k, i in enumerate(ins) if i.mnemonic == "call" and _target(i) == callee]
     if len(sites) != 1:
         return AfterCall(0, 0, f"{len(sites)} direct calls of the callee (need exactly one)")
-    k = sites[0]
+    return point_after_call_site(sw, code_at, sites[0], max_insns)
+
+
+def point_after_call_site(sw: Sweep, code_at: Any, k: int, max_insns: int = 24) -> AfterCall:
+    """`point_after_call` for the call that is instruction `k` of the sweep (amd64). The stack pointer
+    must not change on the way (the point sees the caller's frame as the call left it)."""
+    ins = sw.insns
     call = ins[k]
     for j in range(k + 1, min(k + 1 + max_insns, len(ins))):
         i = ins[j]
@@ -227,6 +233,8 @@ def point_after_call(arch: str, sw: Sweep, code_at: Any, callee: int, max_insns:
                              f"({j - k - 1} instructions between)")
         if i.mnemonic in _LEAVES or i.mnemonic.startswith("j") or i.mnemonic.startswith("loop"):
             return AfterCall(0, call.address, f"{i.mnemonic} at {i.address:#x} before any emulated instruction")
+        if i.mnemonic in _STACK_OPS or _writes(i, "rsp"):
+            return AfterCall(0, call.address, f"{i.mnemonic} {i.op_str} at {i.address:#x} moves the stack pointer")
     return AfterCall(0, call.address, f"no emulated instruction within {max_insns} instructions after the call")
 
 
@@ -240,7 +248,7 @@ class AfterStore:
 # A store of one 8-byte word into a struct field: `mov qword ptr [<base> + <disp>], <reg>`.
 _STORE = re.compile(r"^qword ptr \[(?P<base>r[a-z0-9]+) \+ (?P<disp>0x[0-9a-f]+)\], (?P<src>r[a-z0-9]+)$")
 # Registers by their 64-bit name, with the narrower names that write them.
-_ALIASES = {"rax": ("eax", "ax", "al", "ah"), "rbx": ("ebx", "bx", "bl", "bh"), "rcx": ("ecx", "cx", "cl", "ch"),
+_ALIASES = {"rsp": ("esp", "sp", "spl"), "rax": ("eax", "ax", "al", "ah"), "rbx": ("ebx", "bx", "bl", "bh"), "rcx": ("ecx", "cx", "cl", "ch"),
             "rdx": ("edx", "dx", "dl", "dh"), "rsi": ("esi", "si", "sil"), "rdi": ("edi", "di", "dil"),
             "rbp": ("ebp", "bp", "bpl"), **{f"r{n}": (f"r{n}d", f"r{n}w", f"r{n}b") for n in range(8, 16)}}
 # Mnemonics whose first operand is only read.
@@ -250,7 +258,9 @@ _READ_ONLY = frozenset({"cmp", "test", "push", "nop", "bt", "ucomisd", "ucomiss"
 _IMPLICIT = {"rax": {"mul", "div", "idiv", "cqo", "cdq", "cwd", "cpuid", "rdtsc", "lodsb", "lodsq", "cmpxchg"},
              "rdx": {"mul", "div", "idiv", "cqo", "cdq", "cwd", "cpuid", "rdtsc"},
              "rbx": {"cpuid"}, "rcx": {"cpuid", "syscall", "loop"}, "r11": {"syscall"},
-             "rdi": {"stosb", "stosq", "movsb", "movsq"}, "rsi": {"movsb", "movsq", "lodsb", "lodsq"}}
+             "rdi": {"stosb", "stosq", "movsb", "movsq"}, "rsi": {"movsb", "movsq", "lodsb", "lodsq"},
+             "rsp": {"pop", "leave", "popfq", "enter"}}
+_STACK_OPS = frozenset({"push", "pop", "pushfq", "popfq", "leave", "enter"})
 
 
 def _writes(insn: Insn, reg: str) -> bool:

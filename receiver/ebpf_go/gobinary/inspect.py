@@ -27,16 +27,26 @@ def _probes() -> list[Any]:
     return PROBES
 
 
-def _attach_verdict(b: GoBinary, probe: Any) -> tuple[bool, str]:
-    """(whether the receiver attaches this probe to `b`, why not): the receiver's own checks, run
-    the same way (present, then the program's constants, which fail when an offset is missing)."""
+def _build(b: GoBinary, functions: list[str] | None) -> Any:
+    """What the receiver would build this binary's programs with (functions: `--functions` globs)."""
     from receiver.ebpf_go.probes import Build, ctx_readers
-    if not probe.present(b):
+    from receiver.ebpf_go.probes.functions import FunctionSpec, Options
+    opts = {"functions": Options(tuple(FunctionSpec(g) for g in functions or ()))}
+    return Build("/sys/fs/bpf/otelgo-inspect", 16384, 1024,
+                 ctx_readers=ctx_readers([p for p in _probes() if p.present(b)]), options=opts)
+
+
+def _attach_verdict(b: GoBinary, probe: Any, functions: list[str] | None = None) -> tuple[bool, str]:
+    """(whether the receiver attaches this probe to `b`, why not): the receiver's own checks, run
+    the same way (wanted, then the program's constants, which fail when an offset is missing)."""
+    build = _build(b, functions)
+    if probe.from_config and not probe.wanted(b, build):
+        return False, probe.from_config
+    if not probe.from_config and not probe.present(b):
         wanted = [h.symbol for h in probe.hooks if h.required] or [h.symbol for h in probe.hooks if h.when is None]
         return False, f"not linked: no {' or '.join(wanted)} in this binary"
     try:
-        probe.cflags(b, Build("/sys/fs/bpf/otelgo-inspect", 16384, 1024,
-                              ctx_readers=ctx_readers([p for p in _probes() if p.present(b)])))
+        probe.cflags(b, build)
     except Exception as e:  # ProbeUnavailable: the receiver leaves the probe off, logging this
         return False, str(e)
     return True, ""
@@ -73,8 +83,21 @@ def _function_report(b: GoBinary, name: str) -> dict[str, Any] | None:
     }
 
 
-def collect(b: GoBinary) -> dict[str, Any]:
-    """Everything `inspect` shows, as plain data (the --json output)."""
+def _function_spans(b: GoBinary, functions: list[str]) -> dict[str, Any]:
+    """`--functions`: what the receiver's function spans would trace, with each function's points."""
+    from receiver.ebpf_go.probes.functions import PROBE, expand
+    build = _build(b, functions)
+    ex = expand(b, PROBE.options(build))
+    plans = PROBE.plans(b, build) if ex.targets else []
+    return {"traced": [{"symbol": t.symbol, "span_name": t.name, "start": t.start, "entry": p.entry, "end": p.end,
+                        "emulated": p.emulated, "points": [{"addr": a, "program": fn} for a, fn in p.points]}
+                       for t, p in zip(ex.targets, plans, strict=True)],
+            "skipped": [{"symbol": sym, "reason": why} for sym, why in ex.skipped]}
+
+
+def collect(b: GoBinary, functions: list[str] | None = None) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain data (the --json output); `functions`: the globs of
+    `--functions` (what function spans would trace)."""
     out: dict[str, Any] = {
         "path": b.path,
         "arch": b.arch,
@@ -94,7 +117,7 @@ def collect(b: GoBinary) -> dict[str, Any]:
         out["warnings"].append(f"{b.arch}: parsed but untested; entry probes stay at function entry")
     for probe in _probes():
         hooked = [h.symbol for h in probe.hooks if b.function(h.symbol) is not None]
-        applies, reason = _attach_verdict(b, probe)
+        applies, reason = _attach_verdict(b, probe, functions)
         item: dict[str, Any] = {"name": probe.title, "probe": probe.name, "applies": applies, "reason": reason,
                                 "functions": [], "offsets": [], "warnings": []}
         if hooked:
@@ -124,6 +147,8 @@ def collect(b: GoBinary) -> dict[str, Any]:
                     if off.source == "guess":
                         item["warnings"].append(f"{struct}.{fld}: {off.detail}")
         out["instrumentations"].append(item)
+    if functions:
+        out["function_spans"] = _function_spans(b, functions)
     out["warnings"].extend(b.warnings)
     return out
 
@@ -169,6 +194,14 @@ def render(rep: dict[str, Any]) -> str:
             lines.append(f"        offset {o['struct']}.{o['field']} = {val}  [{src}] {o['detail']}")
         for w in inst["warnings"]:
             lines.append(f"        warning: {w}")
+    fs = rep.get("function_spans")
+    if fs is not None:
+        lines.append("  function spans (--functions):")
+        for t in fs["traced"]:
+            lines.append(f"    [x] {t['symbol']}  {t['start']:#x}  span \"{t['span_name']}\"")
+            lines.append(f"          starts {t['entry']}; ends {t['end']}")
+        for sk in fs["skipped"]:
+            lines.append(f"    [ ] {sk['symbol']}: {sk['reason']}")
     for w in rep["warnings"]:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
@@ -179,13 +212,15 @@ def main(argv: list[str]) -> int:
                                  "from a Go executable: version, modules, hook points, offsets.")
     ap.add_argument("target", metavar="PATH|PID", help="a Go executable, or the pid of a running Go process")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--functions", action="append", metavar="GLOB",
+                    help="also show what function spans for this symbol or glob would trace (repeatable)")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0) if e.code in (0, None) else 2
     try:
         b = GoBinary.open(_resolve(args.target))
-        rep = collect(b)
+        rep = collect(b, args.functions)
     except BinaryError as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ instance named `PROBE`: hooks, offsets, record, context role) and its span build
 | `offsets`             | `cflags` (-D<CONST>=<offset>, DWARF > table > fallback), inspect      |
 | `record`              | `cflags` (-DRECORD_ASSERTS: the C struct checked field by field),     |
 |                       | `collector` (one precompiled struct.Struct, decoded in place)         |
+| `goroutine_spans`     | Build.g_spans: the servers fill g_spans (bpf/ctx_spans.h) for it      |
 | `context`             | "writes": its spans are parents found through `ctx_spans`; "reads":   |
 |                       | it looks parents up there (bpf/ctx_spans.h). A writer fills the map   |
 |                       | only when a reader is attached to the same binary (Build.ctx_readers) |
@@ -132,6 +133,7 @@ class Build:
     skmsg: bool = False          # propagation sk_msg: the client probe hands traceparents to sk_msg
     probe_write: bool = False    # propagation probe_write: the client probe writes them itself
     ctx_readers: bool = True     # a probe that reads ctx_spans is attached to this binary
+    g_spans: bool = False        # a probe that needs g_spans (function spans) is attached to this binary
     options: dict[str, Any] = field(default_factory=dict)   # per-probe options, by probe name
 
 
@@ -209,6 +211,8 @@ class Probe:
     offsets: ClassVar[tuple[Offset, ...]] = ()
     record: ClassVar[Record]
     context: ClassVar[Literal["writes", "reads", "none"]] = "none"
+    from_config: ClassVar[str] = ""   # its targets come from the config: why it is off without them (inspect)
+    goroutine_spans: ClassVar[bool] = False    # needs g_spans filled by the servers (Build.g_spans, ctx_spans.h)
     uses_propagation: ClassVar[bool] = False   # its program depends on the propagation mode (Build.skmsg/probe_write)
     decode_in_place: ClassVar[bool] = True     # records decoded by `record.layout` (else raw bytes)
 
@@ -226,6 +230,15 @@ class Probe:
         if required:
             return all(gb.function(h.symbol) is not None for h in required)
         return any(gb.function(h.symbol) is not None for h in self.hooks)
+
+    def wanted(self, gb: GoBinary, build: Build) -> bool:
+        """Whether the receiver attaches this probe to the binary: `present`, unless the probe's
+        targets come from the config (function spans)."""
+        return self.present(gb)
+
+    def notes(self, gb: GoBinary, build: Build) -> list[str]:
+        """Warnings about this binary for the log, once (e.g. a configured function not traced, and why)."""
+        return []
 
     # -- compile
 
@@ -248,6 +261,7 @@ class Probe:
         flags += [f'-DPIN_DIR="{build.pin_dir}"', f"-DMAX_INFLIGHT={build.max_inflight}",
                   f"-DRINGBUF_PAGES={build.ringbuf_pages}", f"-DWAKEUP_EVERY={WAKEUP_EVERY}",
                   f"-DCTX_WALK_MAX={CTX_WALK_MAX}", f"-DCTX_SPANS={1 if build.ctx_readers else 0}",
+                  f"-DG_SPANS={1 if build.g_spans else 0}",
                   f"-DRECORD_ASSERTS={self.record.asserts()}"]
         return flags
 
@@ -288,6 +302,10 @@ class Probe:
         return {}
 
     # -- records to spans
+
+    def read_counters(self, bpf: Any, state: Any) -> list[tuple[str, str, int]]:
+        """Counters the program keeps in BPF, as (subject, counter, increase since the last read)."""
+        return []
 
     def collector(self) -> RawCollector:
         return StructCollector(self.record.layout) if self.decode_in_place else RawCollector()

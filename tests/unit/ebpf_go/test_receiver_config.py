@@ -94,11 +94,38 @@ def test_instrumentations_are_the_registry() -> None:
     from receiver.ebpf_go.probes import PROBES
     cfg = EbpfGoConfig.model_validate({"instrumentations": {"grpc_client": False}})
     assert {p.name: getattr(cfg.instrumentations, p.name) for p in PROBES} == {
-        "net_http_server": True, "grpc_server": True, "net_http_client": True, "database_sql": True,
-        "grpc_client": False}
+        "net_http_server": True, "grpc_server": True, "functions": True, "net_http_client": True,
+        "database_sql": True, "grpc_client": False}
     with pytest.raises(ValidationError) as e:
         EbpfGoConfig.model_validate({"instrumentations": {"grpc": True}})
     assert "grpc" in str(e.value)
+
+
+@pytest.mark.parametrize("functions,message", [
+    ([{"symbol": ""}], "symbol: name a Go function"),
+    ([{"symbol": "*"}], "symbol: name a Go function"),
+    ([{"symbol": "main.(*S) Get"}], "has a space"),
+    ([{"symbol": "main.f", "max_spans_per_second": 0}], "max_spans_per_second: 0 must be between 1 and 10000000"),
+    ([{"symbol": "main.f", "min_duration": "-1ms"}], "min_duration"),
+    ([{"symbol": "main.f", "colour": "red"}], "colour"),
+])
+def test_functions_refused(functions: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        EbpfGoConfig.model_validate({"functions": functions})
+    assert message in str(e.value)
+
+
+def test_functions_and_their_switch() -> None:
+    with pytest.raises(ValidationError) as e:
+        EbpfGoConfig.model_validate({"functions": [{"symbol": "main.f"}], "instrumentations": {"functions": False}})
+    assert "instrumentations.functions is false" in str(e.value)
+    with pytest.raises(ValidationError) as e:
+        EbpfGoConfig.model_validate({"max_functions": 0})
+    assert "max_functions: 0 must be between 1 and 512" in str(e.value)
+    cfg = EbpfGoConfig.model_validate({"functions": [{"symbol": "main.f", "min_duration": "1ms",
+                                                      "attributes": {"component": "store"}}]})
+    from receiver.ebpf_go.probes.functions import PROBE, FunctionSpec
+    assert PROBE.options_from(cfg).functions == (FunctionSpec("main.f", 1_000_000, (("component", "store"),), 10_000),)
 
 
 def test_pin_dirs_of_exited_collectors_are_removed(tmp_path: Path) -> None:

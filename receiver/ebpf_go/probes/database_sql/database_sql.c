@@ -121,7 +121,18 @@ static __always_inline void sql_entry(struct pt_regs *ctx, u8 fn, u64 db, u64 ct
         c->connector_data = conn.data;
     }
 
+#if G_SPANS
+    int found = -1;
+    struct trace_ctx *gparent = g_spans.lookup(&k);   /* inside a function span */
+    if (G_SPAN_IS_FUNCTION(gparent)) {
+        __builtin_memcpy(&c->tc, gparent, sizeof(c->tc));
+        found = 0;
+    } else {
+        found = parent_from_ctx(ctx_data, k.tgid, &c->tc);
+    }
+#else
     int found = parent_from_ctx(ctx_data, k.tgid, &c->tc);
+#endif
     c->parent_source = found == 0;
     u32 zero = 0;
     u64 *rng = id_rng.lookup(&zero);

@@ -133,7 +133,17 @@ int uprobe_grpc_newClientStream(struct pt_regs *ctx) {
     READ_GO_STRING_DATA(c->method, METHOD_MAX, m, n);
     c->method_len = n;
     u64 *rng = id_rng.lookup(&z);
-    if (parent_from_ctx(ctx_data, k.tgid, &c->tc) == 0) {
+    int found = -1;
+#if G_SPANS
+    struct trace_ctx *gparent = g_spans.lookup(&k);   /* inside a function span */
+    if (G_SPAN_IS_FUNCTION(gparent)) {
+        __builtin_memcpy(&c->tc, gparent, sizeof(c->tc));
+        found = 0;
+    }
+#endif
+    if (found != 0)
+        found = parent_from_ctx(ctx_data, k.tgid, &c->tc);
+    if (found == 0) {
         /* the parent's span id becomes ours as parent; keep its trace id and flags */
         __builtin_memcpy(c->tc.parent_span_id, c->tc.span_id, sizeof(c->tc.parent_span_id));
         c->tc.remote_parent = 0;

@@ -205,6 +205,11 @@ int uprobe_grpc_handleStream(struct pt_regs *ctx) {
         struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
         ctx_spans.update(&ck, &c->tc);
     }
+#if G_SPANS
+    struct trace_ctx gtc = c->tc;   /* function spans on this goroutine are its children */
+    gtc.server_goroutine = 1;
+    g_spans.update(&k, &gtc);
+#endif
     return 0;
 }
 
@@ -236,6 +241,9 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
         struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
         ctx_spans.delete(&ck);
     }
+#if G_SPANS
+    g_spans.delete(&k);
+#endif
     /* status.Status{s *spb.Status}: a nil s is OK */
     e->code = 0;
     e->message_len = 0;

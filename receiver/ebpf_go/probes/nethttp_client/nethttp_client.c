@@ -151,6 +151,16 @@ int uprobe_client_roundTrip(struct pt_regs *ctx) {
     struct ctx_key ck = {.tgid = k.tgid};
     u64 p = ictx.data;
     int keep = 0;
+#if G_SPANS
+    struct trace_ctx *gparent = g_spans.lookup(&k);   /* inside a function span */
+    if (G_SPAN_IS_FUNCTION(gparent)) {
+        __builtin_memcpy(c.tc.trace_id, gparent->trace_id, 16);
+        __builtin_memcpy(c.tc.parent_span_id, gparent->span_id, 8);
+        c.tc.flags = gparent->flags;
+        keep = 1;
+        p = 0;
+    }
+#endif
 #pragma unroll
     for (int i = 0; i < CTX_WALK_MAX; i++) {
         if (p == 0)

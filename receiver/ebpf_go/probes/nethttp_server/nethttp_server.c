@@ -342,6 +342,11 @@ int uprobe_server_ServeHTTP(struct pt_regs *ctx) {
         struct ctx_key ck = {.ptr = rctx.data, .tgid = k.tgid};
         ctx_spans.update(&ck, &c->tc);
     }
+#if G_SPANS
+    struct trace_ctx gtc = c->tc;   /* function spans on this goroutine are its children */
+    gtc.server_goroutine = 1;
+    g_spans.update(&k, &gtc);
+#endif
     return 0;
 }
 
@@ -384,6 +389,9 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
     if (!e) {
         u32 z = 0;
         count_lost(lost.lookup(&z));
+#if G_SPANS
+        g_spans.delete(&k);
+#endif
         inflight.delete(&k);
         return 0;
     }
@@ -405,6 +413,9 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
     struct req_block *rb = req_block.lookup(&zb);
     if (!rb) {
         events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+#if G_SPANS
+        g_spans.delete(&k);
+#endif
         inflight.delete(&k);
         return 0;
     }
@@ -488,6 +499,9 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
         struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
         ctx_spans.delete(&ck);
     }
+#if G_SPANS
+    g_spans.delete(&k);
+#endif
     inflight.delete(&k);
     return 0;
 }
