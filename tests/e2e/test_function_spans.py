@@ -288,3 +288,43 @@ def test_inspect_functions_shows_the_receivers_points() -> None:
     plain = json.loads(run_cli("inspect", str(binary), "--json").stdout)
     (fs,) = [i for i in plain["instrumentations"] if i["probe"] == "functions"]
     assert not fs["applies"] and "receivers::ebpf_go::functions" in fs["reason"]
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("fixture,version", [("dbapp", "1.24"), ("grpcapp", "system")])
+def test_every_probe_loads_with_goroutine_spans(fixture: str, version: str) -> None:
+    """A binary with function spans: the servers write g_spans, the HTTP and gRPC clients and
+    database/sql look there first. Every probe's program of such a binary compiles with that and
+    every one of its functions passes the kernel's verifier."""
+    import dataclasses
+    import shutil
+
+    from receiver.ebpf_go import preflight
+    from receiver.ebpf_go.bpfprogram import load_program
+    from receiver.ebpf_go.images import ImageStore
+    from receiver.ebpf_go.probes import PROBES
+    from tests.support.bpffs import make_pin_dir
+
+    gb = GoBinary.open(build_go_fixture(fixture, version))
+    wanted = [p for p in PROBES if p.present(gb)]
+    assert {"net_http_server", "database_sql"} <= {p.name for p in wanted} if fixture == "dbapp" else \
+        {"grpc_server", "grpc_client"} <= {p.name for p in wanted}
+    pin = make_pin_dir(f"otelgo-test-gspans-{os.getpid()}")
+    store = ImageStore(None)
+    try:
+        ksrc = preflight.find_kernel_headers("auto")[0]
+        for pr in wanted:
+            build = dataclasses.replace(Build(pin, 1024, 16), g_spans=True, ctx_readers=True)
+            flags = pr.cflags(gb, build)
+            assert "-DG_SPANS=1" in flags
+            prog = load_program(store.submit(pr.source, flags, ksrc).result(), pin)
+            try:
+                for fn in prog.bpf.image.functions:
+                    prog.bpf.load_func(fn)
+                assert "g_spans" in prog.bpf.maps, pr.name
+            finally:
+                prog.bpf.close()
+    finally:
+        store.close()
+        shutil.rmtree(pin, ignore_errors=True)
