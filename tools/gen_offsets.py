@@ -39,6 +39,9 @@ GO_VERSIONS = ["1.19", "1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27", "
 GRPC_VERSIONS = ["v1.40.0", "v1.45.0", "v1.50.1", "v1.55.0", "v1.56.3", "v1.60.1", "v1.64.1", "v1.66.2",
                  "v1.69.4", "v1.72.2", "v1.77.0", "v1.80.0", "v1.82.1", "v1.85.0"]
 GIN_VERSIONS = ["v1.7.0", "v1.7.7", "v1.8.1", "v1.9.0", "v1.9.1", "v1.10.0", "v1.10.1", "v1.11.0", "v1.12.0"]
+ECHO_VERSIONS = ["v4.10.2", "v4.11.4", "v4.12.0", "v4.13.4", "v4.14.0", "v4.15.1", "v4.16.5"]
+CHI_VERSIONS = ["v5.0.12", "v5.1.0", "v5.2.3", "v5.3.0", "v5.4.0", "v5.5.0"]
+MUX_VERSIONS = ["v1.7.4", "v1.8.0", "v1.8.1"]
 MODULE_TOOLCHAINS = ["1.27", "1.24", "1.21"]  # tried in order for module builds
 
 STD_MAIN = r"""package main
@@ -132,10 +135,71 @@ func main() {
 }
 """
 
+ECHO_MAIN = r"""package main
+
+import (
+	"os"
+
+	"github.com/labstack/echo/v4"
+)
+
+func main() {
+	if len(os.Args) > 5 {
+		e := echo.New()
+		e.GET("/x/:id", func(c echo.Context) error { return c.String(200, c.Path()) })
+		_ = e.Start(os.Args[1])
+	}
+}
+"""
+
+CHI_MAIN = r"""package main
+
+import (
+	"net/http"
+	"os"
+
+	"github.com/go-chi/chi/v5"
+)
+
+func main() {
+	if len(os.Args) > 5 {
+		r := chi.NewRouter()
+		r.Get("/x/{id}", func(w http.ResponseWriter, req *http.Request) {
+			_, _ = w.Write([]byte(chi.RouteContext(req.Context()).RoutePattern()))
+		})
+		_ = http.ListenAndServe(os.Args[1], r)
+	}
+}
+"""
+
+MUX_MAIN = r"""package main
+
+import (
+	"net/http"
+	"os"
+
+	"github.com/gorilla/mux"
+)
+
+func main() {
+	if len(os.Args) > 5 {
+		r := mux.NewRouter()
+		r.HandleFunc("/x/{id}", func(w http.ResponseWriter, req *http.Request) {
+			t, _ := mux.CurrentRoute(req).GetPathTemplate()
+			_, _ = w.Write([]byte(t))
+		})
+		_ = http.ListenAndServe(os.Args[1], r)
+	}
+}
+"""
+
 # module program -> (its main.go, the module it is built against, the versions)
 MODULE_PROGRAMS = {
     "grpc": (GRPC_MAIN, "google.golang.org/grpc", GRPC_VERSIONS),
     "gin": (GIN_MAIN, "github.com/gin-gonic/gin", GIN_VERSIONS),
+    "echo": (ECHO_MAIN, "github.com/labstack/echo/v4", ECHO_VERSIONS),
+    "chi": (CHI_MAIN, "github.com/go-chi/chi/v5", CHI_VERSIONS),
+    "mux": (MUX_MAIN, "github.com/gorilla/mux", MUX_VERSIONS),
 }
 
 
@@ -222,14 +286,21 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="fail if the generated table differs from the file")
     ap.add_argument("--no-modules", action="store_true", help="standard library only")
+    ap.add_argument("--programs", default="", help="comma-separated module programs to rebuild "
+                    f"({', '.join(MODULE_PROGRAMS)}); the table's other modules are kept as they are")
     ap.add_argument("-j", "--jobs", type=int, default=3)
     args = ap.parse_args(argv)
+    only = [p for p in args.programs.split(",") if p]
+    unknown = sorted(set(only) - set(MODULE_PROGRAMS))
+    if unknown:
+        ap.error(f"--programs: unknown {', '.join(unknown)}; known: {', '.join(MODULE_PROGRAMS)}")
     WORK.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     failures: list[str] = []
-    jobs: list[Any] = [(std_job, v) for v in GO_VERSIONS]
+    jobs: list[Any] = [] if only else [(std_job, v) for v in GO_VERSIONS]
     if not args.no_modules:
-        jobs += [(module_job, (prog, v)) for prog, (_, _, versions) in MODULE_PROGRAMS.items() for v in versions]
+        jobs += [(module_job, (prog, v)) for prog, (_, _, versions) in MODULE_PROGRAMS.items() for v in versions
+                 if not only or prog in only]
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:
         futs = [ex.submit(fn, *(v if isinstance(v, tuple) else (v,))) for fn, v in jobs]
         for fut in futs:
@@ -241,6 +312,11 @@ def main(argv: list[str]) -> int:
                 failures.append(str(e))
                 print(f"gen_offsets: FAILED {e}", file=sys.stderr, flush=True)
     table = merge(results)
+    if only and OUT.exists():   # keep what was not rebuilt; the rebuilt programs' modules replace theirs
+        kept = json.loads(OUT.read_text())["modules"]
+        rebuilt = {MODULE_PROGRAMS[p][1] for p in only}
+        table["modules"] = dict(sorted({**{m: v for m, v in kept.items() if m not in rebuilt},
+                                        **{m: v for m, v in table["modules"].items() if m in rebuilt}}.items()))
     text = json.dumps(table, indent=1, sort_keys=False) + "\n"
     if args.check:
         same = OUT.exists() and OUT.read_text() == text

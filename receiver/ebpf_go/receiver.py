@@ -197,6 +197,6 @@ factory = Factory(
     config_model=EbpfGoConfig,
     create=_create,
     stability="development",
-    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans; gin routes; spans of the functions a user names), without touching them.",
+    description="Traces Go programs on this host with eBPF uprobes (net/http server and client, database/sql, gRPC server and client spans; gin, echo, chi and gorilla/mux routes; spans of the functions a user names), without touching them.",
     commands=COMMANDS,
 )

@@ -39,6 +39,7 @@ class FieldStorePoint:
     addr: int
     base: str   # register holding the struct's address at addr ("rax"); "" when addr is 0
     reason: str
+    words: tuple[str, ...] = ()  # per word of the field: "" in the struct at addr, else the register holding it
 
 
 @dataclass(frozen=True)
@@ -394,16 +395,16 @@ class GoBinary:
         p = disasm.point_after_call(self.arch, self._sweep(f), self._img.read, g.start)
         return ReturnPoint(p.addr, caller, "emulated-after-call" if p.addr else "none", p.reason)
 
-    def point_after_field_store(self, func: str, disp: int) -> FieldStorePoint:
-        """The first kernel-emulated instruction after `func`'s one assignment of the string field at
-        `disp` of a struct, and the register holding the struct's address there (disasm.point_after_field_store).
-        `addr` 0 when there is none; `reason` says why or what was found."""
+    def point_at_field_store(self, func: str, disp: int, words: int = 2) -> FieldStorePoint:
+        """A kernel-emulated instruction at which `func`'s one assignment of the field at `disp` of a
+        struct (a string: 2 words, a pointer: 1) can be read, and where each word is there
+        (disasm.point_at_field_store). `addr` 0 when there is none; `reason` says why or what was found."""
         f = self.function(func)
         if f is None:
             return FieldStorePoint(0, "", f"{func} not in the binary")
         barriers = {g.start for n, g in self._functions().items() if n.startswith("runtime.gcWriteBarrier")}
-        p = disasm.point_after_field_store(self.arch, self._sweep(f), self._img.read, disp, barriers)
-        return FieldStorePoint(p.addr, p.base, p.reason)
+        p = disasm.point_at_field_store(self.arch, self._sweep(f), self._img.read, disp, barriers, words)
+        return FieldStorePoint(p.addr, p.base, p.reason, p.words)
 
     # ---- struct offsets -----------------------------------------------------------------
     def _dwarf_structs(self) -> DwarfStructs | None:

@@ -243,10 +243,14 @@ class AfterStore:
     addr: int    # 0 when there is no usable point (reason says why)
     base: str    # the register holding the struct's address at `addr` ("rax"), "" with addr 0
     reason: str
+    # where each word of the field is at `addr`: "" in memory at base+disp(+8), else the register
+    # that still holds the value about to be stored there
+    words: tuple[str, ...] = ()
 
 
-# A store of one 8-byte word into a struct field: `mov qword ptr [<base> + <disp>], <reg>`.
-_STORE = re.compile(r"^qword ptr \[(?P<base>r[a-z0-9]+) \+ (?P<disp>0x[0-9a-f]+)\], (?P<src>r[a-z0-9]+)$")
+# A store of one 8-byte word into a struct field: `mov qword ptr [<base> + <disp>], <reg>`
+# (capstone leaves out a zero displacement).
+_STORE = re.compile(r"^qword ptr \[(?P<base>r[a-z0-9]+)(?: \+ (?P<disp>0x[0-9a-f]+))?\], (?P<src>r[a-z0-9]+)$")
 # Registers by their 64-bit name, with the narrower names that write them.
 _ALIASES = {"rsp": ("esp", "sp", "spl"), "rax": ("eax", "ax", "al", "ah"), "rbx": ("ebx", "bx", "bl", "bh"), "rcx": ("ecx", "cx", "cl", "ch"),
             "rdx": ("edx", "dx", "dl", "dh"), "rsi": ("esi", "si", "sil"), "rdi": ("edi", "di", "dil"),
@@ -278,41 +282,71 @@ def _writes(insn: Insn, reg: str) -> bool:
     return m in _IMPLICIT.get(reg, ()) or m.startswith("rep") and reg in ("rcx", "rdi", "rsi")
 
 
-def point_after_field_store(arch: str, sw: Sweep, code_at: Any, disp: int, allowed_calls: set[int],
-                            max_insns: int = 24) -> AfterStore:
-    """The first kernel-emulated instruction after a function's one assignment of a string field at
-    `disp` of a struct (`s.f = v`: the length word stored at disp+8 and the pointer word at disp),
-    where the struct's address is still in the register the stores used.
+def point_at_field_store(arch: str, sw: Sweep, code_at: Any, disp: int, allowed_calls: set[int],
+                         words: int = 2, max_insns: int = 24) -> AfterStore:
+    """A kernel-emulated instruction at which a function's one assignment of a struct field at `disp`
+    (`s.f = v`: a string's pointer word at disp and length word at disp+8, or one pointer word) is
+    readable: after the stores, from the struct (`point_after_field_store`), or else between or just
+    before them, each word from the struct if it is stored already or from the register it is about
+    to be stored from (`words` of the result says which).
 
-    Go writes a string field as two 8-byte stores with the write-barrier check between them (the
-    barrier's buffer call, runtime.gcWriteBarrier*, in `allowed_calls`, keeps every register but
-    R11). Accepted only when the function has exactly one such pair with one base register, the
-    stretch from the first store to the point is straight-line code apart from branches that start
-    and end inside it, no other branch of the function lands in it, and nothing in it writes the base
-    register: then the point runs once after every such assignment, with both words in memory."""
+    Go writes a pointer word with the write-barrier check before it (the barrier's buffer call,
+    runtime.gcWriteBarrier*, in `allowed_calls`, keeps every register but R11). Accepted only when the
+    function has exactly one store of each word, with one base register, and the stretch from the
+    point or the first store (whichever is earlier) to the point or the last store is straight-line
+    code apart from branches that start and end inside it, no other branch of the function lands in
+    it, and nothing in it writes the register a word is read from: then the point runs once for every
+    such assignment and sees the value assigned. Go 1.21+ ends some functions right after the
+    assignment (echo's Router.Find) or jumps over the stretch after it (gorilla/mux's Route.Match):
+    the point then sits at the barrier check's jcc inside or before the stores."""
     if arch != "amd64":
         return AfterStore(0, "", f"{arch}: not implemented")
     ins = sw.insns
-    stores: dict[int, list[tuple[int, str]]] = {disp: [], disp + 8: []}
+    found = _field_stores(ins, disp, words, max_insns)
+    if isinstance(found, str):
+        return AfterStore(0, "", found)
+    (first, last), base = found
+    after = _point_after_stores(ins, code_at, first, last, base, allowed_calls, max_insns)
+    if after.addr:
+        return AfterStore(after.addr, base, after.reason, ("",) * words)
+    within = _point_within_stores(ins, code_at, disp, words, first, last, base, allowed_calls, max_insns)
+    return within if within.addr else AfterStore(0, "", f"{after.reason}; and before it: {within.reason}")
+
+
+def _field_stores(ins: list[Insn], disp: int, words: int, max_insns: int) -> tuple[tuple[int, int], str] | str:
+    """(index of the first and the last store, base register) of the field's one assignment, or why not."""
+    stores: dict[int, list[tuple[int, str]]] = {disp + 8 * w: [] for w in range(words)}
     for k, i in enumerate(ins):
         if i.mnemonic != "mov":
             continue
         m = _STORE.match(i.op_str)
-        if m is None or m["base"] == "rsp":
+        if m is None or m["base"] in ("rsp", "r11"):     # r11: the write barrier's buffer
             continue
-        d = int(m["disp"], 16)
+        d = int(m["disp"] or "0", 16)
         if d in stores:
             stores[d].append((k, m["base"]))
-    ptr, length = stores[disp], stores[disp + 8]
-    if len(ptr) != 1 or len(length) != 1:
-        return AfterStore(0, "", f"{len(ptr)} stores of the field's pointer word and {len(length)} of its length "
-                                 f"at +{disp:#x} (need one of each)")
-    (kp, base), (kl, base_l) = ptr[0], length[0]
-    if base != base_l:
-        return AfterStore(0, "", f"the field's two words are stored through {base} and {base_l}")
+    got = [stores[disp + 8 * w] for w in range(words)]
+    if words == 1:
+        if len(got[0]) != 1:
+            return f"{len(got[0])} stores of the field's pointer word at +{disp:#x} (need one)"
+        (k, base), = got[0]
+        return (k, k), base
+    # a string assignment writes both words through one register, close together; a lone store at
+    # one of the displacements through another register is some other object's field (echo v4.11's
+    # Router.Find builds a closure with a word at +0x10 too)
+    pairs = [(a, b) for a in got[0] for b in got[1] if a[1] == b[1] and abs(a[0] - b[0]) <= max_insns]
+    if len(pairs) != 1:
+        return (f"{len(got[0])} stores of the field's pointer word and {len(got[1])} of its length at "
+                f"+{disp:#x}, {len(pairs)} through one register and close together (need one)")
+    (kp, base), (kl, _) = pairs[0]
+    if sum(1 for _, b in got[0] + got[1] if b == base) != 2:
+        return f"more than one assignment of the field at +{disp:#x} through {base}"
     first, last = min(kp, kl), max(kp, kl)
-    if last - first > max_insns:
-        return AfterStore(0, "", f"the field's two words are {last - first} instructions apart")
+    return (first, last), base
+
+
+def _point_after_stores(ins: list[Insn], code_at: Any, first: int, last: int, base: str,
+                        allowed_calls: set[int], max_insns: int) -> AfterStore:
     lo = ins[first].address
     for j in range(first + 1, min(last + 1 + max_insns, len(ins))):
         i = ins[j]
@@ -337,3 +371,63 @@ def point_after_field_store(arch: str, sw: Sweep, code_at: Any, disp: int, allow
         if _writes(i, base):
             return AfterStore(0, "", f"{i.mnemonic} {i.op_str} at {i.address:#x} overwrites {base}")
     return AfterStore(0, "", f"no emulated instruction within {max_insns} instructions after the store")
+
+
+def _point_within_stores(ins: list[Insn], code_at: Any, disp: int, words: int, first: int, last: int,
+                         base: str, allowed_calls: set[int], max_insns: int) -> AfterStore:
+    """The emulated instruction closest to the last store, from `max_insns` before the first store up
+    to the last, that passes every check of `point_at_field_store`."""
+    def store_of(w: int) -> tuple[int, str]:
+        for k in range(first, last + 1):
+            m = _STORE.match(ins[k].op_str) if ins[k].mnemonic == "mov" else None
+            if m and m["base"] == base and int(m["disp"] or "0", 16) == disp + 8 * w:
+                return k, m["src"]
+        raise AssertionError("the store was found before")
+
+    stores = [store_of(w) for w in range(words)]
+    why = ""   # the refusal of the candidate nearest the stores: the one that says most
+    for j in range(last - 1, max(first - max_insns, 0) - 1, -1):
+        p = ins[j]
+        if p.mnemonic == "call" or not is_emulated(code_at(p.address, min(p.size, 2))):
+            continue
+        refusal = _within_refusal(ins, j, first, last, base, stores, allowed_calls)
+        if refusal:
+            why = why or refusal
+            continue
+        regs = tuple("" if k < j else src for k, src in stores)
+        where = ", ".join(f"{n} {'in ' + r if r else 'stored'}" for n, r in zip(("pointer", "length"), regs, strict=False))
+        return AfterStore(p.address, base, f"{p.mnemonic} {p.op_str} at {p.address:#x} by the store ({where}; "
+                                           f"struct address in {base})", regs)
+    return AfterStore(0, "", why or "no emulated instruction by the stores")
+
+
+def _within_refusal(ins: list[Insn], j: int, first: int, last: int, base: str, stores: list[tuple[int, str]],
+                    allowed_calls: set[int]) -> str:
+    """Why the point at ins[j] (j < last) does not see every word of the assignment, or ""."""
+    lo, hi = min(j, first), last
+    a_lo, a_hi, a_p = ins[lo].address, ins[hi].address, ins[j].address
+    for k in range(lo, hi + 1):
+        i = ins[k]
+        if i.mnemonic in _LEAVES or i.mnemonic.startswith("loop"):
+            return f"{i.mnemonic} at {i.address:#x} inside the assignment"
+        if i.mnemonic == "call":
+            if _target(i) not in allowed_calls:
+                return f"a call at {i.address:#x} inside the assignment"
+            if k > j and any(src == "r11" for s, src in stores if s > k):
+                return f"the barrier call at {i.address:#x} overwrites r11"
+            continue
+        if i.mnemonic.startswith("j"):
+            t = _target(i)
+            if t is None or not a_lo < t <= a_hi:
+                return f"a branch at {i.address:#x} leaves the assignment"
+            if k < j and t > a_p:
+                return f"a branch at {i.address:#x} jumps over {a_p:#x}"
+        for s, src in stores:
+            if j <= k < s and _writes(i, src):
+                return f"{i.mnemonic} {i.op_str} at {i.address:#x} overwrites {src} before its store"
+            if s < k <= j and _writes(i, base):
+                return f"{i.mnemonic} {i.op_str} at {i.address:#x} overwrites {base}"
+    other = _branch_into(ins, a_lo, a_hi, ins[j], inside_ok=True)
+    if other is not None:
+        return f"a branch at {other.address:#x} lands inside the assignment"
+    return ""

@@ -78,4 +78,17 @@ MODULE_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "github.com/gin-gonic/gin": {
         "github.com/gin-gonic/gin.Context": ("Request", "handlers", "index", "fullPath"),
     },
+    "github.com/labstack/echo/v4": {
+        "github.com/labstack/echo/v4.context": ("path",),
+    },
+    "github.com/go-chi/chi/v5": {
+        "github.com/go-chi/chi/v5.Context": ("routePattern",),
+    },
+    "github.com/gorilla/mux": {
+        "github.com/gorilla/mux.RouteMatch": ("Route",),
+        "github.com/gorilla/mux.Route": ("routeConf",),
+        "github.com/gorilla/mux.routeConf": ("regexp",),
+        "github.com/gorilla/mux.routeRegexpGroup": ("path",),
+        "github.com/gorilla/mux.routeRegexp": ("template",),
+    },
 }

@@ -14,7 +14,7 @@ PID_ = bytes.fromhex("b7ad6b7169203331")
 def record(method: str = "GET", path: str = "/items/1", status: int = 200, pattern: str = "GET /items/{id}",
            remote: str = "10.0.0.2:5555", host: str = "example.com:8080", ua: str = "ua/1",
            parent: bytes = b"\0" * 8, remote_parent: int = 0, major: int = 1, minor: int = 1,
-           tls: int = 0) -> bytes:
+           tls: int = 0, route_join: int = 0) -> bytes:
     def fixed(s: str, n: int) -> tuple[bytes, int]:
         b = s.encode()
         return b.ljust(n, b"\0")[:n], min(len(b), n)
@@ -25,7 +25,7 @@ def record(method: str = "GET", path: str = "/items/1", status: int = 200, patte
     pa, pal = fixed(pattern, 128)
     u, ul = fixed(ua, 128)
     return EVENT.pack(1, 4242, 1_000, 5_000, 0xC000, TID, SID, parent, 1, remote_parent, status,
-                      ml, 0, pl, rl, hl, pal, ul, major, minor, tls, m, p, r, h, pa, u)
+                      ml, 0, pl, rl, hl, pal, ul, major, minor, tls, route_join, m, p, r, h, pa, u)
 
 
 def spans_of(*raws: bytes, offset: int = 10**18) -> list:
@@ -48,6 +48,18 @@ def test_full_span() -> None:
         "server.port": 8080, "network.peer.address": "10.0.0.2", "network.peer.port": 5555,
         "network.protocol.version": "1.1", "user_agent.original": "ua/1",
     }
+
+
+def test_chi_levels_are_joined_by_chis_rule() -> None:
+    """chi's RoutePattern(): the mount point's `/*` gives way to the sub-router's part, one trailing
+    slash goes; a record without route_join keeps its template as it came (gin's `/users/`)."""
+    cases = [("/api/v1/*/users/{uid}/orders", "/api/v1/users/{uid}/orders"), ("/admin/*/stats", "/admin/stats"),
+             ("/a/*/b/*/c", "/a/b/c"), ("/admin/*/", "/admin"), ("/admin/*", "/admin/*"), ("/*/", "/")]
+    for joined, route in cases:
+        ((_, s),) = spans_of(record(pattern=joined, route_join=1))
+        assert (s.name, s.attributes["http.route"]) == (f"GET {route}", route), joined
+    ((_, s),) = spans_of(record(pattern="/users/"))
+    assert s.attributes["http.route"] == "/users/"
 
 
 def test_remote_parent_error_status_no_route_tls_ipv6() -> None:

@@ -27,7 +27,7 @@ from collector.telemetry import LOG_NAME
 
 from ...gobinary import GoBinary
 from ...gobinary.gomaps import header_map_flags
-from ..routes import route_flags, route_plans, route_points, route_report
+from ..routes import chi_route, route_flags, route_plans, route_points, route_report
 from ..spec import (
     HEADER,
     TRACE_CTX,
@@ -74,7 +74,7 @@ OFFSETS = (
 RECORD = Record("http_server_event", (
     *HEADER, *TRACE_CTX, Field("status", "Q"), Field("method_len", "B"), Field("method_off", "B"),
     Field("path_len", "H"), Field("remote_len", "H"), Field("host_len", "H"), Field("pattern_len", "H"),
-    Field("ua_len", "H"), Field("proto_major", "B"), Field("proto_minor", "B"), Field("tls", "B"), Field(None, "x"),
+    Field("ua_len", "H"), Field("proto_major", "B"), Field("proto_minor", "B"), Field("tls", "B"), Field("route_join", "B"),
     Field("method", "16s"), Field("path", "128s"), Field("remote", "64s"), Field("host", "128s"),
     Field("pattern", "128s"), Field("user_agent", "128s")))
 EVENT = RECORD.layout
@@ -312,9 +312,11 @@ _HOSTPORT_MEMO: dict[bytes, tuple[str, int | None]] = {}
 _TEXT_MEMO: dict[bytes, str] = {}
 
 
-def _name_attrs(method_b: bytes, pattern_b: bytes) -> tuple[str, dict[str, Any]]:
+def _name_attrs(method_b: bytes, pattern_b: bytes, route_join: int = 0) -> tuple[str, dict[str, Any]]:
     method = method_b.decode("utf-8", "replace")
     route = route_of(pattern_b.decode("utf-8", "replace")) if pattern_b else ""
+    if route_join:
+        route = chi_route(route)
     attrs: dict[str, Any] = {}
     if method in KNOWN_METHODS:
         attrs["http.request.method"] = method
@@ -329,9 +331,9 @@ def _name_attrs(method_b: bytes, pattern_b: bytes) -> tuple[str, dict[str, Any]]
 
 
 def _shape(status: int, major: int, minor: int, tls: int, method_b: bytes, host_b: bytes, pattern_b: bytes,
-           ua_b: bytes) -> tuple[str, int, dict[str, Any], dict[str, Any], dict[str, Any]]:
+           route_join: int, ua_b: bytes) -> tuple[str, int, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(name, span status code, attributes before url.path, between url.path and the peer, after)."""
-    name, head = _name_attrs(method_b, pattern_b)
+    name, head = _name_attrs(method_b, pattern_b, route_join)
     mid: dict[str, Any] = {"url.scheme": "https" if tls else "http"}
     if major == 1 and status == 0:
         status = 200  # the handler wrote nothing: net/http answers 200 after ServeHTTP returns
@@ -371,9 +373,9 @@ def to_spans(records: list[tuple[Any, ...]], mono_to_unix_ns: int) -> list[tuple
     new_span = make_span
     for (_kind, tgid, start, end, _g, trace_id, span_id, parent, flags, remote, status,
          method_len, mo, path_len, remote_len, host_len, pattern_len, ua_len, major, minor, tls,
-         method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
+         route_join, method_b, path_b, remote_b, host_b, pattern_b, ua_b) in records:
         key = (status, major, minor, tls, method_b[mo:mo + method_len], host_b[:host_len],
-               pattern_b[:pattern_len], ua_b[:ua_len])
+               pattern_b[:pattern_len], route_join, ua_b[:ua_len])
         shape = shapes.get(key)
         if shape is None:
             shape = _bounded(shapes)[key] = _shape(*key)

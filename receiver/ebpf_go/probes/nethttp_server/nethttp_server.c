@@ -24,8 +24,9 @@
  *   SWISS_MAPS    1 for Go >= 1.24 swiss maps, 0 for the classic hmap
  *   PIN_DIR       bpffs directory of the maps shared with the other probe programs
  *   CTX_SPANS     1: fill ctx_spans (the binary has a client or database/sql probe that reads it), 0: not
- *   ROUTE_PROBES  ROUTE_PROBE(framework, register, offset) for each web framework whose matched route
- *                 template is read (probes/routes): the span's route instead of the ServeMux pattern
+ *   ROUTE_PROBES  ROUTE_PROBE(framework, append, ptr word, len word) or ROUTE_PROBE_VIA(framework,
+ *                 pointer word, offset, offset) for each web framework whose matched route template
+ *                 is read (probes/routes): the span's route instead of the ServeMux pattern
  *   MAX_INFLIGHT, RINGBUF_PAGES, WAKEUP_EVERY
  * Benchmarks that measure pieces of this program compile their variants from the source as of a
  * revision that still had switches for them (benchmarks/server_probe_ab.py --ab-rev): this file
@@ -43,6 +44,7 @@
 #define PATTERN_MAX 128
 #define UA_MAX 128
 #define TP_MAX 64      /* traceparent value: 55 bytes for version 00 */
+#define ROUTE_PARTS 4  /* route parts a framework that routes level by level (chi) may add */
 
 /* Bounds of the header-map walk (the Header of a server request is map[string][]string). */
 #ifndef MAX_VISITS
@@ -69,9 +71,11 @@ struct server_call {
     u64 resp;                /* *http.response (rw's data word) */
     u64 ctx_data;            /* req.ctx data word: the key in ctx_spans */
     struct trace_ctx tc;
-    struct go_string route;  /* a framework's matched route template (ROUTE_PROBES), else empty */
+    struct go_string route[ROUTE_PARTS]; /* a framework's matched route template (ROUTE_PROBES), in parts */
+    u8 route_parts;          /* how many of `route` are set; 0: none, the ServeMux pattern is read */
+    u8 route_join;           /* 1: the parts are chi's levels, joined by chi's rule (probes/routes) */
     u16 ua_len;
-    u8 pad[6];
+    u8 pad[4];
     char user_agent[UA_MAX];
     struct header_scan hs;
 };
@@ -92,7 +96,7 @@ struct http_server_event {
     u8 proto_major;          /*  92 */
     u8 proto_minor;
     u8 tls;
-    u8 pad;
+    u8 route_join;           /* the pattern is chi's route parts joined (server_call.route_join) */
     char method[METHOD_MAX]; /*  96 */
     char path[PATH_MAX_];    /* 112 */
     char remote[REMOTE_MAX]; /* 240 */
@@ -432,7 +436,7 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
     e->proto_major = major;
     e->proto_minor = minor;
     e->tls = tls != 0;
-    e->pad = 0;
+    e->route_join = 0;
     if (major == 1) {            /* rw is *http.response only for HTTP/1.x */
         bpf_probe_read_user(&e->status, sizeof(e->status), (void *)(c->resp + RESP_STATUS_POS));
     }
@@ -486,9 +490,28 @@ static __always_inline int finish_call(struct goroutine_key *kp, struct server_c
 #endif
 #endif
 #ifdef ROUTE_PROBES
-    if (c->route.len > 0) {      /* the framework routed: its template, not the ServeMux pattern */
+    if (c->route_parts == 1) {   /* the framework routed: its template, not the ServeMux pattern */
         n = 0;
-        READ_GO_STRING_DATA(e->pattern, PATTERN_MAX, c->route, n);
+        READ_GO_STRING_DATA(e->pattern, PATTERN_MAX, c->route[0], n);
+    } else if (c->route_parts > 1) {   /* chi's levels, one after the other (joined in user space) */
+        n = 0;
+        e->route_join = c->route_join;
+#pragma unroll
+        for (int i = 0; i < ROUTE_PARTS; i++) {
+            if (i >= c->route_parts || n >= PATTERN_MAX - 1)
+                break;
+            u64 len = c->route[i].len;
+            if (len > PATTERN_MAX - 1 - n)
+                len = PATTERN_MAX - 1 - n;
+            u64 off = n;
+            /* masks the verifier sees (the empty asm keeps the compiler from dropping them as known):
+             * an offset and a size below PATTERN_MAX each, inside pattern + user_agent (written after) */
+            asm volatile("" : "+r"(len), "+r"(off));
+            off &= PATTERN_MAX - 1;
+            len &= PATTERN_MAX - 1;
+            if (len > 0 && bpf_probe_read_user(e->pattern + off, len, (void *)c->route[i].ptr) == 0)
+                n += len;
+        }
     }
 #endif
     e->pattern_len = n;
@@ -534,23 +557,48 @@ int uprobe_server_end_h2(struct pt_regs *ctx) {
 }
 
 #ifdef ROUTE_PROBES
-/* A framework assigned its matched route template to the string field at `field` (probes/routes):
- * keep its header in the server call of this goroutine, whose end reads the bytes. Template strings
- * live in the framework's route tree for the program's life. */
-static __always_inline int take_route(struct pt_regs *ctx, u64 field) {
+/* A framework assigned its matched route template (probes/routes): keep its header in the server
+ * call of this goroutine, whose end reads the bytes. Template strings live in the framework's route
+ * tree for the program's life. `append`: one more level's part (chi), else the route is replaced. */
+static __always_inline int take_route(struct pt_regs *ctx, u64 ptr, u64 len, int append) {
     struct goroutine_key k = goroutine_key(ctx);
     struct server_call *c = inflight.lookup(&k);
     if (!c)
         return 0;                /* not under a traced ServeHTTP (e.g. a test calling the engine) */
-    struct go_string s = {};
-    if (bpf_probe_read_user(&s, sizeof(s), (void *)field) != 0)
-        return 0;
-    c->route = s;
+    u8 i = append ? c->route_parts : 0;
+    if (i >= ROUTE_PARTS)
+        return 0;                /* deeper than ROUTE_PARTS levels: the first ones are kept */
+    c->route[i & (ROUTE_PARTS - 1)].ptr = ptr;
+    c->route[i & (ROUTE_PARTS - 1)].len = len;
+    c->route_parts = i + 1;
+    c->route_join = append;
     return 0;
 }
 
-/* uprobe_route_<framework>: the struct's address is in `reg` (a pt_regs field) at the probe point. */
-#define ROUTE_PROBE(framework, reg, offset) \
-    int uprobe_route_##framework(struct pt_regs *ctx) { return take_route(ctx, ctx->reg + (offset)); }
+static __always_inline u64 route_word(u64 addr) {
+    u64 v = 0;
+    bpf_probe_read_user(&v, sizeof(v), (void *)addr);
+    return v;
+}
+
+/* Where a word of the assigned field is at the probe point: a register (a pt_regs field), or memory
+ * at a register + offset (the field, once stored). */
+#define ROUTE_REG(reg) (ctx->reg)
+#define ROUTE_MEM(reg, offset) route_word(ctx->reg + (offset))
+
+/* uprobe_route_<framework>: the field is the template string. */
+#define ROUTE_PROBE(framework, append, ptr_word, len_word) \
+    int uprobe_route_##framework(struct pt_regs *ctx) { return take_route(ctx, ptr_word, len_word, append); }
+
+/* uprobe_route_<framework>: the field points to a struct holding, at `to_ptr`, a pointer to the
+ * struct whose string at `to_str` is the template (mux: *Route -> regexp.path -> template); a nil
+ * step: no template (the route matched on something else than its path). */
+#define ROUTE_PROBE_VIA(framework, ptr_word, to_ptr, to_str)                                       \
+    int uprobe_route_##framework(struct pt_regs *ctx) {                                             \
+        u64 p = ptr_word;                                                                           \
+        if (p == 0 || (p = route_word(p + (to_ptr))) == 0)                                          \
+            return 0;                                                                               \
+        return take_route(ctx, route_word(p + (to_str)), route_word(p + (to_str) + 8), 0);          \
+    }
 ROUTE_PROBES
 #endif
