@@ -29,6 +29,8 @@ RUNS: list[tuple[str, list[str]]] = [
      ["server_probe_ab.py", "--rounds", "3", "--seconds", "3", "--variants", "none,full,end,empty,empty-end,empty-entry"]),
     ("route probes (gin, echo, chi, mux) on top of the net/http server probe",
      ["route_overhead.py", "--rounds", "3", "--seconds", "3"]),
+    ("head sampling in BPF: server and receiver CPU at ratio 1, 0.01, 0",
+     ["sampling_overhead.py", "--rounds", "3", "--seconds", "3"]),
     ("gRPC server and client probes per call: without / floor of the hits / with",
      ["grpc_overhead.py", "--rounds", "3", "-n", "20000", "--n-stream", "10000,2000"]),
     ("pipeline capacity: ring buffer -> otlp on one core",

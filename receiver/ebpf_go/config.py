@@ -18,6 +18,7 @@ from collector.configtypes import Duration
 
 from . import discovery
 from .probes import PROBES
+from .sampler import SamplerConfig
 
 
 class TargetConfig(ComponentConfig):
@@ -95,6 +96,8 @@ class EbpfGoConfig(ComponentConfig):
     db_statement_max_length: int = 1024
     functions: list[FunctionConfig] = Field(default_factory=list)   # function spans (probes/functions)
     max_functions: int = 64             # functions one binary gets spans for, after globs are expanded
+    # head sampling in BPF (sampler.py): {type: parentbased_traceidratio, ratio: 0.05}; none: all recorded
+    sampler: SamplerConfig | None = None
     # Compiled BPF program images, reused across restarts ("" disables the disk cache).
     bpf_cache_dir: str = "/var/cache/otelgo-collector/bpf"
 

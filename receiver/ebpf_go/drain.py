@@ -24,7 +24,7 @@ from collector.spans import Resource, ResourceSpans, Scope, ScopeSpans, Span, Sp
 from collector.telemetry import ComponentTelemetry
 
 from . import events
-from .probes.spec import LOST_MAP
+from .probes.spec import LOST_MAP, UNSAMPLED_MAP
 from .propagation.stitch import Stitcher, StreamKey
 from .receiver_metrics import ReceiverMetrics
 from .ringbuf import RingCopier
@@ -134,9 +134,16 @@ class SpanDrain:
                 self.telemetry.warn_once_per("lost", 60, "ring buffer full: %d %s records lost so far "
                                              "(ring_buffer_size)", lost, pp.probe.name)
                 pp.lost_seen = lost
+            sampling = bool(pp.build.sampler)     # without a sampler every span is a record: no counts
+            unsampled = pp.program.bpf[UNSAMPLED_MAP].read_u64(0) if sampling else 0
+            if unsampled != pp.unsampled_seen:
+                metrics.sampler.labels(probe=pp.probe.name, decision="unsampled").inc(unsampled - pp.unsampled_seen)
+                pp.unsampled_seen = unsampled
             if not records:
                 continue
             metrics.events.inc(len(records))
+            if sampling:
+                metrics.sampler.labels(probe=pp.probe.name, decision="sampled").inc(len(records))
             try:
                 spans = pp.probe.spans(records, pp.state, tb.binary, self.mono_to_unix, pp.build)
             except Exception:  # our bug: keep reading

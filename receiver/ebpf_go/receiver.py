@@ -23,6 +23,7 @@ from .probeprograms import ProgramBuilder
 from .probes import PROBES, Build
 from .propagation.stitch import Stitcher
 from .receiver_metrics import ReceiverMetrics
+from .sampler import sampler_flags
 from .traced import ProcessState, TracedBinary
 from .tracker import ProcessTracker
 
@@ -70,7 +71,7 @@ class EbpfGoReceiver(Receiver):
         pins.prepare_pin_dir(self.pin_dir, self.log)
         self._report_lockdown()
         self.common = Build(self.pin_dir, self.config.max_inflight_calls, self.config.ring_buffer_size // 4096,
-                            options=probe_options(self.config))
+                            options=probe_options(self.config), sampler=tuple(sampler_flags(self.config.sampler)))
         images = self.images = ImageStore(self.config.bpf_cache_dir or None, parallel=COMPILE_PARALLEL,
                                           log=self.log)
         self.tracker.builder = ProgramBuilder(images, self.kernel_source, self.common, self._propagation_chosen,

@@ -35,6 +35,9 @@ class ReceiverMetrics:
         self.probes = m.gauge("otelgo_ebpf_probes_attached", "Uprobes attached, per probe.", ["probe"])
         self.events = m.counter("otelgo_ebpf_events", "Ring-buffer records read.")
         self.lost = m.counter("otelgo_ebpf_events_lost", "Records dropped in BPF: ring buffer full.")
+        self.sampler = m.counter("otelgo_ebpf_sampler_spans", "Spans by the head sampler's decision (sampler): "
+                                 "sampled ones became records, unsampled ones were counted in BPF and dropped.",
+                                 ["probe", "decision"])
         self.errors = m.counter("otelgo_ebpf_attach_errors", "Processes or probes not traced, by reason.",
                                 ["reason"])
         self.tp_injected = m.counter("otelgo_ebpf_propagation_injected",

@@ -35,6 +35,7 @@ class ProbeProgram:
     state: Any
     build: Build         # what the program was compiled with: attach and spans use the same
     lost_seen: int = 0
+    unsampled_seen: int = 0
 
 
 @dataclass

@@ -293,10 +293,13 @@ def test_inspect_functions_shows_the_receivers_points() -> None:
 @pytest.mark.root
 @needs_root
 @pytest.mark.parametrize("fixture,version", [("dbapp", "1.24"), ("grpcapp", "system")])
-def test_every_probe_loads_with_goroutine_spans(fixture: str, version: str) -> None:
+@pytest.mark.parametrize("sampler", [None, {"type": "parentbased_traceidratio", "ratio": 0.05}],
+                         ids=["no-sampler", "sampler"])
+def test_every_probe_loads_with_goroutine_spans(fixture: str, version: str, sampler: dict[str, Any] | None) -> None:
     """A binary with function spans: the servers write g_spans, the HTTP and gRPC clients and
-    database/sql look there first. Every probe's program of such a binary compiles with that and
-    every one of its functions passes the kernel's verifier."""
+    database/sql look there first. Every probe's program of such a binary compiles with that (and
+    with head sampling, whose unsampled spans write no record) and every one of its functions
+    passes the kernel's verifier."""
     import dataclasses
     import shutil
 
@@ -304,6 +307,7 @@ def test_every_probe_loads_with_goroutine_spans(fixture: str, version: str) -> N
     from receiver.ebpf_go.bpfprogram import load_program
     from receiver.ebpf_go.images import ImageStore
     from receiver.ebpf_go.probes import PROBES
+    from receiver.ebpf_go.sampler import SamplerConfig, sampler_flags
     from tests.support.bpffs import make_pin_dir
 
     gb = GoBinary.open(build_go_fixture(fixture, version))
@@ -315,14 +319,16 @@ def test_every_probe_loads_with_goroutine_spans(fixture: str, version: str) -> N
     try:
         ksrc = preflight.find_kernel_headers("auto")[0]
         for pr in wanted:
-            build = dataclasses.replace(Build(pin, 1024, 16), g_spans=True, ctx_readers=True)
+            build = dataclasses.replace(Build(pin, 1024, 16), g_spans=True, ctx_readers=True,
+                                        sampler=tuple(sampler_flags(SamplerConfig.model_validate(sampler)
+                                                                    if sampler else None)))
             flags = pr.cflags(gb, build)
-            assert "-DG_SPANS=1" in flags
+            assert "-DG_SPANS=1" in flags and ("-DSAMPLER=1" in flags) == bool(sampler)
             prog = load_program(store.submit(pr.source, flags, ksrc).result(), pin)
             try:
                 for fn in prog.bpf.image.functions:
                     prog.bpf.load_func(fn)
-                assert "g_spans" in prog.bpf.maps, pr.name
+                assert {"g_spans", "unsampled"} <= set(prog.bpf.maps), pr.name
             finally:
                 prog.bpf.close()
     finally:

@@ -90,6 +90,38 @@ static __always_inline u64 splitmix64(u64 *state) {
     return z ^ (z >> 31);
 }
 
+/* Head sampling (receiver/ebpf_go/sampler.py), decided where the ids are made. Without SAMPLER every
+ * span is recorded and a remote parent's flags are kept as they came. With it: a root by
+ * SAMPLER_ROOT (0 always on, 1 always off, 2 the trace id's low 56 bits >= SAMPLER_THRESHOLD), a
+ * span with a remote parent by the parent's sampled flag (SAMPLER_PARENT) or else by the root rule,
+ * a span with a local parent keeps the flags it copied from it. */
+#ifndef SAMPLER
+#define SAMPLER 0
+#endif
+#if SAMPLER
+static __always_inline u8 sampler_root(const u8 *trace_id) {
+#if SAMPLER_ROOT == 2
+    u64 r = 0;
+#pragma unroll
+    for (int i = 9; i < 16; i++)
+        r = (r << 8) | trace_id[i];
+    return r >= SAMPLER_THRESHOLD;
+#else
+    return SAMPLER_ROOT == 0;
+#endif
+}
+#endif
+
+static __always_inline void sample(struct trace_ctx *tc, int keep_trace) {
+#if SAMPLER
+    if (!keep_trace || (tc->remote_parent && !SAMPLER_PARENT))
+        tc->flags = (tc->flags & ~1) | sampler_root(tc->trace_id);
+#endif
+}
+
+/* Whether a span is recorded: a ring-buffer record for it (an unsampled one is counted instead). */
+#define SAMPLED(tc) (!SAMPLER || ((tc)->flags & 1))
+
 /* Fresh ids: a new trace (sampled) unless keep_trace (the caller set trace_id from a parent), and a
  * new span id, from `rng`: the per-CPU state of a splitmix64 generator, seeded from
  * bpf_get_prandom_u32 on first use (one helper call per id word costs ~50 ns here, six of them
@@ -106,6 +138,7 @@ static __always_inline void new_span_ids(u64 *rng, struct trace_ctx *tc, int kee
             tc->flags = 1;
         }
         *(u64 *)tc->span_id = splitmix64(rng);
+        sample(tc, keep_trace);
         return;
     }
     if (!keep_trace) {
@@ -113,6 +146,7 @@ static __always_inline void new_span_ids(u64 *rng, struct trace_ctx *tc, int kee
         tc->flags = 1;
     }
     random_bytes(tc->span_id, 2);
+    sample(tc, keep_trace);
 }
 
 /* A Go string whose header is already in BPF memory: its bytes into dst[0..max) (the rest is left

@@ -4,6 +4,8 @@
  *   events     ring buffer of records (struct <probe>_event, each starting with event_header) ->
  *              the receiver's copier (ringbuf.py), decoded by the probe's declared Record;
  *   lost[0]    records dropped because the ring buffer was full -> otelgo_ebpf_events_lost;
+ *   unsampled[0] records not written: their trace is not sampled (SAMPLED, go_types.h) ->
+ *              otelgo_ebpf_sampler_spans{decision="unsampled"};
  *   submitted  per CPU: records submitted; every WAKEUP_EVERY-th wakes the reader, which otherwise
  *              drains on its own timer (no wake-up cost on the traced thread for most records).
  * A .c file reserves with `events.ringbuf_reserve`, counts a failure with `count_lost(lost.lookup(&z))`
@@ -39,6 +41,7 @@ struct event_header {
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_ARRAY(lost, u64, 1);
+BPF_ARRAY(unsampled, u64, 1);
 BPF_PERCPU_ARRAY(submitted, u64, 1);
 
 static __always_inline void count_lost(u64 *lost_count) {

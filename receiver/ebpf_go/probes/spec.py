@@ -32,7 +32,7 @@ from ..gobinary import GoBinary
 from ..ringbuf import RingBuffer, split_block, unpack_block
 
 BPF_INCLUDE = Path(__file__).resolve().parents[1] / "bpf"   # shared headers: go_types.h, ctx_spans.h, record.h
-RINGBUF, LOST_MAP = "events", "lost"                        # bpf/record.h
+RINGBUF, LOST_MAP, UNSAMPLED_MAP = "events", "lost", "unsampled"   # bpf/record.h
 CTX_WALK_MAX = 16        # contexts walked up from a call's ctx to find a parent (bpf/ctx_spans.h)
 WAKEUP_EVERY = 32        # every n-th record wakes the reader (bpf/record.h)
 
@@ -134,6 +134,7 @@ class Build:
     probe_write: bool = False    # propagation probe_write: the client probe writes them itself
     ctx_readers: bool = True     # a probe that reads ctx_spans is attached to this binary
     g_spans: bool = False        # a probe that needs g_spans (function spans) is attached to this binary
+    sampler: tuple[str, ...] = ()  # head sampling's -D flags (sampler.py), the same for every probe
     options: dict[str, Any] = field(default_factory=dict)   # per-probe options, by probe name
 
 
@@ -261,7 +262,7 @@ class Probe:
         flags += [f'-DPIN_DIR="{build.pin_dir}"', f"-DMAX_INFLIGHT={build.max_inflight}",
                   f"-DRINGBUF_PAGES={build.ringbuf_pages}", f"-DWAKEUP_EVERY={WAKEUP_EVERY}",
                   f"-DCTX_WALK_MAX={CTX_WALK_MAX}", f"-DCTX_SPANS={1 if build.ctx_readers else 0}",
-                  f"-DG_SPANS={1 if build.g_spans else 0}",
+                  f"-DG_SPANS={1 if build.g_spans else 0}", *build.sampler,
                   f"-DRECORD_ASSERTS={self.record.asserts()}"]
         return flags
 

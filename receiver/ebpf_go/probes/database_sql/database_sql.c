@@ -156,7 +156,9 @@ static __always_inline void sql_return(struct pt_regs *ctx, u64 err_tab, u64 err
         return;
     u32 z = 0;
     struct sql_event *e = sql_out.lookup(&z);
-    if (!e) {
+    if (!e || !SAMPLED(&c->tc)) {
+        if (e)
+            count_lost(unsampled.lookup(&z));
         sql_inflight.delete(&k);
         return;
     }

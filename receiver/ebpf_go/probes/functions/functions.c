@@ -130,6 +130,10 @@ static __always_inline int parent_from_ctx(u64 p, u32 tgid, struct trace_ctx *ou
 static __always_inline void emit(struct goroutine_key *k, struct fn_frame *f, u64 end_ns, u8 panicked, u32 depth,
                                  struct fn_stat *st) {
     u32 z = 0;
+    if (!SAMPLED(&f->tc)) {
+        count_lost(unsampled.lookup(&z));
+        return;
+    }
     struct fn_event *e = events.ringbuf_reserve(sizeof(struct fn_event));
     if (!e) {
         count_lost(lost.lookup(&z));

@@ -192,6 +192,10 @@ int uprobe_grpc_finish(struct pt_regs *ctx) {
     bpf_probe_read_kernel(e->method, METHOD_MAX, c->method);
     u64 cc = c->cc;
     grpc_calls.delete(&ck);
+    if (!SAMPLED(&e->tc)) {      /* no record: counted */
+        count_lost(unsampled.lookup(&z));
+        return 0;
+    }
 
     e->err_tab = GO_PARAM2(ctx);
     e->code = 0;

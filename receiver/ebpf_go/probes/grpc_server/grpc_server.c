@@ -244,6 +244,11 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
 #if G_SPANS
     g_spans.delete(&k);
 #endif
+    if (!SAMPLED(&e->tc)) {      /* no record: counted, and the call forgotten */
+        count_lost(unsampled.lookup(&z));
+        grpc_inflight.delete(&k);
+        return 0;
+    }
     /* status.Status{s *spb.Status}: a nil s is OK */
     e->code = 0;
     e->message_len = 0;

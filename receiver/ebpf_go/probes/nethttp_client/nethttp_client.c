@@ -340,10 +340,11 @@ int uprobe_client_roundTrip_return(struct pt_regs *ctx) {
         return 0;
     u64 resp = GO_PARAM1(ctx);
     u64 err_tab = GO_PARAM2(ctx);
-    struct http_client_event *e = events.ringbuf_reserve(sizeof(struct http_client_event));
+    int sampled = SAMPLED(&c->tc);
+    struct http_client_event *e = sampled ? events.ringbuf_reserve(sizeof(struct http_client_event)) : NULL;
     if (!e) {
         u32 z = 0;
-        count_lost(lost.lookup(&z));
+        count_lost(sampled ? lost.lookup(&z) : unsampled.lookup(&z));
         client_inflight.delete(&k);
         return 0;
     }

@@ -389,10 +389,15 @@ static __always_inline void read_method_path(struct http_server_event *e, struct
 /* The call `c` of goroutine `k` has ended at `now`: emit its record and forget it. */
 static __always_inline int finish_call(struct goroutine_key *kp, struct server_call *c, u64 now) {
     struct goroutine_key k = *kp;
-    struct http_server_event *e = events.ringbuf_reserve(sizeof(struct http_server_event));
+    int sampled = SAMPLED(&c->tc);
+    struct http_server_event *e = sampled ? events.ringbuf_reserve(sizeof(struct http_server_event)) : NULL;
     if (!e) {
         u32 z = 0;
-        count_lost(lost.lookup(&z));
+        count_lost(sampled ? lost.lookup(&z) : unsampled.lookup(&z));
+        if (c->ctx_data != 0) {  /* many unsampled requests must not crowd out the live entries */
+            struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
+            ctx_spans.delete(&ck);
+        }
 #if G_SPANS
         g_spans.delete(&k);
 #endif
