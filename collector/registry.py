@@ -21,6 +21,7 @@ _MODULES = (
     "processors.resource",
     "processors.filter",
     "processors.probabilistic_sampler",
+    "processors.tail_sampling",
     "processors.memory_limiter",
     "extensions.health_check",
 )

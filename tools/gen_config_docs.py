@@ -79,10 +79,12 @@ def _default(field: Any) -> str:
 def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         desc = (field.description or "").replace("\n", " ")
         rows.append(f"| `{key}` | {_field_type(field)} | {_default(field)} | {desc} |")
         sub = field.annotation
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("doc_expand") is False:
+            continue        # a nested copy of a section documented above (its description says which)
         for cand in [sub, *typing.get_args(sub)]:
             if isinstance(cand, type) and issubclass(cand, BaseModel):
                 rows += _rows(cand, key + ".")

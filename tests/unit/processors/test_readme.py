@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from processors import attributes, filter, matching, memory_limiter, probabilistic_sampler, resource
+from processors import (
+    attributes,
+    filter,
+    matching,
+    memory_limiter,
+    probabilistic_sampler,
+    resource,
+    tail_sampling,
+)
+from processors.tail_sampling import SharedPolicyCfg
 
 README = (Path(__file__).resolve().parents[3] / "processors" / "README.md").read_text()
 
@@ -21,7 +30,8 @@ def section(name: str) -> str:
 @pytest.mark.parametrize("name, model", [
     ("attributes", attributes.Config), ("resource", resource.Config), ("filter", filter.Config),
     ("probabilistic_sampler", probabilistic_sampler.Config), ("memory_limiter", memory_limiter.Config),
-    ("attributes", matching.MatchProperties),
+    ("attributes", matching.MatchProperties), ("tail_sampling", tail_sampling.Config),
+    ("tail_sampling", SharedPolicyCfg),
 ])
 def test_every_option_is_documented(name, model):
     text = section(name)
