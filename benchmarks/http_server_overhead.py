@@ -87,6 +87,16 @@ def wrk(url: str, seconds: float, connections: int = 4) -> WrkResult:
     return WrkResult(out)
 
 
+def start_server(go: str) -> tuple[subprocess.Popen[str], str]:
+    """tests/fixtures/go/httpserver on CPU 0 with GOMAXPROCS=1, and its /hello URL (taskset execs
+    the server: its pid is the Popen's)."""
+    binary = build_go_fixture("httpserver", go, "plain")
+    srv = subprocess.Popen(["taskset", "-c", "0", str(binary)], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "GOMAXPROCS": "1"})
+    assert srv.stdout is not None
+    return srv, f"http://{srv.stdout.readline().split()[1]}/hello"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--go", default="1.27")
@@ -107,14 +117,8 @@ def main() -> int:
     # one variant per (end, attach); named by the end alone when attach is not varied
     ends = [e if len(attaches) == 1 else f"{e} {a}" for e in args.end.split(",") for a in attaches]
     os.sched_setaffinity(0, {1})
-    binary = build_go_fixture("httpserver", args.go, "plain")
-    srv = subprocess.Popen(["taskset", "-c", "0", str(binary)], stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "GOMAXPROCS": "1"})
-    assert srv.stdout is not None
-    addr = srv.stdout.readline().split()[1]
-    url = f"http://{addr}/hello"
+    srv, url = start_server(args.go)
     pid = srv.pid
-    # taskset execs the server: same pid.
     without: list[WrkResult] = []
     with_: dict[str, list[WrkResult]] = {e: [] for e in ends}
     spans_ok: dict[str, list[tuple[int, int]]] = {e: [] for e in ends}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.http_server_overhead import Count, cpu_seconds, wrk  # noqa: E402
+from benchmarks.http_server_overhead import Count, cpu_seconds, start_server, wrk  # noqa: E402
 from collector.component import ComponentID  # noqa: E402
 from collector.telemetry import ComponentTelemetry, SelfMetrics  # noqa: E402
 from receiver.ebpf_go.config import EbpfGoConfig  # noqa: E402
 from receiver.ebpf_go.receiver import factory  # noqa: E402
-from tests.support.gobuild import build_go_fixture  # noqa: E402
 
 
 def main() -> int:
@@ -43,12 +41,7 @@ def main() -> int:
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     os.sched_setaffinity(0, {1})
-    binary = build_go_fixture("httpserver", args.go, "plain")
-    srv = subprocess.Popen(["taskset", "-c", "0", str(binary)], stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "GOMAXPROCS": "1"})
-    assert srv.stdout is not None
-    addr = srv.stdout.readline().split()[1]
-    url = f"http://{addr}/hello"
+    srv, url = start_server(args.go)
     pid = srv.pid
     cpu_without: list[float] = []
     server: dict[float, list[float]] = {r: [] for r in ratios}

@@ -286,7 +286,7 @@ def build_policies(cfgs: list[PolicyCfg]) -> list[tuple[str, p.Policy, bool]]:
 # --- the processor
 
 class _Trace:
-    __slots__ = ("data", "decision", "batch_id")
+    __slots__ = ("data", "decision")
 
     def __init__(self) -> None:
         self.data = p.TraceData()

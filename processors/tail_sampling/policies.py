@@ -363,17 +363,12 @@ class And:
         return SAMPLED
 
 
-class Drop:
-    """DROPPED when every sub-policy samples: a drop outweighs every other policy's decision."""
-
-    def __init__(self, subs: list[Policy]) -> None:
-        self.subs = subs
+class Drop(And):
+    """An `and` that answers DROPPED when every sub-policy samples: a drop outweighs every other
+    policy's decision."""
 
     def evaluate(self, trace_id: bytes, trace: TraceData) -> str:
-        for sub in self.subs:
-            if sub.evaluate(trace_id, trace) == NOT_SAMPLED:
-                return NOT_SAMPLED
-        return DROPPED
+        return DROPPED if super().evaluate(trace_id, trace) == SAMPLED else NOT_SAMPLED
 
 
 class Composite:

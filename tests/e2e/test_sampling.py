@@ -25,7 +25,7 @@ import pytest
 
 from receiver.ebpf_go.sampler import SamplerConfig, decide
 from tests.e2e.test_ebpf_database_sql import _read_spans, metric_values, wait_instrumented
-from tests.e2e.test_function_spans import FuncApp
+from tests.e2e.test_function_spans import Downstream, FuncApp
 from tests.support.collector import CollectorProcess, run_cli
 from tests.support.gobuild import build_go_fixture
 
@@ -38,21 +38,14 @@ REMOTE = [(bytes.fromhex(f"{i:02x}" * 9 + ("f0" if i % 2 else "10") + "00" * 6),
           for i in range(1, 9) for flags in (0, 1)]
 
 
-class Keeper(http.server.BaseHTTPRequestHandler):
+class Keeper(Downstream):
     """The downstream: answers as funcapp's store expects and keeps every traceparent it was sent."""
 
     seen: list[str] = []
 
     def do_GET(self) -> None:   # noqa: N802
         Keeper.seen.append(self.headers.get("traceparent", ""))
-        body = f"item at {self.path}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        super().do_GET()
 
 
 @pytest.fixture

@@ -176,6 +176,11 @@ int uprobe_grpc_finish(struct pt_regs *ctx) {
     if (!c)
         return 0;                /* not a call we saw start, or finished already */
     u32 z = 0;
+    if (!SAMPLED(&c->tc)) {      /* no record: counted (before any copying) */
+        grpc_calls.delete(&ck);
+        count_lost(unsampled.lookup(&z));
+        return 0;
+    }
     struct grpc_client_event *e = event_out.lookup(&z);
     if (!e) {
         grpc_calls.delete(&ck);
@@ -192,10 +197,6 @@ int uprobe_grpc_finish(struct pt_regs *ctx) {
     bpf_probe_read_kernel(e->method, METHOD_MAX, c->method);
     u64 cc = c->cc;
     grpc_calls.delete(&ck);
-    if (!SAMPLED(&e->tc)) {      /* no record: counted */
-        count_lost(unsampled.lookup(&z));
-        return 0;
-    }
 
     e->err_tab = GO_PARAM2(ctx);
     e->code = 0;

@@ -222,6 +222,18 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
     if (!c || c->stream != GO_PARAM2(ctx))
         return 0;                /* not the status of the call this goroutine serves */
     u32 z = 0;
+    if (c->ctx_data != 0) {      /* the span ends: its context and goroutine no longer lead to it */
+        struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
+        ctx_spans.delete(&ck);
+    }
+#if G_SPANS
+    g_spans.delete(&k);
+#endif
+    if (!SAMPLED(&c->tc)) {      /* no record: counted, and the call forgotten (before any copying) */
+        count_lost(unsampled.lookup(&z));
+        grpc_inflight.delete(&k);
+        return 0;
+    }
     struct grpc_server_event *e = event_out.lookup(&z);
     if (!e) {
         grpc_inflight.delete(&k);
@@ -237,18 +249,6 @@ int uprobe_grpc_writeStatus(struct pt_regs *ctx) {
     e->stream_id = c->stream_id;
     e->pad = 0;
     bpf_probe_read_kernel(e->method, METHOD_MAX, c->method);
-    if (c->ctx_data != 0) {
-        struct ctx_key ck = {.ptr = c->ctx_data, .tgid = k.tgid};
-        ctx_spans.delete(&ck);
-    }
-#if G_SPANS
-    g_spans.delete(&k);
-#endif
-    if (!SAMPLED(&e->tc)) {      /* no record: counted, and the call forgotten */
-        count_lost(unsampled.lookup(&z));
-        grpc_inflight.delete(&k);
-        return 0;
-    }
     /* status.Status{s *spb.Status}: a nil s is OK */
     e->code = 0;
     e->message_len = 0;
